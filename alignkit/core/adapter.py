@@ -1,0 +1,93 @@
+"""The adapter protocol: how the core sees a model, whatever its modality.
+
+Layer index convention (used everywhere in alignkit):
+  ``0``  = embedding output (input to block 1),
+  ``i``  = output of block ``i`` (1-based),
+  ``-1`` = the final layer as Hugging Face's ``hidden_states[-1]`` gives it, i.e. after the
+           model's final norm (an adapter may offer the pre-norm variant via its config).
+Negative indices other than -1 count from the end of the blocks (``-2`` = block L-1).
+
+A *batch* is a dict of tensors. Every batch carries ``attention_mask`` [B, S] (1 = real
+position) so objectives can average over real positions for any modality. A batch may carry
+``teacher_index`` [B, S] (long, -1 = unmatched): the teacher position paired with each student
+position when the two models see different token sequences (tokenizer mismatch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+Batch = Mapping[str, Tensor]
+
+
+@dataclass
+class StudentOutput:
+    """What a student's forward returns: its own task loss, the tapped features, and logits."""
+
+    loss: Tensor
+    features: dict[int, Tensor] = field(default_factory=dict)
+    logits: Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class TeacherAdapter(Protocol):
+    """A frozen pretrained model queried for hidden states (and, for KD methods, logits)."""
+
+    num_layers: int
+
+    def width(self, layer: int) -> int: ...
+
+    def features(self, batch: Batch, layers: list[int]) -> dict[int, Tensor]:
+        """Hidden states [B, S, D] of ``layers``; runs under no_grad in eval mode and stops
+        after the deepest layer asked for."""
+        ...
+
+
+@runtime_checkable
+class StudentAdapter(Protocol):
+    """The model being trained (an ``nn.Module``)."""
+
+    num_layers: int
+
+    def width(self, layer: int) -> int: ...
+
+    def forward(self, batch: Batch, layers: list[int]) -> StudentOutput: ...
+
+
+def resolve_layer(index: int, num_layers: int, name: str = "layer") -> int:
+    """Map a layer index under the convention above to ``0..num_layers`` (-1 stays -1 since
+    it is the post-norm final layer). Raises ValueError naming ``name`` when out of range."""
+    if index == -1:
+        return -1
+    if index < -1:
+        resolved = num_layers + 1 + index
+    else:
+        resolved = index
+    if not 0 <= resolved <= num_layers:
+        raise ValueError(
+            f"{name}={index} is out of range for a model with {num_layers} layers "
+            f"(valid: 0..{num_layers}, or -1 for the final normed layer)"
+        )
+    return resolved
+
+
+def align_teacher(teacher: Tensor, batch: Batch) -> Tensor:
+    """Put teacher features on the student's positions using ``teacher_index`` if present."""
+    index = batch.get("teacher_index") if hasattr(batch, "get") else None
+    if index is None:
+        return teacher
+    gather = index.clamp(min=0).unsqueeze(-1).expand(-1, -1, teacher.shape[-1])
+    return torch.gather(teacher, 1, gather)
+
+
+def alignment_mask(batch: Batch) -> Tensor:
+    """Positions that count in an alignment objective: real and (if mapped) matched."""
+    mask = batch["attention_mask"].bool()
+    index = batch.get("teacher_index") if hasattr(batch, "get") else None
+    if index is not None:
+        mask = mask & (index >= 0)
+    return mask
