@@ -1,0 +1,87 @@
+"""Command line: ``alignkit train|check CONFIG [key=value ...]`` (also ``python -m alignkit``).
+
+  alignkit train configs/quickstart.yaml                  # run a recipe
+  alignkit train configs/quickstart.yaml train.steps=50   # override any key
+  alignkit train configs/quickstart.yaml --resume runs/quickstart-2026...  # exact resume
+  alignkit check configs/paper/llama-1.4b_smollm2-135m.yaml  # validate; build student on meta
+
+Downstream adapters/tasks register themselves when imported: list their modules in
+``$ALIGNKIT_PLUGINS`` (comma-separated) or pass ``--plugin module``. Errors in configs and
+data are printed as one line naming the key or file; set ALIGNKIT_DEBUG=1 for a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Sequence
+
+from omegaconf import OmegaConf
+
+
+def _import_plugins(extra: Sequence[str]) -> None:
+    names = [n for n in os.environ.get("ALIGNKIT_PLUGINS", "").split(",") if n] + list(extra)
+    for name in names:
+        importlib.import_module(name)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from alignkit.experiment import load_experiment
+    from alignkit.train import run
+
+    cfg = load_experiment(args.config, args.overrides)
+    results = run(cfg, args.config, resume=args.resume, progress=not args.no_progress)
+    if results:
+        print(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from alignkit.check import check_experiment
+    from alignkit.experiment import load_experiment
+
+    cfg = load_experiment(args.config, args.overrides)
+    if args.print_config:
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    print(json.dumps(check_experiment(cfg), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plugin", action="append", default=[], help="module to import (registers adapters)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a student (with LET or another method)")
+    train.add_argument("config", help="recipe YAML (see configs/)")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
+    check = sub.add_parser("check", help="validate a recipe and build its models on the meta device")
+    check.add_argument("config")
+    check.add_argument("overrides", nargs="*")
+    check.add_argument("--print-config", action="store_true", help="print the resolved config")
+    check.set_defaults(func=_cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _import_plugins(args.plugin)
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, KeyError) as err:
+        if os.environ.get("ALIGNKIT_DEBUG"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"alignkit: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("alignkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

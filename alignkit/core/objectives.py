@@ -1,0 +1,105 @@
+"""Alignment objectives on features ``s`` (student, projected) and ``t`` (teacher), both
+[B, S, D], with an optional boolean ``mask`` [B, S] of positions that count.
+
+All feature objectives are means over the counted positions, so ``lambda`` keeps the paper's
+meaning next to a token-averaged NLL (eq. 7 writes a sum; its mean is what pairs with a mean NLL).
+``kd`` is the logit distillation term (paper eq. 2) used by the RKD and SALT methods.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Objective = Callable[..., Tensor]
+
+
+def _masked_rows(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Flatten [B, S, D] to [N, D] keeping the counted positions only."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if mask is None else rows[mask.reshape(-1).bool()]
+
+
+def cosine_similarity(s: Tensor, t: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean cosine similarity over counted positions (a metric; the loss is its negative)."""
+    sim = F.cosine_similarity(s.float(), t.float(), dim=-1, eps=1e-8)
+    if mask is None:
+        return sim.mean()
+    weights = mask.to(sim.dtype)
+    return (sim * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def cosine(s: Tensor, t: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Paper eq. 4/7: negative cosine similarity of the normalised vectors, averaged."""
+    return -cosine_similarity(s, t, mask)
+
+
+def mse(s: Tensor, t: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error over counted positions and feature dimensions."""
+    return F.mse_loss(_masked_rows(s.float(), mask), _masked_rows(t.float(), mask))
+
+
+def logsum(s: Tensor, t: Tensor, mask: Tensor | None = None, alpha: float = 4.0) -> Tensor:
+    """Appendix H (Miles & Mikolajczyk, AAAI 2024): features are standardised per dimension
+    over the counted positions (batch norm without affine, so scale gaps between a small and a
+    large model do not dominate), then ``log(mean(|s - t| ** alpha))``: a soft maximum that
+    emphasises the dimensions where the two disagree most."""
+    rows_s, rows_t = _masked_rows(s.float(), mask), _masked_rows(t.float(), mask)
+    rows_s = F.batch_norm(rows_s, None, None, training=True, eps=1e-5)
+    rows_t = F.batch_norm(rows_t, None, None, training=True, eps=1e-5)
+    return torch.log((rows_s - rows_t).abs().pow(alpha).mean() + 1e-12)
+
+
+def _inverse_sqrt(cov: Tensor) -> Tensor:
+    values, vectors = torch.linalg.eigh(cov)
+    return vectors @ torch.diag(values.clamp(min=1e-6).rsqrt()) @ vectors.T
+
+
+def cca(s: Tensor, t: Tensor, mask: Tensor | None = None, ridge: float = 1e-3) -> Tensor:
+    """Table 5's CCA objective: negative mean canonical correlation between the two feature
+    sets over the counted positions (ridge-regularised covariances; the canonical correlations
+    are the singular values of Css^-1/2 Cst Ctt^-1/2)."""
+    rows_s, rows_t = _masked_rows(s.float(), mask), _masked_rows(t.float(), mask)
+    n = rows_s.shape[0]
+    if n < 2:
+        return rows_s.sum() * 0.0
+    rows_s = rows_s - rows_s.mean(0)
+    rows_t = rows_t - rows_t.mean(0)
+    eye_s = torch.eye(rows_s.shape[1], device=s.device)
+    eye_t = torch.eye(rows_t.shape[1], device=s.device)
+    cov_ss = rows_s.T @ rows_s / (n - 1) + ridge * eye_s
+    cov_tt = rows_t.T @ rows_t / (n - 1) + ridge * eye_t
+    cov_st = rows_s.T @ rows_t / (n - 1)
+    whitened = _inverse_sqrt(cov_ss) @ cov_st @ _inverse_sqrt(cov_tt)
+    return -torch.linalg.svdvals(whitened).mean()
+
+
+def kd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Paper eq. 2 at temperature T: cross-entropy of the teacher's softened next-token
+    distribution under the student's, times T^2 (Hinton et al.), averaged over counted
+    positions. The two vocabularies are compared on their common prefix (same tokenizer,
+    possibly padded embedding matrices)."""
+    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    log_p_student = F.log_softmax(student_logits[..., :vocab].float() / temperature, dim=-1)
+    p_teacher = F.softmax(teacher_logits[..., :vocab].float() / temperature, dim=-1)
+    per_position = -(p_teacher * log_p_student).sum(-1) * temperature**2
+    if mask is None:
+        return per_position.mean()
+    weights = mask.to(per_position.dtype)
+    return (per_position * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+FEATURE_OBJECTIVES: dict[str, Objective] = {"cosine": cosine, "logsum": logsum, "cca": cca, "mse": mse}
+
+
+def get_objective(name: str) -> Objective:
+    if name not in FEATURE_OBJECTIVES:
+        raise ValueError(f"align.objective={name!r} is unknown (choose from {sorted(FEATURE_OBJECTIVES)})")
+    return FEATURE_OBJECTIVES[name]

@@ -1,0 +1,77 @@
+"""Schedules as pure functions of the step (nothing to checkpoint).
+
+Alignment weight ``lambda(step)`` (steps count from 0 for the first optimizer step; every
+schedule is exactly 0 from ``stop_step`` on, which is when the engine frees the teacher):
+  linear_decay  paper eq. 5: lambda0 * max(0, (stop - s) / stop)
+  constant      lambda0 until stop_step
+  cosine        lambda0 * (1 + cos(pi * s / stop)) / 2 until stop_step
+  step          lambda0 * gamma ** (s // step_size) until stop_step
+Learning rate: ``warmup_cosine`` (linear warmup, cosine decay to ``min_ratio`` of the peak).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+Schedule = Callable[[int], float]
+
+
+def linear_decay(lambda0: float, stop_step: int) -> Schedule:
+    """Paper eq. 5. ``linear_decay(0.1, 1500)(750) == 0.05``."""
+
+    def weight(step: int) -> float:
+        return lambda0 * max(0.0, (stop_step - step) / stop_step) if stop_step > 0 else 0.0
+
+    return weight
+
+
+def constant(lambda0: float, stop_step: int) -> Schedule:
+    def weight(step: int) -> float:
+        return lambda0 if step < stop_step else 0.0
+
+    return weight
+
+
+def cosine(lambda0: float, stop_step: int) -> Schedule:
+    def weight(step: int) -> float:
+        if step >= stop_step:
+            return 0.0
+        return lambda0 * 0.5 * (1.0 + math.cos(math.pi * step / stop_step))
+
+    return weight
+
+
+def step(lambda0: float, stop_step: int, step_size: int = 0, gamma: float = 0.5) -> Schedule:
+    size = step_size or max(1, stop_step // 4)
+
+    def weight(s: int) -> float:
+        return lambda0 * gamma ** (s // size) if s < stop_step else 0.0
+
+    return weight
+
+
+WEIGHT_SCHEDULES: dict[str, Callable[..., Schedule]] = {
+    "linear_decay": linear_decay,
+    "constant": constant,
+    "cosine": cosine,
+    "step": step,
+}
+
+
+def build_weight_schedule(name: str, lambda0: float, stop_step: int) -> Schedule:
+    if name not in WEIGHT_SCHEDULES:
+        raise ValueError(f"align.schedule={name!r} is unknown (choose from {sorted(WEIGHT_SCHEDULES)})")
+    return WEIGHT_SCHEDULES[name](lambda0, stop_step)
+
+
+def warmup_cosine(peak: float, total_steps: int, warmup_steps: int, min_ratio: float = 0.1) -> Schedule:
+    """LR: linear warmup from peak/warmup to peak, then cosine to ``min_ratio * peak`` at the end."""
+
+    def lr(s: int) -> float:
+        if warmup_steps > 0 and s < warmup_steps:
+            return peak * (s + 1) / warmup_steps
+        decay_steps = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (s - warmup_steps) / decay_steps)
+        return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return lr

@@ -1,0 +1,242 @@
+"""The one training loop, for every task and modality.
+
+AdamW (no decay on norms/biases), warmup + cosine LR to a floor, gradient accumulation,
+bf16 autocast, clipping, periodic eval, best-model selection, checkpoints with exact resume,
+``metrics.jsonl`` logging, a progress bar, and DDP under ``torchrun``. Tasks hand it batches,
+an eval function and an export function; they never write loops of their own.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from alignkit.core import checkpoint as ckpt
+from alignkit.core.adapter import Batch, StudentOutput
+from alignkit.core.config import TrainConfig
+from alignkit.core.distributed import DistInfo, all_reduce_mean, barrier
+from alignkit.core.engine import AlignmentEngine
+from alignkit.core.schedules import warmup_cosine
+
+
+class Task(Protocol):
+    """What the trainer needs from a task (text pretraining, time-series classification, ...)."""
+
+    def train_batches(self, micro_batch_size: int) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...  # data position, for exact resume
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def evaluate(self, student: nn.Module, device: torch.device) -> dict[str, float]: ...
+
+    def export(self, student: nn.Module, directory: Path) -> None: ...
+
+
+class StepModule(nn.Module):
+    """Student + engine as one module, so DDP syncs the student and any learned projection."""
+
+    def __init__(self, student: nn.Module, engine: AlignmentEngine | None) -> None:
+        super().__init__()
+        self.student = student
+        self.engine = engine
+
+    def forward(self, batch: Batch, step: int) -> tuple[Tensor, StudentOutput, dict[str, Tensor]]:
+        layers = self.engine.student_layers(step) if self.engine is not None else []
+        out = self.student(batch, layers)
+        if self.engine is None:
+            return out.loss, out, {}
+        aux, metrics = self.engine(out, batch, step)
+        return out.loss + aux, out, metrics
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for param in module.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def to_device(batch: Batch, device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        student: nn.Module,
+        engine: AlignmentEngine | None,
+        task: Task,
+        run_dir: Path,
+        device: torch.device,
+        dist: DistInfo = DistInfo(),
+        progress: bool = True,
+    ) -> None:
+        self.cfg, self.task, self.run_dir, self.device, self.dist = cfg, task, Path(run_dir), device, dist
+        self.module = StepModule(student, engine).to(device)
+        self.student, self.engine = self.module.student, engine
+        self.model: nn.Module = self.module
+        if dist.world_size > 1:
+            has_projection_params = engine is not None and any(True for _ in engine.parameters())
+            self.model = DistributedDataParallel(self.module, find_unused_parameters=has_projection_params)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(_param_groups(self.module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+        self.lr_at = warmup_cosine(cfg.lr, cfg.steps, int(cfg.warmup_ratio * cfg.steps), cfg.min_lr_ratio)
+        self.step, self.tokens = 0, 0
+        self.best: tuple[float, dict[str, Tensor]] | None = None
+        self.progress = progress and dist.is_main
+        self.loss_name = getattr(task, "loss_name", "task_loss")  # e.g. "nll" for text
+        self.autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bfloat16" else nullcontext()
+        )
+
+    # --- resume / checkpoints ---------------------------------------------------------------
+    def resume(self, directory: Path) -> None:
+        state, data_state = ckpt.load_checkpoint(directory, self.module, self.optimizer, self.dist.rank, self.device)
+        self.step, self.tokens = state["step"], state["tokens"]
+        if state.get("best_value") is not None:
+            self.best = (state["best_value"], {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()})
+        self.task.load_state_dict(data_state)
+        if self.engine is not None and self.engine.release_step is not None and self.step >= self.engine.release_step:
+            self.engine.release()
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if self.dist.is_main and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def save(self, data_state: dict[str, Any], rng: tuple[Any, ...]) -> Path:
+        staging = self.run_dir / "checkpoints" / f".tmp_step_{self.step:06d}"
+        if self.dist.is_main:
+            staging = ckpt.staging_dir(self.run_dir, self.step)
+        barrier(self.dist)
+        ckpt.save_rank_state(staging, self.dist.rank, data_state, rng)
+        if self.dist.is_main:
+            best = self.best[0] if self.best else None
+            trainer_state = {"step": self.step, "tokens": self.tokens, "best_value": best}
+            ckpt.save_main_state(staging, self.module, self.optimizer, trainer_state)
+            self.task.export(self.student, staging / "model")
+        barrier(self.dist)
+        final = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
+        if self.dist.is_main:
+            final = ckpt.publish(staging, self.run_dir, self.step, self.cfg.keep_checkpoints)
+        barrier(self.dist)
+        return final
+
+    # --- logging / eval ---------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def evaluate(self) -> dict[str, float]:
+        results: dict[str, float] = {}
+        if self.dist.is_main:
+            self.student.eval()
+            with torch.no_grad(), self.autocast:
+                results = self.task.evaluate(self.student, self.device)
+            self.student.train()
+            self._log({"step": self.step, **results})
+            self._maybe_keep_best(results)
+        barrier(self.dist)
+        return results
+
+    def _maybe_keep_best(self, results: dict[str, float]) -> None:
+        key = self.cfg.select_metric
+        if not key:
+            return
+        if key not in results:
+            raise KeyError(f"train.select_metric={key!r} is not among the eval metrics {sorted(results)}")
+        value = results[key]
+        better = self.best is None or (value > self.best[0] if self.cfg.select_mode == "max" else value < self.best[0])
+        if better:
+            self.best = (value, {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()})
+
+    # --- the loop ----------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        stream = iter(self.task.train_batches(cfg.micro_batch_size))
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
+        window_start, window_tokens = time.perf_counter(), 0
+        eval_results: dict[str, float] = {}
+        while self.step < cfg.steps:
+            data_state, rng = self.task.state_dict(), ckpt.rng_snapshot()
+            try:
+                record = self._train_step(stream)
+            except KeyboardInterrupt:
+                if self.dist.world_size == 1:
+                    path = self.save(data_state, rng)
+                    bar.write(f"interrupted: saved {path}; continue with --resume {self.run_dir}")
+                raise
+            window_tokens += record.pop("step_tokens")
+            done = self.step == cfg.steps
+            if self.step % cfg.log_every == 0 or done:
+                elapsed = time.perf_counter() - window_start
+                record.update(tokens_per_s=window_tokens / max(elapsed, 1e-9), peak_mem_mb=peak_memory_mb(self.device))
+                self._log(record)
+                window_start, window_tokens = time.perf_counter(), 0
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lam=f"{record.get('lambda', 0.0):.3g}")
+            if (cfg.eval_every and self.step % cfg.eval_every == 0) or done:
+                eval_results = self.evaluate()
+            if (cfg.save_every and self.step % cfg.save_every == 0) or done:
+                self.save(self.task.state_dict(), ckpt.rng_snapshot())
+        bar.close()
+        if self.best is not None:
+            self.student.load_state_dict(self.best[1])
+            eval_results = {**eval_results, f"best_{self.cfg.select_metric}": self.best[0]}
+        if self.dist.is_main:
+            self.task.export(self.student, self.run_dir / "final")
+        barrier(self.dist)
+        return eval_results
+
+    def _train_step(self, stream: Iterator[Batch]) -> dict[str, Any]:
+        cfg, step = self.cfg, self.step
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, Tensor] = {}
+        tokens = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            batch = to_device(next(stream), self.device)
+            last = micro == cfg.grad_accum - 1
+            sync = self.model.no_sync() if isinstance(self.model, DistributedDataParallel) and not last else nullcontext()
+            with sync:
+                with self.autocast:
+                    total, out, metrics = self.model(batch, step)
+                (total / cfg.grad_accum).backward()
+            for key, value in {"loss": total.detach(), self.loss_name: out.loss.detach(), **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + value.float() / cfg.grad_accum
+            tokens += batch["attention_mask"].sum()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        teacher_active = self.engine is not None and self.engine.active(step)
+        if self.engine is not None:
+            self.engine.after_step(step)
+        keys = sorted(sums)
+        reduced = all_reduce_mean(torch.stack([sums[k] for k in keys] + [tokens * self.dist.world_size]), self.dist)
+        values = reduced.tolist()
+        self.step += 1
+        self.tokens += int(values[-1])
+        record = {"step": self.step, **dict(zip(keys, values)), "lr": lr, "grad_norm": float(grad_norm)}
+        record.update(tokens=self.tokens, step_tokens=int(values[-1]), teacher_active=teacher_active)
+        return record
