@@ -1,0 +1,104 @@
+"""Core formulas against hand-computed values: eq. 5 (schedule), eq. 6 (interpolation),
+eq. 4/7 (cosine objective), KD (eq. 2), and the other objectives' basic properties."""
+import math
+
+import pytest
+import torch
+
+from alignkit.core import objectives, schedules
+from alignkit.core.projections import build_projection, interpolate
+
+
+def test_linear_decay_matches_eq5():
+    weight = schedules.linear_decay(0.1, 1500)
+    assert weight(0) == pytest.approx(0.1)
+    assert weight(750) == pytest.approx(0.05)
+    assert weight(1200) == pytest.approx(0.1 * 300 / 1500)
+    assert weight(1500) == 0.0
+    assert weight(4000) == 0.0
+
+
+def test_other_weight_schedules_end_at_stop():
+    for name in ("constant", "cosine", "step"):
+        weight = schedules.build_weight_schedule(name, 0.2, 100)
+        assert weight(0) == pytest.approx(0.2)
+        assert weight(99) > 0.0
+        assert weight(100) == 0.0
+    assert schedules.cosine(1.0, 100)(50) == pytest.approx(0.5)
+    assert schedules.step(1.0, 100)(25) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="align.schedule"):
+        schedules.build_weight_schedule("exp", 0.1, 10)
+
+
+def test_warmup_cosine_lr():
+    lr = schedules.warmup_cosine(1.0, total_steps=110, warmup_steps=10, min_ratio=0.1)
+    assert lr(0) == pytest.approx(0.1)
+    assert lr(9) == pytest.approx(1.0)
+    assert lr(10) == pytest.approx(1.0)
+    assert lr(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr(110) == pytest.approx(0.1)
+
+
+def test_interpolate_matches_eq6_by_hand():
+    h = torch.tensor([[0.0, 10.0, 20.0, 30.0, 40.0]])  # d_M = 5
+    out = interpolate(h, 3)  # u_j = j * 4 / 2 = 0, 2, 4 -> endpoints kept
+    assert torch.allclose(out, torch.tensor([[0.0, 20.0, 40.0]]))
+    out = interpolate(torch.tensor([1.0, 3.0, 7.0]), 5)  # u_j = j * 2 / 4 = 0, .5, 1, 1.5, 2
+    assert torch.allclose(out, torch.tensor([1.0, 2.0, 3.0, 5.0, 7.0]))
+    h = torch.randn(2, 3, 7)
+    assert interpolate(h, 7) is h
+    up = interpolate(h, 13)
+    assert up.shape == (2, 3, 13)
+    assert torch.allclose(up[..., 0], h[..., 0]) and torch.allclose(up[..., -1], h[..., -1])
+
+
+def test_interpolate_has_gradient():
+    h = torch.randn(4, 9, requires_grad=True)
+    interpolate(h, 5).sum().backward()
+    assert h.grad is not None and h.grad.abs().sum() > 0
+
+
+def test_projection_none_rejects_width_mismatch():
+    with pytest.raises(ValueError, match="align.projection"):
+        build_projection("none", 64, 32)
+    assert isinstance(build_projection("linear", 64, 32), torch.nn.Linear)
+
+
+def test_cosine_objective_matches_eq7_mean():
+    s = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [5.0, 5.0]]])
+    t = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]])
+    per_token = [1.0, 1 / math.sqrt(2), -1.0]
+    assert objectives.cosine(s, t).item() == pytest.approx(-sum(per_token) / 3)
+    mask = torch.tensor([[True, True, False]])
+    assert objectives.cosine(s, t, mask).item() == pytest.approx(-(per_token[0] + per_token[1]) / 2)
+
+
+def test_mse_and_logsum_zero_when_equal():
+    x = torch.randn(2, 5, 4)
+    assert objectives.mse(x, x).item() == 0.0
+    near = objectives.logsum(x, x + 1e-4 * torch.randn_like(x)).item()
+    far = objectives.logsum(x, torch.randn_like(x)).item()
+    assert near < far
+
+
+def test_logsum_by_hand():
+    s = torch.tensor([[[1.0], [-1.0]]])
+    t = torch.tensor([[[-1.0], [1.0]]])  # standardised: s=(1,-1), t=(-1,1) -> |d| = 2
+    expected = math.log(2.0**4)
+    assert objectives.logsum(s, t, alpha=4.0).item() == pytest.approx(expected, rel=1e-3)
+
+
+def test_cca_perfect_linear_relation_is_minus_one():
+    x = torch.randn(1, 400, 3)
+    mixed = x @ torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, -1.0]])
+    assert objectives.cca(x, mixed).item() == pytest.approx(-1.0, abs=1e-2)
+    assert objectives.cca(x, torch.randn(1, 400, 3)).item() > -0.3
+
+
+def test_kd_is_eq2_cross_entropy():
+    student = torch.tensor([[[0.0, math.log(3.0)]]])  # p_M = (1/4, 3/4)
+    teacher = torch.tensor([[[0.0, 0.0]]])  # p_T = (1/2, 1/2)
+    expected = -(0.5 * math.log(0.25) + 0.5 * math.log(0.75))
+    assert objectives.kd(student, teacher).item() == pytest.approx(expected)
+    mask = torch.tensor([[False]])
+    assert objectives.kd(student, teacher, mask).item() == 0.0

@@ -1,0 +1,122 @@
+"""The one trainer loop on a pure-torch toy: loss falls, exact resume, interruption,
+teacher release, and 2 gloo processes == 1 process with the same global batch."""
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from alignkit.core.config import AlignConfig, TrainConfig
+from alignkit.core.distributed import DistInfo, cleanup, init_distributed
+from alignkit.core.engine import build_engine
+from alignkit.core.trainer import Trainer
+from toys import ToyStudent, ToyTask, ToyTeacher
+
+
+def make(tmp: Path, steps: int = 8, stop: int = 4, micro: int = 4, **train) -> tuple[Trainer, ToyTeacher]:
+    student, teacher = ToyStudent(), ToyTeacher()
+    engine = build_engine(AlignConfig(stop_step=stop, lambda0=0.5, early_layer=2), student, {"default": teacher})
+    cfg = TrainConfig(steps=steps, micro_batch_size=micro, lr=1e-2, eval_every=0, **train)
+    tmp.mkdir(parents=True, exist_ok=True)
+    return Trainer(cfg, student, engine, ToyTask(), tmp, torch.device("cpu"), progress=False), teacher
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in records(run_dir) if "loss" in r]
+
+
+def test_loss_falls_and_teacher_is_released(tmp_path):
+    trainer, teacher = make(tmp_path, steps=30, stop=10)
+    trainer.fit()
+    losses = train_losses(tmp_path)
+    assert len(losses) == 30 and losses[-1] < losses[0] - 0.5
+    assert teacher.calls == 10 and teacher.released
+    rows = records(tmp_path)
+    assert rows[9]["lambda"] > 0 and rows[10]["lambda"] == 0 and not rows[10]["teacher_active"]
+    assert {"nll", "lr", "tokens_per_s", "peak_mem_mb", "cos/t-1-s2", "grad_norm"} <= set(rows[0])
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "checkpoints" / "step_000030" / "optimizer.pt").is_file()
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
+    full, _ = make(tmp_path / "full", save_every=3, grad_accum=2)
+    full.fit()
+    part, _ = make(tmp_path / "part", steps=8, save_every=3, grad_accum=2)
+    part.cfg.steps = 5  # stop early (checkpoints at 3 and 5)...
+    part.fit()
+    (tmp_path / "part" / "checkpoints" / "step_000005").rename(tmp_path / "part" / "gone")  # ...keep step 3 only
+    resumed, teacher = make(tmp_path / "part", save_every=3, grad_accum=2)
+    resumed.resume(tmp_path / "part" / "checkpoints" / "step_000003")
+    resumed.fit()
+    assert train_losses(tmp_path / "part") == train_losses(tmp_path / "full")
+    assert teacher.calls == 2  # step index 3 only (stop_step=4), two micro-batches; then released
+    a = torch.load(tmp_path / "full" / "checkpoints" / "step_000008" / "optimizer.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoints" / "step_000008" / "optimizer.pt", weights_only=True)
+    assert torch.equal(a["state"][0]["exp_avg"], b["state"][0]["exp_avg"])
+
+
+def test_resume_after_release_releases_the_teacher(tmp_path):
+    first, _ = make(tmp_path, steps=6, stop=2, save_every=6)
+    first.fit()
+    again, teacher = make(tmp_path, steps=8, stop=2)
+    again.resume(tmp_path / "checkpoints" / "step_000006")
+    again.fit()
+    assert teacher.calls == 0 and teacher.released
+
+
+def test_keyboard_interrupt_saves_a_checkpoint(tmp_path):
+    trainer, _ = make(tmp_path, steps=10)
+    calls = {"n": 0}
+    original = trainer._train_step
+
+    def flaky(stream):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(stream)
+
+    trainer._train_step = flaky
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    saved = json.loads((tmp_path / "checkpoints" / "step_000003" / "trainer.json").read_text())
+    assert saved["step"] == 3
+    assert json.loads((tmp_path / "checkpoints" / "step_000003" / "data_rank0.json").read_text()) == {"position": 3}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    torch.manual_seed(0)
+    student, teacher = ToyStudent(), ToyTeacher()
+    engine = build_engine(AlignConfig(stop_step=2, early_layer=2, projection="linear"), student, {"default": teacher})
+    cfg = TrainConfig(steps=4, micro_batch_size=2, lr=1e-2, eval_every=0)
+    Trainer(cfg, student, engine, ToyTask(rank=rank, world_size=world), Path(out), torch.device("cpu"), info, progress=False).fit()
+    cleanup()
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    torch.manual_seed(0)  # the learned projection's init, as in each worker
+    student, teacher = ToyStudent(), ToyTeacher()
+    engine = build_engine(AlignConfig(stop_step=2, early_layer=2, projection="linear"), student, {"default": teacher})
+    cfg = TrainConfig(steps=4, micro_batch_size=4, lr=1e-2, eval_every=0)
+    (tmp_path / "one").mkdir()
+    Trainer(cfg, student, engine, ToyTask(), tmp_path / "one", torch.device("cpu"), progress=False).fit()
+    (tmp_path / "two").mkdir()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert len(two) == 4
+    assert one == pytest.approx(two, rel=1e-5)
