@@ -36,7 +36,9 @@ class Task(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
-    def evaluate(self, student: nn.Module, device: torch.device) -> dict[str, float]: ...
+    def evaluate(self, student: nn.Module, device: torch.device) -> dict[str, float]:
+        """Called on every rank; must return the same numbers on each (all-reduce)."""
+        ...
 
     def export(self, student: nn.Module, directory: Path) -> None: ...
 
@@ -148,15 +150,13 @@ class Trainer:
                 handle.write(json.dumps(record) + "\n")
 
     def evaluate(self) -> dict[str, float]:
-        results: dict[str, float] = {}
-        if self.dist.is_main:
-            self.student.eval()
-            with torch.no_grad(), self.autocast:
-                results = self.task.evaluate(self.student, self.device)
-            self.student.train()
-            self._log({"step": self.step, **results})
-            self._maybe_keep_best(results)
-        barrier(self.dist)
+        """Every rank evaluates (tasks shard and all-reduce, so all ranks get equal results)."""
+        self.student.eval()
+        with torch.no_grad(), self.autocast:
+            results = self.task.evaluate(self.student, self.device)
+        self.student.train()
+        self._log({"step": self.step, **results})
+        self._maybe_keep_best(results)
         return results
 
     def _maybe_keep_best(self, results: dict[str, float]) -> None:

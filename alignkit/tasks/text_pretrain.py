@@ -67,15 +67,15 @@ class TextPretrainTask(TaskBase):
         self.data.load_state_dict(state)
 
     def evaluate(self, student: nn.Module, device: torch.device) -> dict[str, float]:
-        """Token-weighted mean NLL over the held-out split (all of it, on the main rank)."""
-        total, count = 0.0, 0
-        for batch in self.data.eval_batches(self.cfg.train.micro_batch_size, all_ranks=True):
+        """Token-weighted mean NLL over the held-out split (sharded over ranks, then summed)."""
+        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        for batch in self.data.eval_batches(self.cfg.train.micro_batch_size):
             batch = to_device(batch, device)
-            out = student(batch, [])
-            tokens = int((batch["labels"][:, 1:] != -100).sum())
-            total += float(out.loss) * tokens
-            count += tokens
-        loss = total / max(count, 1)
+            tokens = (batch["labels"][:, 1:] != -100).sum()
+            sums += torch.stack([student(batch, []).loss.double() * tokens, tokens.double()])
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(sums)
+        loss = float(sums[0] / sums[1].clamp(min=1))
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
     def export(self, student: nn.Module, directory: Path) -> None:

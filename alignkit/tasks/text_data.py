@@ -1,0 +1,891 @@
+"""Text data for LLM pretraining: load documents, tokenize, pack, shard, resume.
+
+Sources (``TextDataConfig.source``):
+
+``builtin``  the running Python's standard-library ``.py`` sources (no download): a sorted,
+             deterministic file list (site-packages, tests and caches excluded), one file per
+             document, capped at ``BUILTIN_MAX_BYTES``; held-out split by a hash of the path.
+``files``    local ``.txt`` / ``.jsonl`` / ``.parquet`` (a file, a directory or a glob).
+             ``.txt``: one document per block of lines separated by blank (whitespace-only)
+             lines -- for WikiText that makes each paragraph and each `` = Heading = `` line a
+             document, which is harmless for packing and gives the held-out split many units.
+             ``.jsonl``: one document per line, ``text_field``. ``.parquet``: ``text_field``
+             column (needs pyarrow).
+``hf``       Hugging Face ``datasets`` (``pip install alignkit[hub]``), streaming by default.
+``tokens``   pre-tokenized shards: ``.npy`` (``np.load(mmap_mode="r")``) or raw ``.bin``
+             (``np.memmap``, ``token_dtype``), read in file order as one token stream that is
+             assumed to already contain document separators.
+
+Held-out split: ``eval_path`` if given (``hf_eval_split`` for hf), else a deterministic
+``eval_fraction`` of the documents chosen by a hash of the document's text (of its path for
+builtin) -- independent of ``seed`` and of document order, so eval sets stay comparable across
+runs and duplicates never straddle the split. For token shards the last ``eval_fraction`` of the
+sequences is held out.
+
+Packing: documents are tokenized without special tokens, each followed by the tokenizer's EOS,
+concatenated into one stream and cut into ``seq_len`` chunks; the tail that does not fill a
+chunk is dropped. Batches: ``input_ids`` [B, S] long, ``attention_mask`` [B, S] ones,
+``labels`` = ``input_ids`` (Hugging Face shifts internally).
+
+Bad data: a missing path raises FileNotFoundError naming the path and the config key; an
+empty file (or one with no text) raises ValueError naming the file; **non-UTF-8 bytes are
+decoded with U+FFFD replacement and a warning naming the file is issued once per file** (one
+stray byte in a large crawl should not kill a run, but it should not pass silently either).
+
+Tokenizer mismatch (the paper's LET-dagger, see DESIGN.md "Tokenizers"): when a teacher
+tokenizer different from the student's is given, the packed stream keeps each token's character
+span, each student sequence's text is re-tokenized with the teacher tokenizer (teacher EOS at
+the same document boundaries), padded/truncated to ``ceil(teacher_seq_ratio * seq_len)``, and
+``teacher_index`` pairs every student position with the teacher token whose span ends last at
+or before the student token's end (-1 if none) -- see :func:`match_teacher_positions`.
+"""
+from __future__ import annotations
+
+import bisect
+import glob as _glob
+import hashlib
+import json
+import math
+import os
+import re
+import sysconfig
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+SOURCES = ("builtin", "files", "hf", "tokens")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+TOKEN_SUFFIXES = (".npy", ".bin")
+BUILTIN_MAX_BYTES = 20_000_000  # ~20 MB of stdlib source: a few seconds of fast tokenization
+_BUILTIN_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib"}
+_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>", "[SEP]")
+_PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>")
+_PROGRESS_MIN_CHARS = 2_000_000  # show a tqdm bar only when tokenization takes noticeable time
+_ENCODE_CHUNK_CHARS = 1_000_000
+_ENCODE_CHUNK_DOCS = 1024
+_warned_non_utf8: set[str] = set()
+
+
+@dataclass
+class TextDataConfig:
+    """Where the text comes from and how the held-out split is made (seq_len and batch size
+    come from the trainer config)."""
+
+    source: str = "builtin"  # builtin | files | hf | tokens
+    train_path: str = ""  # file, directory or glob (.txt/.jsonl/.parquet, or .npy/.bin for tokens)
+    eval_path: str = ""  # optional; else hold out eval_fraction of the documents
+    eval_fraction: float = 0.05
+    text_field: str = "text"  # jsonl / parquet / hf
+    hf_name: str = ""
+    hf_config: str = ""
+    hf_split: str = "train"
+    hf_eval_split: str = ""
+    streaming: bool = True
+    token_dtype: str = "uint16"  # dtype of raw .bin shards
+    eval_batches: int = 20  # max eval batches (per rank, = global eval batches)
+    max_train_docs: int = 0  # 0 = all
+    seed: int = 0
+    teacher_seq_ratio: float = 1.5  # teacher length = ceil(ratio * seq_len) under tokenizer mismatch
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer-mismatch mapping
+# --------------------------------------------------------------------------------------------
+
+
+def match_teacher_positions(student_ends: Sequence[int], teacher_ends: Sequence[int]) -> list[int]:
+    """For each student token (character end offset), the index of the teacher token whose span
+    ends last at or before it; -1 where no teacher token has ended yet.
+
+    Both lists are end offsets in the same character coordinates; ``teacher_ends`` must be
+    sorted (non-decreasing). Ties pick the last such teacher token (e.g. the final byte-piece of
+    a multi-byte character). A teacher token never "reads ahead" of its student token.
+    """
+    for a, b in zip(teacher_ends, teacher_ends[1:]):
+        if b < a:
+            raise ValueError("teacher_ends must be sorted (non-decreasing)")
+    return [bisect.bisect_right(teacher_ends, e) - 1 for e in student_ends]
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer wrapper: HF tokenizers (fast or slow) and raw `tokenizers.Tokenizer` objects
+# --------------------------------------------------------------------------------------------
+
+
+class _Encoder:
+    """Uniform batched encoding (ids, optional char offsets) without special tokens."""
+
+    def __init__(self, tok: Any, role: str = "tokenizer") -> None:
+        self.tok = tok
+        self.role = role
+        backend = None
+        try:
+            import tokenizers
+
+            if isinstance(tok, tokenizers.Tokenizer):
+                backend = tok
+        except ImportError:  # pragma: no cover - tokenizers is a dependency
+            pass
+        if backend is None:
+            backend = getattr(tok, "backend_tokenizer", None)
+        if backend is not None and (backend.truncation is not None or backend.padding is not None):
+            # A tokenizer.json may carry truncation/padding; packing needs whole documents.
+            import tokenizers
+
+            backend = tokenizers.Tokenizer.from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
+        self.backend = backend
+        self.is_raw = backend is tok
+        self.eos_id = self._eos_id()
+        pad = None if self.is_raw else getattr(tok, "pad_token_id", None)
+        if pad is None and self.is_raw:
+            pad = next((tok.token_to_id(n) for n in _PAD_CANDIDATES if tok.token_to_id(n) is not None), None)
+        self.pad_id = int(pad) if pad is not None else self.eos_id
+        if self.is_raw:
+            self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        else:
+            self.vocab_size = len(tok)
+
+    def _eos_id(self) -> int:
+        if not self.is_raw:
+            for attr in ("eos_token_id", "sep_token_id"):
+                value = getattr(self.tok, attr, None)
+                if value is not None:
+                    return int(value)
+        else:
+            for name in _EOS_CANDIDATES:
+                value = self.tok.token_to_id(name)
+                if value is not None:
+                    return int(value)
+        raise ValueError(
+            f"the {self.role} has no EOS token (needed to separate packed documents); set "
+            f"tokenizer.eos_token, or for a raw tokenizers.Tokenizer add one of {list(_EOS_CANDIDATES)}"
+        )
+
+    def fingerprint(self) -> str:
+        if self.backend is not None:
+            body = self.backend.to_str()
+        else:
+            body = json.dumps(sorted(self.tok.get_vocab().items()))
+        return f"{body}|eos={self.eos_id}"
+
+    def encode(self, texts: list[str], offsets: bool) -> list[tuple[list[int], list[tuple[int, int]] | None]]:
+        if self.backend is not None:
+            encs = self.backend.encode_batch(texts, add_special_tokens=False)
+            return [(e.ids, e.offsets if offsets else None) for e in encs]
+        if offsets:
+            raise ValueError(
+                f"the {self.role} is a slow (Python) tokenizer; tokenizer-mismatch alignment needs "
+                "character offsets: load a fast tokenizer (use_fast=True)"
+            )
+        out = self.tok(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        return [(list(ids), None) for ids in out]
+
+
+# --------------------------------------------------------------------------------------------
+# Document readers
+# --------------------------------------------------------------------------------------------
+
+
+def _doc_hash(key: str) -> float:
+    digest = hashlib.sha1(key.encode("utf-8", "replace")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def is_heldout(key: str, fraction: float) -> bool:
+    """Deterministic held-out decision for a document key (path or text); seed-independent."""
+    return fraction > 0 and _doc_hash(key) < fraction
+
+
+def resolve_paths(spec: str, key: str, suffixes: Sequence[str]) -> list[Path]:
+    """Expand a file / directory (recursive) / glob into a sorted file list.
+
+    Raises FileNotFoundError naming ``spec`` and the config ``key`` when nothing matches.
+    """
+    if not spec:
+        raise FileNotFoundError(f"task.text.{key} is empty: set it to a file, directory or glob")
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+        if not files:
+            raise FileNotFoundError(
+                f"task.text.{key}={spec!r}: directory holds no {'/'.join(suffixes)} files"
+            )
+        return files
+    matches = sorted(Path(p) for p in _glob.glob(str(path), recursive=True) if Path(p).is_file())
+    if not matches:
+        raise FileNotFoundError(f"task.text.{key}={spec!r}: no such file or directory, and no glob match")
+    return matches
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        text = raw.decode("utf-8", errors="replace")
+        if str(path) not in _warned_non_utf8:
+            _warned_non_utf8.add(str(path))
+            warnings.warn(
+                f"{path}: not valid UTF-8 ({err.reason} at byte {err.start}); undecodable bytes "
+                "were replaced with U+FFFD",
+                UserWarning,
+                stacklevel=3,
+            )
+    if not text.strip():
+        raise ValueError(f"{path}: file is empty (no text)")
+    return text
+
+
+_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+
+
+def _txt_documents(path: Path) -> list[str]:
+    docs = [block.strip() for block in _BLANK_LINES.split(_read_text(path))]
+    return [d for d in docs if d]
+
+
+def _jsonl_documents(path: Path, field: str) -> list[str]:
+    docs = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or field not in record:
+            raise ValueError(f"{path}:{lineno}: no {field!r} field (task.text.text_field)")
+        value = record[field]
+        if not isinstance(value, str):
+            raise ValueError(f"{path}:{lineno}: field {field!r} is {type(value).__name__}, not a string")
+        if value.strip():
+            docs.append(value)
+    if not docs:
+        raise ValueError(f"{path}: no text in field {field!r}")
+    return docs
+
+
+def _parquet_documents(path: Path, field: str) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(
+            f"reading {path} needs pyarrow: pip install pyarrow (or pip install alignkit[hub])"
+        ) from None
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: file is empty (no text)")
+    schema = pq.read_schema(path)
+    if field not in schema.names:
+        raise ValueError(f"{path}: no column {field!r} (task.text.text_field); columns: {schema.names}")
+    values = pq.read_table(path, columns=[field]).column(field).to_pylist()
+    docs = [v for v in values if isinstance(v, str) and v.strip()]
+    if not docs:
+        raise ValueError(f"{path}: no text in column {field!r}")
+    return docs
+
+
+def read_documents(paths: Iterable[Path], text_field: str = "text") -> Iterator[str]:
+    """Documents of local text files in order (format chosen by suffix; unknown = .txt)."""
+    for path in paths:
+        if path.suffix == ".jsonl":
+            yield from _jsonl_documents(path, text_field)
+        elif path.suffix == ".parquet":
+            yield from _parquet_documents(path, text_field)
+        else:
+            yield from _txt_documents(path)
+
+
+def builtin_documents(max_bytes: int = BUILTIN_MAX_BYTES) -> list[tuple[str, str]]:
+    """The offline corpus: ``(relative path, source text)`` of the stdlib's ``.py`` files in
+    sorted order, stopping once ``max_bytes`` is reached."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs: list[tuple[str, str]] = []
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _BUILTIN_SKIP_DIRS and not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            path = Path(dirpath) / name
+            try:
+                text = path.read_bytes().decode("utf-8", errors="replace")
+            except OSError:
+                continue
+            if not text.strip():
+                continue
+            docs.append((path.relative_to(root).as_posix(), text))
+            total += len(text)
+            if total >= max_bytes:
+                return docs
+    if not docs:
+        raise FileNotFoundError(f"no .py sources found under the stdlib directory {root}")
+    return docs
+
+
+def _hf_documents(cfg: TextDataConfig, split: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            "task.text.source='hf' needs the `datasets` package: pip install alignkit[hub]"
+        ) from None
+    if not cfg.hf_name:
+        raise ValueError("task.text.source='hf' needs task.text.hf_name (a hub dataset id or local path)")
+    ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=split, streaming=cfg.streaming)
+    for record in ds:
+        if cfg.text_field not in record:
+            raise ValueError(f"{cfg.hf_name}[{split}]: no {cfg.text_field!r} field (task.text.text_field)")
+        text = record[cfg.text_field]
+        if isinstance(text, str) and text.strip():
+            yield text
+
+
+def _split_documents(
+    keyed: Iterable[tuple[str, str]], cfg: TextDataConfig, need_eval: bool
+) -> tuple[list[str], list[str]]:
+    """Hash-split (key, text) pairs into train / eval, stopping at max_train_docs train docs."""
+    train: list[tuple[float, str]] = []
+    heldout: list[tuple[float, str]] = []
+    holdout = need_eval and cfg.eval_fraction > 0
+    # With a train cap, keep scanning (at most cap more docs) until the held-out share is what
+    # an uncapped split would give, so a capped run still gets a proportionate eval set.
+    want_eval = max(1, math.ceil(cfg.eval_fraction * cfg.max_train_docs)) if holdout else 0
+    extra = 0
+    for key, text in keyed:
+        capped = bool(cfg.max_train_docs) and len(train) >= cfg.max_train_docs
+        if capped:
+            if len(heldout) >= want_eval or extra >= cfg.max_train_docs:
+                break
+            extra += 1
+        h = _doc_hash(key)
+        if holdout and h < cfg.eval_fraction:
+            heldout.append((h, text))
+        elif not capped:
+            train.append((h, text))
+    if holdout and not heldout and len(train) >= 2:
+        # A tiny corpus where no hash fell under the fraction: hold out the lowest-hash doc.
+        i = min(range(len(train)), key=lambda k: train[k][0])
+        heldout.append(train.pop(i))
+    return [t for _, t in train], [t for _, t in heldout]
+
+
+# --------------------------------------------------------------------------------------------
+# Token streams
+# --------------------------------------------------------------------------------------------
+
+
+class _Stream:
+    """A read-only 1-D token stream over one or more arrays (memmaps allowed), sliceable
+    across array boundaries without loading everything."""
+
+    def __init__(self, arrays: list[np.ndarray], start: int = 0, stop: int | None = None) -> None:
+        self.arrays = arrays
+        self.bounds = np.cumsum([0] + [len(a) for a in arrays])
+        self.start = start
+        self.stop = int(self.bounds[-1]) if stop is None else stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def view(self, start: int, stop: int) -> "_Stream":
+        return _Stream(self.arrays, self.start + start, self.start + stop)
+
+    def get(self, a: int, b: int) -> np.ndarray:
+        a, b = a + self.start, b + self.start
+        parts = []
+        k = int(np.searchsorted(self.bounds, a, side="right")) - 1
+        while a < b:
+            lo = a - int(self.bounds[k])
+            take = min(b, int(self.bounds[k + 1])) - a
+            parts.append(np.asarray(self.arrays[k][lo : lo + take]))
+            a += take
+            k += 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class _Packer:
+    """Tokenizes documents into one EOS-separated stream; optionally keeps char spans."""
+
+    def __init__(self, encoder: _Encoder, keep_spans: bool) -> None:
+        self.encoder = encoder
+        self.keep_spans = keep_spans
+        self.dtype = np.uint16 if encoder.vocab_size <= 65536 else np.int32
+        self._ids: list[np.ndarray] = []
+        self._doc: list[np.ndarray] = []
+        self._start: list[np.ndarray] = []
+        self._end: list[np.ndarray] = []
+        self.texts: list[str] = []
+        self.num_tokens = 0
+        self._frozen: tuple[np.ndarray, ...] | None = None
+
+    def add(self, docs: list[str], progress: Any = None) -> None:
+        eos = self.encoder.eos_id
+        for chunk in _chunks(docs):
+            for text, (ids, offsets) in zip(chunk, self.encoder.encode(chunk, self.keep_spans)):
+                if not ids:
+                    continue
+                self._ids.append(np.asarray(list(ids) + [eos], dtype=self.dtype))
+                if self.keep_spans:
+                    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+                    self._doc.append(np.full(len(ids) + 1, len(self.texts), dtype=np.int32))
+                    self._doc[-1][-1] = -1  # the EOS belongs to no document
+                    self._start.append(np.append(spans[:, 0], 0))
+                    self._end.append(np.append(spans[:, 1], 0))
+                    self.texts.append(text)
+                self.num_tokens += len(ids) + 1
+            if progress is not None:
+                progress.update(len(chunk))
+        self._frozen = None
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        if self._frozen is None:
+            cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dtype=dt)  # noqa: E731
+            self._frozen = (
+                cat(self._ids, self.dtype),
+                cat(self._doc, np.int32),
+                cat(self._start, np.int64),
+                cat(self._end, np.int64),
+            )
+            # Keep one concatenated copy instead of the per-document pieces.
+            self._ids = [self._frozen[0]]
+            if self.keep_spans:
+                self._doc, self._start, self._end = [self._frozen[1]], [self._frozen[2]], [self._frozen[3]]
+        return self._frozen
+
+
+def _chunks(docs: list[str]) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    size = 0
+    for doc in docs:
+        chunk.append(doc)
+        size += len(doc)
+        if size >= _ENCODE_CHUNK_CHARS or len(chunk) >= _ENCODE_CHUNK_DOCS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+class _Split:
+    """One split as fixed-length sequences: token stream (+ char spans when aligning)."""
+
+    def __init__(self, stream: _Stream, seq_len: int, packer: _Packer | None = None) -> None:
+        self.stream = stream
+        self.seq_len = seq_len
+        self.packer = packer
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.stream) // self.seq_len
+
+    def tokens(self, i: int) -> np.ndarray:
+        return self.stream.get(i * self.seq_len, (i + 1) * self.seq_len)
+
+
+class _LazyEvalSplit(_Split):
+    """Held-out text tokenized only as far as eval needs (eval_batches x global batch)."""
+
+    def __init__(self, docs: Iterable[str], packer: _Packer, seq_len: int) -> None:
+        self._docs = iter(docs)
+        self._exhausted = False
+        super().__init__(_Stream([np.zeros(0, dtype=packer.dtype)]), seq_len, packer)
+
+    def ensure(self, num_sequences: int) -> None:
+        assert self.packer is not None
+        need = num_sequences * self.seq_len
+        grew = False
+        while self.packer.num_tokens < need and not self._exhausted:
+            batch = []
+            for doc in self._docs:
+                batch.append(doc)
+                if len(batch) >= 256:
+                    break
+            if not batch:
+                self._exhausted = True
+                break
+            self.packer.add(batch)
+            grew = True
+        if grew or len(self.stream) != self.packer.num_tokens:
+            self.stream = _Stream([self.packer.arrays()[0]])
+
+
+# --------------------------------------------------------------------------------------------
+# TextData
+# --------------------------------------------------------------------------------------------
+
+
+class TextData:
+    """Packed, sharded, resumable train stream and a deterministic held-out split.
+
+    Sharding: within each global batch ``g`` of ``B * world_size`` sequences (in this epoch's
+    shuffled global order), rank ``r`` takes items ``[g*B*W + r*B, g*B*W + (r+1)*B)``, so W
+    processes with micro batch B see exactly what one process with batch ``B*W`` sees. Each
+    epoch's order is a permutation seeded by ``(seed, epoch)``; the incomplete last global batch
+    of an epoch is skipped so every rank steps together.
+
+    The position lives on this object (shared by every iterator it hands out) and advances when
+    a batch is yielded: ``state_dict()`` after k batches resumes at batch k+1.
+    """
+
+    def __init__(
+        self,
+        train: _Split,
+        eval_split: _Split | None,
+        seq_len: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        max_eval_batches: int = 20,
+        student: _Encoder | None = None,
+        teacher: _Encoder | None = None,
+        teacher_seq_len: int = 0,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.train = train
+        self.eval_split = eval_split
+        self.seq_len = seq_len
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.max_eval_batches = max_eval_batches
+        self.student = student
+        self.teacher = teacher
+        self.teacher_seq_len = teacher_seq_len
+        self._epoch = 0
+        self._offset = 0  # sequences of this epoch's global order already consumed
+        self._order_cache: tuple[int, np.ndarray] | None = None
+        self._eval_cache: dict[int, list[dict[str, torch.Tensor]]] = {}
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def num_train_sequences(self) -> int:
+        return self.train.num_sequences
+
+    @property
+    def num_train_tokens(self) -> int:
+        """Tokens served per epoch before the global-batch remainder (num_sequences x seq_len)."""
+        return self.num_train_sequences * self.seq_len
+
+    @property
+    def aligns_teacher(self) -> bool:
+        """True when batches carry teacher_input_ids / teacher_index (tokenizer mismatch)."""
+        return self.teacher is not None
+
+    def train_sequence(self, i: int) -> np.ndarray:
+        """The i-th packed train sequence in stream (unshuffled) order."""
+        return np.asarray(self.train.tokens(i))
+
+    # -- training stream -----------------------------------------------------------------------
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._order_cache = (epoch, rng.permutation(self.num_train_sequences))
+        return self._order_cache[1]
+
+    def train_batches(self, micro_batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Infinite stream of this rank's micro-batches, resuming at the saved position."""
+        b = int(micro_batch_size)
+        g = b * self.world_size
+        n = self.num_train_sequences
+        if b < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
+        if n < g:
+            raise ValueError(
+                f"train split has {n} sequences of {self.seq_len} tokens; one global batch needs "
+                f"{g} (micro batch {b} x world size {self.world_size}): use more data or smaller batches"
+            )
+        while True:
+            if self._offset + g > n:
+                self._epoch += 1
+                self._offset = 0
+            order = self._order(self._epoch)
+            lo = self._offset + self.rank * b
+            idx = order[lo : lo + b]
+            self._offset += g
+            yield self._make_batch(self.train, [int(i) for i in idx])
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self._epoch,
+            "offset": self._offset,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "num_train_sequences": self.num_train_sequences,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("seed", "seq_len", "num_train_sequences"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise ValueError(
+                    f"data state was saved with {key}={state[key]} but this data has "
+                    f"{key}={getattr(self, key)}: the stream would not resume exactly"
+                )
+        self._epoch = int(state["epoch"])
+        self._offset = int(state["offset"])
+
+    # -- eval ----------------------------------------------------------------------------------
+    def eval_batches(self, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's held-out micro-batches: sequences in stream order, at most
+        ``max_eval_batches``, sharded like training; [] when there is no held-out split."""
+        b = int(micro_batch_size)
+        if b in self._eval_cache:
+            return self._eval_cache[b]
+        if self.eval_split is None or self.max_eval_batches <= 0:
+            return []
+        g = b * self.world_size
+        if isinstance(self.eval_split, _LazyEvalSplit):
+            self.eval_split.ensure(self.max_eval_batches * g)
+        m = self.eval_split.num_sequences
+        n_batches = min(self.max_eval_batches, m // g)
+        if n_batches == 0:
+            raise ValueError(
+                f"eval split has {m} sequences of {self.seq_len} tokens; one global eval batch "
+                f"needs {g} (micro batch {b} x world size {self.world_size}): raise "
+                "task.text.eval_fraction, give task.text.eval_path, or set task.text.eval_fraction=0 to disable eval"
+            )
+        batches = []
+        for k in range(n_batches):
+            lo = k * g + self.rank * b
+            batches.append(self._make_batch(self.eval_split, list(range(lo, lo + b))))
+        self._eval_cache[b] = batches
+        return batches
+
+    # -- batch assembly ------------------------------------------------------------------------
+    def _make_batch(self, split: _Split, indices: list[int]) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(np.stack([split.tokens(i) for i in indices]).astype(np.int64))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        if self.teacher is not None:
+            batch.update(self._teacher_fields(split, indices))
+        return batch
+
+    def _teacher_fields(self, split: _Split, indices: list[int]) -> dict[str, torch.Tensor]:
+        assert split.packer is not None and self.teacher is not None
+        _, docs, starts, ends = split.packer.arrays()
+        texts = split.packer.texts
+        s = self.seq_len
+        # Per sequence: segments of consecutive same-document tokens, and EOS tokens. Both
+        # tokenizers are laid on one "virtual" character axis: the segment texts back to back,
+        # each EOS one character wide, so student and teacher end offsets are comparable.
+        seg_texts: list[str] = []
+        plans: list[list[tuple[str, int, int]]] = []  # (kind, base, seg_id) per segment
+        student_ends: list[list[int]] = []
+        for i in indices:
+            d, st, en = docs[i * s : (i + 1) * s], starts[i * s : (i + 1) * s], ends[i * s : (i + 1) * s]
+            cursor, plan, s_ends = 0, [], []
+            p = 0
+            while p < s:
+                if d[p] < 0:
+                    plan.append(("eos", cursor, -1))
+                    cursor += 1
+                    s_ends.append(cursor)
+                    p += 1
+                    continue
+                q = p
+                while q < s and d[q] == d[p]:
+                    q += 1
+                lo, hi = int(st[p]), int(en[q - 1])
+                hi = max(hi, lo)
+                plan.append(("text", cursor, len(seg_texts)))
+                seg_texts.append(texts[int(d[p])][lo:hi])
+                s_ends.extend(cursor + int(e) - lo for e in en[p:q])
+                cursor += hi - lo
+                p = q
+            plans.append(plan)
+            student_ends.append(s_ends)
+        encoded = self.teacher.encode(seg_texts, offsets=True) if seg_texts else []
+        st_len = self.teacher_seq_len
+        t_ids = torch.full((len(indices), st_len), self.teacher.pad_id, dtype=torch.long)
+        t_mask = torch.zeros((len(indices), st_len), dtype=torch.long)
+        t_index = torch.empty((len(indices), s), dtype=torch.long)
+        for row, (plan, s_ends) in enumerate(zip(plans, student_ends)):
+            ids_row: list[int] = []
+            ends_row: list[int] = []
+            for kind, base, seg in plan:
+                if kind == "eos":
+                    ids_row.append(self.teacher.eos_id)
+                    ends_row.append(base + 1)
+                else:
+                    seg_ids, seg_offsets = encoded[seg]
+                    ids_row.extend(seg_ids)
+                    ends_row.extend(base + e for _, e in seg_offsets)  # type: ignore[union-attr]
+            # Offsets of a normalizing tokenizer can (rarely) step back; keep the axis monotone.
+            ends_row = list(np.maximum.accumulate(ends_row)) if ends_row else []
+            match = match_teacher_positions(s_ends, ends_row)
+            kept = min(len(ids_row), st_len)
+            t_ids[row, :kept] = torch.tensor(ids_row[:kept], dtype=torch.long)
+            t_mask[row, :kept] = 1
+            # A match beyond the truncated teacher length is unmatched, not re-pointed earlier.
+            t_index[row] = torch.tensor([j if j < st_len else -1 for j in match], dtype=torch.long)
+        return {"teacher_input_ids": t_ids, "teacher_attention_mask": t_mask, "teacher_index": t_index}
+
+
+# --------------------------------------------------------------------------------------------
+# Builder
+# --------------------------------------------------------------------------------------------
+
+
+def _load_token_shards(spec: str, key: str, dtype: str) -> list[np.ndarray]:
+    arrays = []
+    for path in resolve_paths(spec, key, TOKEN_SUFFIXES):
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path}: file is empty (no tokens)")
+        if path.suffix == ".npy":
+            arr = np.load(path, mmap_mode="r")
+        elif path.suffix == ".bin":
+            arr = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+        else:
+            raise ValueError(f"{path}: token shards must be .npy or .bin (task.text.{key})")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{path}: token shard has dtype {arr.dtype}, not an integer type")
+        arr = arr.reshape(-1)
+        if arr.size == 0:
+            raise ValueError(f"{path}: file is empty (no tokens)")
+        arrays.append(arr)
+    return arrays
+
+
+def _same_tokenizer(a: _Encoder, b: _Encoder) -> bool:
+    return a.tok is b.tok or a.fingerprint() == b.fingerprint()
+
+
+def build_text_data(
+    cfg: TextDataConfig,
+    tokenizer: Any,
+    seq_len: int,
+    rank: int = 0,
+    world_size: int = 1,
+    teacher_tokenizer: Any = None,
+) -> TextData:
+    """Load, split, tokenize and pack ``cfg``'s data for ``seq_len``-token sequences.
+
+    ``tokenizer``: a Hugging Face tokenizer or a raw ``tokenizers.Tokenizer`` (may be None for
+    ``source='tokens'``). ``teacher_tokenizer``: when given and different from ``tokenizer``,
+    batches also carry ``teacher_input_ids``, ``teacher_attention_mask`` and ``teacher_index``.
+    """
+    if cfg.source not in SOURCES:
+        raise ValueError(f"task.text.source={cfg.source!r} must be one of {SOURCES}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise ValueError(f"task.text.eval_fraction={cfg.eval_fraction} must be in [0, 1)")
+    common = dict(rank=rank, world_size=world_size, seed=cfg.seed, max_eval_batches=cfg.eval_batches)
+
+    if cfg.source == "tokens":
+        if teacher_tokenizer is not None and tokenizer is not None:
+            if not _same_tokenizer(_Encoder(tokenizer), _Encoder(teacher_tokenizer, "teacher tokenizer")):
+                raise ValueError(
+                    "task.text.source='tokens' has no text, so a teacher with a different tokenizer "
+                    "cannot be aligned: use a text source or a teacher with the student's tokenizer"
+                )
+        stream = _Stream(_load_token_shards(cfg.train_path, "train_path", cfg.token_dtype))
+        if tokenizer is not None:
+            vocab = _Encoder(tokenizer).vocab_size
+            probe = stream.get(0, min(len(stream), 1_000_000))
+            if probe.size and int(probe.max()) >= vocab:
+                raise ValueError(
+                    f"task.text.train_path={cfg.train_path!r}: token id {int(probe.max())} >= tokenizer "
+                    f"vocab size {vocab} (wrong task.text.token_dtype or tokenizer?)"
+                )
+        if cfg.eval_path:
+            eval_split: _Split | None = _Split(
+                _Stream(_load_token_shards(cfg.eval_path, "eval_path", cfg.token_dtype)), seq_len
+            )
+            train_split = _Split(stream, seq_len)
+        else:
+            n_total = len(stream) // seq_len
+            n_eval = math.ceil(cfg.eval_fraction * n_total) if cfg.eval_fraction > 0 and n_total >= 2 else 0
+            cut = (n_total - n_eval) * seq_len
+            train_split = _Split(stream.view(0, cut) if n_eval else stream, seq_len)
+            eval_split = _Split(stream.view(cut, n_total * seq_len), seq_len) if n_eval else None
+        if train_split.num_sequences == 0:
+            raise ValueError(
+                f"task.text.train_path={cfg.train_path!r}: found {len(train_split.stream)} tokens, but one "
+                f"sequence needs seq_len={seq_len}"
+            )
+        return TextData(train_split, eval_split, seq_len, **common)
+
+    if tokenizer is None:
+        raise ValueError(f"task.text.source={cfg.source!r} needs a tokenizer")
+    student = _Encoder(tokenizer, "student tokenizer")
+    teacher = None
+    if teacher_tokenizer is not None:
+        candidate = _Encoder(teacher_tokenizer, "teacher tokenizer")
+        if not _same_tokenizer(student, candidate):
+            teacher = candidate
+            if student.backend is None:
+                student.encode(["x"], offsets=True)  # raises the clear "needs a fast tokenizer"
+    keep_spans = teacher is not None
+
+    # Documents (train list; eval iterable, tokenized lazily).
+    eval_docs: Iterable[str] | None = None
+    need_holdout = not cfg.eval_path and not (cfg.source == "hf" and cfg.hf_eval_split)
+    if cfg.source == "builtin":
+        keyed: Iterable[tuple[str, str]] = builtin_documents()
+    elif cfg.source == "files":
+        paths = resolve_paths(cfg.train_path, "train_path", TEXT_SUFFIXES)
+        keyed = ((t, t) for t in read_documents(paths, cfg.text_field))
+    else:
+        keyed = ((t, t) for t in _hf_documents(cfg, cfg.hf_split))
+    train_docs, heldout = _split_documents(keyed, cfg, need_eval=need_holdout)
+    if need_holdout:
+        eval_docs = heldout if heldout else None
+    elif cfg.source == "hf" and cfg.hf_eval_split:
+        eval_docs = _hf_documents(cfg, cfg.hf_eval_split)
+    else:
+        eval_paths = resolve_paths(cfg.eval_path, "eval_path", TEXT_SUFFIXES)
+        eval_docs = read_documents(eval_paths, cfg.text_field)
+    where = {"builtin": "builtin corpus", "files": f"task.text.train_path={cfg.train_path!r}",
+             "hf": f"{cfg.hf_name}[{cfg.hf_split}]"}[cfg.source]
+    if not train_docs:
+        raise ValueError(f"{where}: no training documents (all held out or empty)")
+
+    packer = _Packer(student, keep_spans)
+    total_chars = sum(len(d) for d in train_docs)
+    progress = None
+    if rank == 0 and total_chars >= _PROGRESS_MIN_CHARS:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=len(train_docs), desc="tokenizing train docs", unit="doc")
+    try:
+        packer.add(train_docs, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    ids = packer.arrays()[0]
+    if len(ids) < seq_len:
+        raise ValueError(
+            f"{where}: the train corpus gives {len(ids)} tokens (with EOS separators), fewer than "
+            f"one sequence of seq_len={seq_len}: add data or lower seq_len"
+        )
+    if not keep_spans:
+        del train_docs
+    train_split = _Split(_Stream([ids]), seq_len, packer)
+    eval_split = _LazyEvalSplit(eval_docs, _Packer(student, keep_spans), seq_len) if eval_docs is not None else None
+    teacher_len = max(1, math.ceil(cfg.teacher_seq_ratio * seq_len)) if teacher is not None else 0
+    return TextData(
+        train_split, eval_split, seq_len, student=student, teacher=teacher,
+        teacher_seq_len=teacher_len, **common,
+    )
+
+
+__all__ = [
+    "TextDataConfig",
+    "TextData",
+    "build_text_data",
+    "match_teacher_positions",
+    "builtin_documents",
+    "read_documents",
+    "resolve_paths",
+    "is_heldout",
+    "BUILTIN_MAX_BYTES",
+]

@@ -1,0 +1,102 @@
+"""Shared helpers for the benchmark scripts: run one experiment from overrides, read its
+metrics back, compute steps-to-loss speedups, and plot curves.
+
+Benchmarks print and save what they measure (JSON + PNG under benchmarks/results/); they are
+scripts, never timed tests.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from alignkit.experiment import load_experiment
+from alignkit.train import run
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def run_experiment(name: str, work_dir: Path, overrides: list[str], config: str | None = None) -> dict[str, Any]:
+    """Train one run from scratch into work_dir/name; return its results and metric records."""
+    run_dir = work_dir / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg = load_experiment(config, [f"output_dir={work_dir}", f"run_name={name}", *overrides])
+    results = run(cfg, config, progress=True)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"results": results, "records": records, "run_dir": str(run_dir)}
+
+
+def eval_curve(records: list[dict[str, Any]], key: str = "eval_loss") -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in records if key in r]
+
+
+def train_summary(records: list[dict[str, Any]], stop_step: int = 0) -> dict[str, float]:
+    """Mean tokens/s with and without the teacher, and the peak memory."""
+    rows = [r for r in records if "tokens_per_s" in r][1:]  # first step includes warm-up
+    with_teacher = [r["tokens_per_s"] for r in rows if r.get("teacher_active")]
+    without = [r["tokens_per_s"] for r in rows if not r.get("teacher_active")]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {
+        "tokens_per_s": mean([r["tokens_per_s"] for r in rows]),
+        "tokens_per_s_teacher_active": mean(with_teacher),
+        "tokens_per_s_teacher_gone": mean(without),
+        "peak_mem_mb": max((r["peak_mem_mb"] for r in rows), default=None),
+    }
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """First step at which the curve reaches ``target`` (linear interpolation between evals)."""
+    previous = None
+    for step, value in curve:
+        if value <= target:
+            if previous is None or previous[1] == value:
+                return float(step)
+            (s0, v0) = previous
+            return s0 + (step - s0) * (v0 - target) / (v0 - value)
+        previous = (step, value)
+    return None
+
+
+def speedup(baseline: list[tuple[int, float]], method: list[tuple[int, float]]) -> dict[str, Any]:
+    """(steps the baseline needs to reach its final eval loss) / (steps the method needs)."""
+    target = baseline[-1][1]
+    base_steps = steps_to_reach(baseline, target)
+    method_steps = steps_to_reach(method, target)
+    return {
+        "target_eval_loss": target,
+        "baseline_steps": base_steps,
+        "method_steps": method_steps,
+        "speedup": (base_steps / method_steps) if method_steps else None,
+    }
+
+
+def plot_curves(path: Path, curves: dict[str, list[tuple[int, float]]], title: str, ylabel: str = "eval loss",
+                vline: int | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, curve in curves.items():
+        ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", markersize=3, label=label)
+    if vline:
+        ax.axvline(vline, color="grey", linestyle="--", linewidth=1, label="stop_step (teacher dropped)")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    print(f"wrote {path}")
