@@ -20,3 +20,5 @@ def _register(module: str) -> None:
 
 # --- adapters (one per line) ---
 _register("hf_causal")  # kind: hf_causal (transformers)
+_register("timesnet")  # kind: timesnet (TimesNet student for teacher pretraining, and teacher)
+_register("hf_ts")  # kind: hf_ts_classifier (HF decoder as a time-series classifier student)

@@ -375,6 +375,9 @@ class HFCausalStudent(nn.Module, _Layered):
         config = self.model.config
         config.use_cache = True  # the saved model is for inference: re-enable the KV cache
         try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # checkpoints are frequent; the run has its own bar
             self.model.save_pretrained(str(directory))
         finally:
             config.use_cache = False

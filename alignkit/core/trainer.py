@@ -197,8 +197,10 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.3f}", lam=f"{record.get('lambda', 0.0):.3g}")
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or done:
                 eval_results = self.evaluate()
+                window_start, window_tokens = time.perf_counter(), 0  # throughput: training time only
             if (cfg.save_every and self.step % cfg.save_every == 0) or done:
                 self.save(self.task.state_dict(), ckpt.rng_snapshot())
+                window_start, window_tokens = time.perf_counter(), 0
         bar.close()
         if self.best is not None:
             self.student.load_state_dict(self.best[1])

