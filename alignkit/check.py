@@ -19,7 +19,9 @@ def check_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     student = build_student(cfg.student, device=torch.device("meta"), num_classes=2, num_channels=1, seq_len=cfg.task.seq_len)
     params = sum(p.numel() for p in student.parameters())
     if cfg.align.method == "let":
-        layers = [p.student_layer for p in cfg.align.pairs] or [cfg.align.early_layer]
+        default_early = getattr(student, "align_layer", None) or 3
+        early = cfg.align.early_layer if cfg.align.early_layer is not None else default_early
+        layers = [p.student_layer for p in cfg.align.pairs] or [early]
         for i, layer in enumerate(layers):
             key = f"align.pairs[{i}].student_layer" if cfg.align.pairs else "align.early_layer"
             resolve_layer(layer, student.num_layers, key)

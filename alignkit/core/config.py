@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping, Optional, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -51,7 +51,10 @@ class PairConfig:
 class AlignConfig:
     method: str = "let"  # none | let | rkd | salt
     strategy: str = "L2E"  # L2E | L2M | L2L | M2E | M2M | M2L (ignored when `pairs` is given)
-    early_layer: int = 3  # the student's "early" layer for E strategies (paper: 3)
+    # the student's "early" layer for E strategies; None = the student adapter's default
+    # (`align_layer` attribute: 3 for causal LMs as in the paper, a quarter of the depth for
+    # time-series students as in App. E)
+    early_layer: Optional[int] = None
     pairs: list[PairConfig] = field(default_factory=list)
     objective: str = "cosine"  # cosine | logsum | cca | mse
     logsum_alpha: float = 4.0

@@ -147,11 +147,18 @@ class AlignmentEngine(nn.Module):
             torch.cuda.empty_cache()
 
 
-def build_pairs(cfg: AlignConfig, teacher_layers: dict[str, int], student_layers: int) -> list[Pair]:
+DEFAULT_EARLY_LAYER = 3  # paper App. B/J: the student's third layer
+
+
+def build_pairs(cfg: AlignConfig, teacher_layers: dict[str, int], student_layers: int,
+                early_layer: int = DEFAULT_EARLY_LAYER) -> list[Pair]:
+    """Pairs from ``align.pairs`` or the named strategy; ``early_layer`` is used when
+    ``align.early_layer`` is unset."""
     if cfg.pairs:
         pairs = [Pair(p.teacher_layer, p.student_layer, p.weight, p.teacher) for p in cfg.pairs]
     else:
-        pairs = strategy_pairs(cfg.strategy, teacher_layers["default"], student_layers, cfg.early_layer)
+        early = cfg.early_layer if cfg.early_layer is not None else early_layer
+        pairs = strategy_pairs(cfg.strategy, teacher_layers["default"], student_layers, early)
     validate_pairs(pairs, teacher_layers, student_layers)
     return pairs
 
@@ -192,7 +199,8 @@ def build_engine(cfg: AlignConfig, student: nn.Module, teachers: dict[str, Teach
     if "default" not in teachers:
         raise ConfigError(f"align.method={cfg.method!r} needs a teacher (set the `teacher` section)")
     depths = {name: teacher.num_layers for name, teacher in teachers.items()}
-    pairs = build_pairs(cfg, depths, student.num_layers) if cfg.method == "let" else []
+    early = getattr(student, "align_layer", None) or DEFAULT_EARLY_LAYER
+    pairs = build_pairs(cfg, depths, student.num_layers, early) if cfg.method == "let" else []
     projections = [
         build_projection(cfg.projection, student.width(p.student_layer), teachers[p.teacher].width(p.teacher_layer))
         for p in pairs
