@@ -55,14 +55,17 @@ def run(cfg: ExperimentConfig, config_path: str | None = None, resume: str | Non
         run_dir = prepare_run_dir(cfg, config_path, resume, info)
         if info.is_main:
             save_resolved(cfg, run_dir)
-        seed_everything(cfg.train.seed + info.rank)
+        seed_everything(cfg.train.seed)  # same on every rank: randomly built models must agree
         checkpoint = latest_checkpoint(run_dir) if resume else None
+        if resume and checkpoint is None:
+            raise FileNotFoundError(f"--resume {resume}: no checkpoint in {run_dir / 'checkpoints'}")
 
         task = build_task(cfg, info, device)
         student = task.build_student()
         teachers = task.build_teachers() if cfg.align.method != "none" else {}
         task.build_data()
         engine = build_engine(cfg.align, student, teachers)
+        seed_everything(cfg.train.seed + info.rank)  # per-rank streams (dropout) from here on
         trainer = Trainer(cfg.train, student, engine, task, run_dir, device, info, progress=progress)
         if checkpoint is not None:
             trainer.resume(checkpoint)

@@ -450,7 +450,8 @@ class HFCausalTeacher(_Layered):
 
 
 def build_hf_student(cfg: ModelConfig, device: str | torch.device = "cpu", **_: Any) -> HFCausalStudent:
-    student = HFCausalStudent(load_hf_causal_lm(cfg, device), final_layer=cfg.final_layer)
+    meta = torch.device(device).type == "meta"  # `alignkit check`: shapes only, no memory
+    student = HFCausalStudent(load_hf_causal_lm(cfg, "cpu" if meta else device, meta=meta), final_layer=cfg.final_layer)
     if cfg.options.get("gradient_checkpointing"):
         # transformers >= 5.2x renamed it (the old name warns); older releases have only the old one
         enable = getattr(student.model, "activation_checkpointing_enable", None)

@@ -110,7 +110,7 @@ def teacher_cache_dir(cfg: Any) -> Path:
     datasets = list(cfg.task.teacher_datasets or cfg.task.uea.datasets)
     spec = json.dumps(
         {"datasets": datasets, "teacher": dataclasses.asdict(cfg.teacher), "train": dataclasses.asdict(cfg.task.teacher_pretrain),
-         "uea": dataclasses.asdict(cfg.task.uea)},
+         "uea": {k: v for k, v in dataclasses.asdict(cfg.task.uea).items() if k != "datasets"}},
         sort_keys=True, default=str,
     )
     digest = hashlib.sha256(spec.encode()).hexdigest()[:10]
