@@ -28,6 +28,7 @@ Options (``ModelConfig.options``):
   whose class name contains ``Norm`` -- plus input embedding and head);
 * ``align_layer``: the student layer LET aligns by default (exposed as ``.align_layer``);
   default a quarter of the blocks, rounded, at least 1 (the paper's 6 of 24);
+* ``keep_layers``: use only the first N decoder blocks (0 = all; GPT4TS-style truncation);
 * ``head_dropout`` (0.1), ``num_classes``, ``num_channels`` (given by the task when missing),
   ``gradient_checkpointing``, and hf_causal's ``attn_implementation`` / ``gguf_packed``.
 """
@@ -53,13 +54,25 @@ def _is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
 
 
+def truncate_blocks(causal_lm: nn.Module, blocks: nn.ModuleList, keep: int) -> None:
+    """Keep only the first ``keep`` decoder blocks (GPT4TS used the first 6 of GPT-2's 12):
+    a cheaper backbone whose early layers still carry the pretrained weights."""
+    if not 1 <= keep <= len(blocks):
+        raise ValueError(f"options.keep_layers={keep} must be in 1..{len(blocks)}")
+    del blocks[keep:]
+    config = causal_lm.config
+    config.num_hidden_layers = keep
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:keep]
+
+
 class HFTimeSeriesClassifier(nn.Module):
     """Student adapter: ``forward(batch, layers) -> StudentOutput(loss, features, logits)`` with
     ``batch = {"x": [B, T, C], "attention_mask": [B, T], "labels": [B]}``."""
 
     def __init__(self, causal_lm: nn.Module, num_channels: int, num_classes: int,
                  freeze: str = "none", align_layer: int | None = None, head_dropout: float = 0.1,
-                 final_layer: str = "post_norm") -> None:
+                 final_layer: str = "post_norm", keep_layers: int = 0) -> None:
         super().__init__()
         if freeze not in FREEZE_MODES:
             raise ValueError(f"options.freeze={freeze!r} is not one of {FREEZE_MODES}")
@@ -68,6 +81,8 @@ class HFTimeSeriesClassifier(nn.Module):
         if num_channels < 1 or num_classes < 1:
             raise ValueError(f"hf_ts_classifier needs num_channels, num_classes >= 1 (got {num_channels}, {num_classes})")
         parts = find_blocks(causal_lm)  # module objects live inside the base model kept below
+        if keep_layers:
+            truncate_blocks(causal_lm, parts.blocks, keep_layers)
         backbone = causal_lm.base_model
         backbone.config.use_cache = False
         token_embedding = backbone.get_input_embeddings()
@@ -171,7 +186,7 @@ def build_hf_ts_student(cfg: Any, device: str | torch.device = "cpu", num_classe
         load_hf_causal_lm(cfg, device), num_channels=int(sizes["num_channels"]),
         num_classes=int(sizes["num_classes"]), freeze=str(options.get("freeze", "none")),
         align_layer=options.get("align_layer"), head_dropout=float(options.get("head_dropout", 0.1)),
-        final_layer=cfg.final_layer,
+        final_layer=cfg.final_layer, keep_layers=int(options.get("keep_layers", 0)),
     )
     if options.get("gradient_checkpointing"):
         enable = getattr(model.backbone, "activation_checkpointing_enable", None)

@@ -1,0 +1,132 @@
+"""Time-series LET benchmark (paper App. E / Table 2) on the UEA sets available here.
+
+  python benchmarks/ts_uea.py                                   # CPU defaults (~45 min, 2 cores)
+  python benchmarks/ts_uea.py --datasets Heartbeat,PEMS-SF --student qwen2.5-0.5b-ts --keep-layers 0 --device cuda
+
+For each dataset and seed: test accuracy of aeon's MiniRocket (the classical reference, on the
+same padded, normalised series, trained on train+val), the TimesNet teacher (pre-trained by
+alignkit, selected on validation), the LLM baseline (fine-tuned without alignment) and LLM + LET
+(same budget and hyperparameters). Model selection uses the validation split carved from TRAIN,
+never the test split. Writes benchmarks/results/ts_uea.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import RESULTS, run_experiment, write_json
+
+from alignkit.experiment import load_experiment
+from alignkit.tasks.ts_classify import teacher_cache_dir
+from alignkit.tasks.uea import UEADataConfig, load_uea
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "configs" / "ts" / "japanese_vowels.yaml")
+METHODS = ("minirocket", "timesnet", "llm_baseline", "llm_let")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="JapaneseVowels,BasicMotions")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--student", default="smollm2-135m-ts")
+    parser.add_argument("--keep-layers", type=int, default=8, help="first N backbone blocks (0 = all)")
+    parser.add_argument("--epochs", type=float, default=9.0, help="LLM fine-tuning budget in epochs of the train part")
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lambda0", type=float, default=0.1)
+    parser.add_argument("--stop-fraction", type=float, default=0.5, help="stop_step as a fraction of the steps")
+    parser.add_argument("--teacher-steps", type=int, default=600)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work", default=str(RESULTS / "ts_uea_work"))
+    return parser.parse_args()
+
+
+def minirocket_accuracy(dataset: str, seed: int) -> float:
+    from aeon.classification.convolution_based import MiniRocketClassifier
+
+    splits = load_uea(UEADataConfig(datasets=[dataset], seed=0))
+    to_numpy = lambda split: split.x.permute(0, 2, 1).numpy().astype(np.float64)  # noqa: E731  (N, C, T)
+    x_train = np.concatenate([to_numpy(splits.train), to_numpy(splits.val)])
+    y_train = np.concatenate([splits.train.y.numpy(), splits.val.y.numpy()])
+    model = MiniRocketClassifier(random_state=seed).fit(x_train, y_train)
+    return float((model.predict(to_numpy(splits.test)) == splits.test.y.numpy()).mean())
+
+
+def main() -> None:
+    args = parse_args()
+    work, started = Path(args.work), time.time()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    table: dict[str, dict[str, list[float]]] = {}
+    for dataset in args.datasets.split(","):
+        splits = load_uea(UEADataConfig(datasets=[dataset]))
+        steps = max(10, round(args.epochs * len(splits.train) / args.micro_batch))
+        scores = table.setdefault(dataset, {m: [] for m in METHODS})
+        for seed in seeds:
+            scores["minirocket"].append(minirocket_accuracy(dataset, seed))
+            common = [
+                f"task.uea.datasets=[{dataset}]", f"student.preset={args.student}",
+                f"student.options.keep_layers={args.keep_layers}", f"train.steps={steps}",
+                f"train.micro_batch_size={args.micro_batch}", f"train.lr={args.lr}", f"train.seed={seed}",
+                f"train.eval_every={max(1, steps // 8)}", "train.save_every=0", "train.keep_checkpoints=1",
+                f"train.device={args.device}", f"task.teacher_pretrain.seed={seed}",
+                f"task.teacher_pretrain.steps={args.teacher_steps}", f"task.teacher_pretrain.device={args.device}",
+                f"output_dir={work}",
+            ]
+            let = common + ["align.method=let", f"align.lambda0={args.lambda0}",
+                            f"align.stop_step={max(1, int(steps * args.stop_fraction))}"]
+            print(f"== {dataset} seed {seed}: LLM + LET ({steps} steps; pre-trains the TimesNet teacher first)")
+            result = run_experiment(f"{dataset}-let-{seed}", work, let, RECIPE)
+            scores["llm_let"].append(result["results"]["test_accuracy"])
+            teacher_dir = teacher_cache_dir(load_experiment(RECIPE, let))
+            scores["timesnet"].append(json.loads((teacher_dir / "results.json").read_text())["test_accuracy"])
+            print(f"== {dataset} seed {seed}: LLM baseline")
+            result = run_experiment(f"{dataset}-baseline-{seed}", work, common + ["align.method=none"], RECIPE)
+            scores["llm_baseline"].append(result["results"]["test_accuracy"])
+            print(json.dumps({m: v[-1] for m, v in scores.items()}))
+
+    summary = {
+        ds: {m: {"mean": statistics.mean(v), "std": statistics.pstdev(v), "runs": v} for m, v in scores.items()}
+        for ds, scores in table.items()
+    }
+    write_json(RESULTS / "ts_uea.json", {"settings": vars(args), "wall_clock_s": time.time() - started, "test_accuracy": summary})
+    lines = ["| dataset | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+    for ds, row in summary.items():
+        cells = [f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}" for m in METHODS]
+        lines.append(f"| {ds} | " + " | ".join(cells) + " |")
+    markdown = "\n".join(lines) + f"\n\nTest accuracy (%), mean ± std over seeds {seeds}.\n"
+    (RESULTS / "ts_uea.md").write_text(markdown)
+    print(markdown)
+    plot(summary, RESULTS / "ts_uea.png")
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.2
+    for i, method in enumerate(METHODS):
+        means = [100 * summary[ds][method]["mean"] for ds in summary]
+        stds = [100 * summary[ds][method]["std"] for ds in summary]
+        ax.bar([x + i * width for x in range(len(summary))], means, width, yerr=stds, label=method, capsize=3)
+    ax.set_xticks([x + 1.5 * width for x in range(len(summary))], list(summary))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower right")
+    ax.set_title("UEA classification: LLM student with and without LET")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

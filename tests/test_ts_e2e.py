@@ -1,0 +1,61 @@
+"""Time-series LET end to end on BasicMotions with tiny models: TimesNet teacher pre-trained
+(then reused from its cache), tiny LLaMA student aligned to it; same engine and trainer classes
+as the text task."""
+import json
+from pathlib import Path
+
+import torch
+
+from alignkit.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "configs" / "ts" / "japanese_vowels.yaml")
+TINY = [
+    "student.preset=llama-tiny-ts", "task.uea.datasets=[BasicMotions]", "teacher.options.d_model=16",
+    "teacher.options.d_ff=16", "teacher.options.num_kernels=2", "task.teacher_pretrain.steps=30",
+    "task.teacher_pretrain.eval_every=10", "task.teacher_pretrain.micro_batch_size=8",
+    "train.steps=30", "train.micro_batch_size=8", "train.lr=3e-3", "train.eval_every=10", "align.stop_step=15",
+    "align.early_layer=1",
+]
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ts_let_end_to_end_on_basic_motions(tmp_path, monkeypatch):
+    torch.set_num_threads(1)  # small convolutions: threads only add contention on 2 cores
+    import alignkit.core.trainer as trainer_module
+    from alignkit.core.engine import AlignmentEngine
+    from alignkit.tasks.text_pretrain import TextPretrainTask
+    from alignkit.tasks.ts_classify import TSClassifyTask
+
+    seen = []
+    original = trainer_module.Trainer.__init__
+
+    def spy(self, cfg, student, engine, task, *args, **kwargs):
+        seen.append((type(engine), type(task)))
+        original(self, cfg, student, engine, task, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.Trainer, "__init__", spy)
+    assert main(["train", RECIPE, f"output_dir={tmp_path}", "run_name=ts", *TINY, "--no-progress"]) == 0
+    run_dir = tmp_path / "ts"
+    train = [r for r in rows(run_dir) if "ce" in r]
+    assert len(train) == 30
+    assert sum(r["ce"] for r in train[-5:]) / 5 < sum(r["ce"] for r in train[:5]) / 5
+    assert train[0]["teacher_active"] and not train[-1]["teacher_active"] and "cos/t-1-s1" in train[0]
+    assert any("val_accuracy" in r for r in rows(run_dir))
+    results = json.loads((run_dir / "test_results.json").read_text())
+    assert results["test_size"] == 40 and len(results["confusion_matrix"]) == 4
+    assert (run_dir / "confusion_matrix.png").is_file()
+    # the teacher pre-training and the LET run went through the one trainer, with the text
+    # task's sibling classes: the same engine class the text task uses
+    assert seen[0] == (type(None), TSClassifyTask) and seen[1] == (AlignmentEngine, TSClassifyTask)
+    assert TextPretrainTask.__mro__[1] is TSClassifyTask.__mro__[1]
+    teacher_dirs = list((tmp_path / "teachers").glob("timesnet-BasicMotions-*/final"))
+    assert len(teacher_dirs) == 1 and (teacher_dirs[0] / "timesnet.json").is_file()
+    # a second run reuses the cached teacher instead of pre-training again
+    seen.clear()
+    assert main(["train", RECIPE, f"output_dir={tmp_path}", "run_name=ts2", *TINY, "train.steps=2",
+                 "align.stop_step=2", "--no-progress"]) == 0
+    assert [t for _, t in seen] == [TSClassifyTask]
