@@ -120,3 +120,30 @@ def test_torchrun_two_processes_match_one(tmp_path):
     one = [r["loss"] for r in metrics(tmp_path / "one") if "loss" in r]
     two = [r["loss"] for r in metrics(tmp_path / "two") if "loss" in r]
     assert one == pytest.approx(two, rel=1e-4)
+
+
+def test_teacher_with_a_different_tokenizer_is_aligned_by_character_spans(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = [p.read_text(errors="replace") for p in sorted((REPO / "alignkit" / "core").glob("*.py"))]
+    tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    fast.save_pretrained(tmp_path / "wordpiece")
+    overrides = [f"teacher.tokenizer={tmp_path / 'wordpiece'}", f"teacher.arch.vocab_size={len(fast)}", "train.steps=4"]
+    assert train(tmp_path, "mismatch", *overrides, "train.eval_every=0") == 0
+    rows = [r for r in metrics(tmp_path / "mismatch") if "cos/t-1-s2" in r]
+    assert len(rows) == 4 and all(-1 <= r["cos/t-1-s2"] <= 1 for r in rows)
+    # logit KD needs a shared vocabulary: a clear error, not a shape mismatch deep inside
+    assert train(tmp_path, "kd", *overrides, "align.method=rkd") == 2
+
+
+@pytest.mark.parametrize("method", ["rkd", "salt"])
+def test_logit_kd_methods_run_on_the_same_engine(tmp_path, method):
+    assert train(tmp_path, method, f"align.method={method}", "train.steps=6", "train.eval_every=0") == 0
+    rows = [r for r in metrics(tmp_path / method) if "loss" in r]
+    kd_on = [r.get("kd_weight", 0.0) > 0 for r in rows]
+    assert kd_on == ([True] * 6 if method == "rkd" else [True] * 4 + [False] * 2)  # salt: n_kd = stop_step = 4
+    assert all(r["lambda"] == 0 for r in rows)
