@@ -4,6 +4,7 @@
   alignkit train configs/quickstart.yaml train.steps=50   # override any key
   alignkit train configs/quickstart.yaml --resume runs/quickstart-2026...  # exact resume
   alignkit check configs/paper/llama-1.4b_smollm2-135m.yaml  # validate; build student on meta
+  alignkit eval runs/quickstart-2026...                      # lm-eval, paper's nine tasks, 1-shot
 
 Downstream adapters/tasks register themselves when imported: list their modules in
 ``$ALIGNKIT_PLUGINS`` (comma-separated) or pass ``--plugin module``. Errors in configs and
@@ -49,6 +50,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from alignkit.evaluate import evaluate
+
+    tasks = args.tasks.split(",") if args.tasks else None
+    evaluate(args.model, tasks, args.num_fewshot, args.limit, args.batch_size, args.device, args.include_path, args.output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plugin", action="append", default=[], help="module to import (registers adapters)")
@@ -64,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("overrides", nargs="*")
     check.add_argument("--print-config", action="store_true", help="print the resolved config")
     check.set_defaults(func=_cmd_check)
+    ev = sub.add_parser("eval", help="downstream evaluation with lm-evaluation-harness (paper's nine tasks, 1-shot)")
+    ev.add_argument("model", help="run dir, checkpoint dir, or HF model folder")
+    ev.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (default: the paper's nine)")
+    ev.add_argument("--num-fewshot", type=int, default=1)
+    ev.add_argument("--limit", type=int, default=None, help="documents per task (quick looks)")
+    ev.add_argument("--batch-size", default="auto")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--include-path", default=None, help="folder with your own lm-eval task YAMLs")
+    ev.add_argument("--output", default=None, help="output folder (default: MODEL/eval)")
+    ev.set_defaults(func=_cmd_eval)
     return parser
 
 

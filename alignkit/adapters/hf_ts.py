@@ -38,9 +38,9 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from alignkit.adapters.hf_causal import find_blocks, load_hf_causal_lm
+from alignkit.adapters.hf_causal import _Layered, find_blocks, load_hf_causal_lm
 from alignkit.core.adapter import Batch, StudentOutput, resolve_layer
 from alignkit.core.registry import register_adapter
 from alignkit.core.taps import run_tapped
@@ -66,7 +66,7 @@ def truncate_blocks(causal_lm: nn.Module, blocks: nn.ModuleList, keep: int) -> N
         config.layer_types = list(config.layer_types)[:keep]
 
 
-class HFTimeSeriesClassifier(nn.Module):
+class HFTimeSeriesClassifier(nn.Module, _Layered):
     """Student adapter: ``forward(batch, layers) -> StudentOutput(loss, features, logits)`` with
     ``batch = {"x": [B, T, C], "attention_mask": [B, T], "labels": [B]}``."""
 
@@ -124,20 +124,6 @@ class HFTimeSeriesClassifier(nn.Module):
                 if _is_norm(module):
                     module.requires_grad_(True)
 
-    def width(self, layer: int) -> int:
-        resolve_layer(layer, self.num_layers)
-        if layer == -1 and self._tap_final():
-            return self._final_width
-        return self.hidden_size
-
-    def _tap_final(self) -> bool:
-        return self.final_layer == "post_norm" and self._parts.final_norm is not None
-
-    def _tap_index(self, layer: int) -> int:
-        if layer == -1 and not self._tap_final():
-            return self.num_layers
-        return resolve_layer(layer, self.num_layers)
-
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
@@ -155,10 +141,9 @@ class HFTimeSeriesClassifier(nn.Module):
         m = mask[..., None].to(x.dtype)
         embeds = self.input_embedding(x * m)
         backbone_dtype = self.backbone.get_input_embeddings().weight.dtype
-        tap = sorted({self._tap_index(layer) for layer in layers})
         output, captured = run_tapped(
             lambda: self.backbone(inputs_embeds=embeds.to(backbone_dtype), attention_mask=mask, use_cache=False),
-            self._parts.blocks, self._parts.final_norm, tap, stop_early=False,
+            self._parts.blocks, self._parts.final_norm, self._tap_layers(layers), stop_early=False,
         )
         hidden = output.last_hidden_state.to(x.dtype)  # type: ignore[union-attr]
         pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)

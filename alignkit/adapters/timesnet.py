@@ -33,7 +33,6 @@ are averaged over the batch, and the FFT length is ``L``.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignkit.adapters.hf_causal import resolve_path
 from alignkit.core.adapter import Batch, StudentOutput, resolve_layer
 from alignkit.core.registry import register_adapter
 from alignkit.core.taps import run_tapped
@@ -341,23 +341,12 @@ def load_timesnet(directory: str | os.PathLike, device: str | torch.device = "cp
 # --------------------------------------------------------------------------- registry
 
 
-def _expand(spec: str) -> str:
-    if spec.startswith("pkg:"):
-        package, _, rest = spec[4:].partition("/")
-        found = importlib.util.find_spec(package)
-        if found is None or not found.submodule_search_locations:
-            raise ModuleNotFoundError(f"name_or_path={spec!r}: package {package!r} is not installed")
-        base = Path(list(found.submodule_search_locations)[0])
-        return str(base / rest) if rest else str(base)
-    return os.path.expanduser(spec)
-
-
 def build_timesnet_student(cfg: Any, device: str | torch.device = "cpu", **context: Any) -> TimesNetClassifier:
     """From ``cfg.options`` (+ ``num_classes``, ``num_channels``, ``seq_len``, ``class_names``,
     ``datasets`` given by the task), or -- with ``source: checkpoint`` and ``name_or_path`` -- a
     saved TimesNet to fine-tune."""
     if cfg.source in ("checkpoint", "pretrained") and cfg.name_or_path:
-        return load_timesnet(_expand(cfg.name_or_path), device)
+        return load_timesnet(resolve_path(cfg.name_or_path), device)
     options = dict(cfg.options)
     for key in ("num_classes", "num_channels", "seq_len", "class_names", "datasets"):
         value = context.get(key)
@@ -374,7 +363,7 @@ def build_timesnet_teacher(cfg: Any, device: str | torch.device = "cpu", **_: An
     if not cfg.name_or_path:
         raise ValueError("teacher kind=timesnet needs name_or_path: a directory saved by save_timesnet "
                          "(pretrain one with the ts_classify task and a timesnet student)")
-    return TimesNetTeacher(load_timesnet(_expand(cfg.name_or_path), device))
+    return TimesNetTeacher(load_timesnet(resolve_path(cfg.name_or_path), device))
 
 
 register_adapter("timesnet", student=build_timesnet_student, teacher=build_timesnet_teacher)
