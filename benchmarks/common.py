@@ -8,24 +8,29 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
-
-from alignkit.experiment import load_experiment
-from alignkit.train import run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def run_experiment(name: str, work_dir: Path, overrides: list[str], config: str | None = None) -> dict[str, Any]:
-    """Train one run from scratch into work_dir/name; return its results and metric records."""
+    """Train one run from scratch into work_dir/name in its own process (so peak memory and
+    loaded teachers are per run); return its results and metric records."""
     run_dir = work_dir / name
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    cfg = load_experiment(config, [f"output_dir={work_dir}", f"run_name={name}", *overrides])
-    results = run(cfg, config, progress=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if config is None:
+        config = str(work_dir / "defaults.yaml")
+        Path(config).write_text("{}\n")
+    command = [sys.executable, "-m", "alignkit", "train", config, f"output_dir={work_dir}", f"run_name={name}", *overrides]
+    subprocess.run(command, check=True)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    results = json.loads((run_dir / "results.json").read_text())
     return {"results": results, "records": records, "run_dir": str(run_dir)}
 
 

@@ -52,28 +52,33 @@ def logsum(s: Tensor, t: Tensor, mask: Tensor | None = None, alpha: float = 4.0)
     return torch.log((rows_s - rows_t).abs().pow(alpha).mean() + 1e-12)
 
 
-def _inverse_sqrt(cov: Tensor) -> Tensor:
-    values, vectors = torch.linalg.eigh(cov)
-    return vectors @ torch.diag(values.clamp(min=1e-6).rsqrt()) @ vectors.T
+def _whitener(cov: Tensor) -> Tensor:
+    """L^-1 for cov = L L^T. Any whitening gives the same canonical correlations; Cholesky
+    (unlike an eigendecomposition) keeps finite gradients when eigenvalues repeat, as they do
+    for interpolated, rank-deficient student features."""
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    return torch.linalg.solve_triangular(torch.linalg.cholesky(cov), eye, upper=False)
 
 
 def cca(s: Tensor, t: Tensor, mask: Tensor | None = None, ridge: float = 1e-3) -> Tensor:
     """Table 5's CCA objective: negative mean canonical correlation between the two feature
-    sets over the counted positions (ridge-regularised covariances; the canonical correlations
-    are the singular values of Css^-1/2 Cst Ctt^-1/2)."""
-    rows_s, rows_t = _masked_rows(s.float(), mask), _masked_rows(t.float(), mask)
+    sets over the counted positions (float64; covariances ridge-regularised relative to their
+    scale; the canonical correlations are the singular values of Wss Cst Wtt^T, W whiteners)."""
+    rows_s, rows_t = _masked_rows(s.double(), mask), _masked_rows(t.double(), mask)
     n = rows_s.shape[0]
     if n < 2:
-        return rows_s.sum() * 0.0
+        return s.sum() * 0.0
     rows_s = rows_s - rows_s.mean(0)
     rows_t = rows_t - rows_t.mean(0)
-    eye_s = torch.eye(rows_s.shape[1], device=s.device)
-    eye_t = torch.eye(rows_t.shape[1], device=s.device)
-    cov_ss = rows_s.T @ rows_s / (n - 1) + ridge * eye_s
-    cov_tt = rows_t.T @ rows_t / (n - 1) + ridge * eye_t
+
+    def covariance(a: Tensor) -> Tensor:
+        cov = a.T @ a / (n - 1)
+        scale = cov.diagonal().mean().clamp(min=1e-12)
+        return cov + ridge * scale * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+
     cov_st = rows_s.T @ rows_t / (n - 1)
-    whitened = _inverse_sqrt(cov_ss) @ cov_st @ _inverse_sqrt(cov_tt)
-    return -torch.linalg.svdvals(whitened).mean()
+    whitened = _whitener(covariance(rows_s)) @ cov_st @ _whitener(covariance(rows_t)).T
+    return (-torch.linalg.svdvals(whitened).mean()).to(s.dtype)
 
 
 def kd(
