@@ -59,3 +59,15 @@ def test_ts_let_end_to_end_on_basic_motions(tmp_path, monkeypatch):
     assert main(["train", RECIPE, f"output_dir={tmp_path}", "run_name=ts2", *TINY, "train.steps=2",
                  "align.stop_step=2", "--no-progress"]) == 0
     assert [t for _, t in seen] == [TSClassifyTask]
+
+
+def test_teacher_pretrained_on_several_datasets_guides_a_student_on_one(tmp_path):
+    torch.set_num_threads(1)
+    overrides = [*TINY, "task.teacher_datasets=[JapaneseVowels,BasicMotions]", "task.teacher_pretrain.steps=10",
+                 "train.steps=4", "align.stop_step=2", "train.eval_every=2"]
+    assert main(["train", RECIPE, f"output_dir={tmp_path}", "run_name=multi", *overrides, "--no-progress"]) == 0
+    teacher = next((tmp_path / "teachers").glob("timesnet-JapaneseVowels+BasicMotions-*"))
+    saved = json.loads((teacher / "final" / "timesnet.json").read_text())
+    assert saved["num_channels"] == 12 and saved["num_classes"] == 9 + 4  # joint label space, padded channels
+    first = rows(tmp_path / "multi")[0]
+    assert first["teacher_active"] and "cos/t-1-s1" in first  # a 6-channel student batch fed the 12-channel teacher
