@@ -4,7 +4,7 @@ import torch
 
 from alignkit.core.config import AlignConfig, ConfigError, PairConfig
 from alignkit.core.engine import build_engine, check_align_config
-from alignkit.core.objectives import cosine
+from alignkit.core.objectives import cosine, kd
 from alignkit.core.pairing import strategy_pairs
 from alignkit.core.projections import interpolate
 from toys import ToyStudent, ToyTeacher
@@ -100,11 +100,25 @@ def test_salt_switches_kd_off_exactly_at_n_kd():
     assert teacher.calls == 3 and teacher.released
 
 
-def test_rkd_with_zero_weight_equals_plain_training():
+@pytest.mark.parametrize("method", ["rkd", "salt"])
+def test_kd_methods_with_zero_weight_equal_plain_training(method):
     student, teacher = ToyStudent(), ToyTeacher()
-    engine = build_engine(AlignConfig(method="rkd", kd_weight=0.0), student, {"default": teacher})
+    engine = build_engine(AlignConfig(method=method, kd_weight=0.0, stop_step=3), student, {"default": teacher})
     b = batch()
     out = student(b, engine.student_layers(0))
     loss, _ = engine(out, b, 0)
-    assert loss.item() == 0.0 and teacher.calls == 0
-    assert build_engine(AlignConfig(method="none"), student, {}) is None
+    assert loss.item() == 0.0 and teacher.calls == 0 and engine.student_layers(0) == []
+
+
+def test_rkd_loss_is_kd_of_teacher_logits():
+    student, teacher = ToyStudent(), ToyTeacher()
+    engine = build_engine(AlignConfig(method="rkd", kd_weight=0.7, kd_temperature=2.0), student, {"default": teacher})
+    b = batch()
+    out = student(b, [])
+    loss, _ = engine(out, b, 0)
+    _, teacher_logits = ToyTeacher().features_and_logits(b, [])
+    assert loss.item() == pytest.approx(0.7 * kd(out.logits, teacher_logits, None, 2.0).item(), rel=1e-6)
+
+
+def test_method_none_builds_no_engine():
+    assert build_engine(AlignConfig(method="none"), ToyStudent(), {}) is None
