@@ -119,7 +119,8 @@ def plot(summary: dict, path: Path) -> None:
         ax.bar([x + i * width for x in range(len(summary))], means, width, yerr=stds, label=method, capsize=3)
     ax.set_xticks([x + 1.5 * width for x in range(len(summary))], list(summary))
     ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 100)
+    lowest = min(100 * summary[ds][m]["mean"] for ds in summary for m in METHODS)
+    ax.set_ylim(max(0, lowest - 10), 100.5)  # zoomed: the methods differ by a few points
     ax.legend(loc="lower right")
     ax.set_title("UEA classification: LLM student with and without LET")
     fig.tight_layout()
