@@ -1,7 +1,6 @@
 """`alignkit eval` runs lm-evaluation-harness on a checkpoint; offline, on a tiny local
 multiple-choice task this test writes itself (the paper's nine tasks need the hub)."""
 import json
-import os
 
 import pytest
 

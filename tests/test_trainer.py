@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from alignkit.core.config import AlignConfig, TrainConfig
-from alignkit.core.distributed import DistInfo, cleanup, init_distributed
+from alignkit.core.distributed import cleanup, init_distributed
 from alignkit.core.engine import build_engine
 from alignkit.core.trainer import Trainer
 from toys import ToyStudent, ToyTask, ToyTeacher

@@ -17,10 +17,6 @@ from alignkit.tasks.base import TaskBase
 from alignkit.tasks.text_data import TextData, build_text_data
 
 
-def same_tokenizer(a: Any, b: Any) -> bool:
-    return a.get_vocab() == b.get_vocab()
-
-
 class TextPretrainTask(TaskBase):
     loss_name = "nll"
 
@@ -37,17 +33,12 @@ class TextPretrainTask(TaskBase):
 
     def build_teachers(self) -> dict[str, TeacherAdapter]:
         teachers = super().build_teachers()
-        self.teacher_tokenizer = None
-        teacher_tokenizer = load_tokenizer(self.cfg.teacher)
-        if not same_tokenizer(self.tokenizer, teacher_tokenizer):
-            if self.cfg.teachers:
-                raise ConfigError("teachers: extra teachers need the student's tokenizer (only `teacher` may differ)")
-            if self.cfg.align.method in ("rkd", "salt"):
-                raise ConfigError(f"align.method={self.cfg.align.method} (logit KD) needs teacher and student to share a tokenizer")
-            self.teacher_tokenizer = teacher_tokenizer  # LET-dagger: positions matched by character spans
+        self.teacher_tokenizer = load_tokenizer(self.cfg.teacher)
         return teachers
 
     def build_data(self) -> None:
+        # text_data decides whether the tokenizers differ (LET-dagger: positions matched by
+        # character spans) and then adds the teacher's own token ids to every batch
         self.data: TextData = build_text_data(
             self.cfg.task.text,
             self.tokenizer,
@@ -56,6 +47,11 @@ class TextPretrainTask(TaskBase):
             world_size=self.dist.world_size,
             teacher_tokenizer=getattr(self, "teacher_tokenizer", None),
         )
+        if self.data.aligns_teacher:
+            if self.cfg.teachers:
+                raise ConfigError("teachers: extra teachers need the student's tokenizer (only `teacher` may differ)")
+            if self.cfg.align.method in ("rkd", "salt"):
+                raise ConfigError(f"align.method={self.cfg.align.method} (logit KD) needs teacher and student to share a tokenizer")
 
     def train_batches(self, micro_batch_size: int) -> Iterator[Batch]:
         return self.data.train_batches(micro_batch_size)
