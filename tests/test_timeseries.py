@@ -408,3 +408,24 @@ def test_hf_ts_freezing(freeze):
             assert p.grad is None, name
     with pytest.raises(ValueError, match="freeze"):
         _hf_student("everything")
+
+
+def test_train_batch_augmentation_crops_jitters_and_resumes(jv):
+    plain = next(jv.train_batches(32))
+    batches = jv.train_batches(32, crop_min=0.5, jitter=0.1)
+    augmented = next(batches)
+    assert torch.equal(augmented["labels"], plain["labels"])  # same series, same order
+    kept, full = augmented["attention_mask"].sum(1), plain["attention_mask"].sum(1)
+    assert (kept <= full).all() and (kept >= (full * 0.5).ceil()).all() and (kept < full).any()
+    # real steps come first and padding stays exactly zero
+    mask = augmented["attention_mask"].bool()
+    assert torch.equal(mask, torch.arange(mask.shape[1])[None] < kept[:, None])
+    assert (augmented["x"][~mask] == 0).all() and not torch.equal(augmented["x"], plain["x"])
+    # the augmentation is a function of the stream position: resume reproduces it
+    state = batches.state_dict()
+    expected = [next(batches) for _ in range(12)]
+    resumed = jv.train_batches(32, crop_min=0.5, jitter=0.1)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(next(resumed)["x"], want["x"]) for want in expected)
+    with pytest.raises(ValueError, match="crop_min"):
+        jv.train_batches(32, crop_min=0.0)

@@ -49,7 +49,8 @@ class TSClassifyTask(TaskBase):
         return {"default": build_teacher(teacher, device=self.device)}
 
     def build_data(self) -> None:
-        self.stream = self.splits.train_batches(self.cfg.train.micro_batch_size)
+        uea = self.cfg.task.uea
+        self.stream = self.splits.train_batches(self.cfg.train.micro_batch_size, crop_min=uea.crop_min, jitter=uea.jitter)
 
     def train_batches(self, micro_batch_size: int) -> Iterator[Batch]:
         return self.stream

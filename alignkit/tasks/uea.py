@@ -37,6 +37,7 @@ or network access.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -70,6 +71,11 @@ class UEADataConfig:
     seed: int = 0
     max_len: int = 0  # 0 = longest series in the data
     download: bool = True  # False: never let aeon try the network (fail fast when not local)
+    # training-batch augmentation (val/test never): each series is cut to a random contiguous
+    # window of at least crop_min of its real steps (1.0 = off), then Gaussian noise of std
+    # jitter (in normalised units) is added to its real steps
+    crop_min: float = 1.0
+    jitter: float = 0.0
 
 
 @dataclass
@@ -93,6 +99,26 @@ class TSSplit:
         return TSSplit(self.x[index], self.mask[index], self.y[index], self.dataset[index])
 
 
+def augment_batch(batch: dict[str, Tensor], crop_min: float, jitter: float,
+                  generator: torch.Generator) -> dict[str, Tensor]:
+    """Random contiguous crop (kept fraction uniform in [crop_min, 1]) moved to the front, then
+    jitter on real steps; padding stays zero and the mask follows the crop."""
+    x, mask = batch["x"].clone(), batch["attention_mask"].clone()
+    if crop_min < 1.0:
+        for i, length in enumerate(mask.sum(1).tolist()):
+            keep = float(torch.empty(()).uniform_(crop_min, 1.0, generator=generator))
+            size = max(1, min(length, math.ceil(length * keep)))
+            start = int(torch.randint(0, length - size + 1, (), generator=generator))
+            window = x[i, start:start + size].clone()
+            x[i].zero_()
+            mask[i].zero_()
+            x[i, :size], mask[i, :size] = window, 1
+    if jitter > 0:
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = x + jitter * noise * mask[..., None].to(x.dtype)
+    return {**batch, "x": x, "attention_mask": mask}
+
+
 def _batch_dict(split: TSSplit, index: Tensor, trim: bool, with_dataset: bool) -> dict[str, Tensor]:
     x, mask = split.x[index], split.mask[index]
     if trim and len(index):
@@ -112,7 +138,8 @@ class UEABatches:
     ``load_state_dict`` on a fresh iterator continue with batch k+1."""
 
     def __init__(self, split: TSSplit, batch_size: int, seed: int = 0, drop_last: bool = False,
-                 trim: bool = False, with_dataset: bool = False) -> None:
+                 trim: bool = False, with_dataset: bool = False, crop_min: float = 1.0,
+                 jitter: float = 0.0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if len(split) == 0:
@@ -121,6 +148,9 @@ class UEABatches:
             raise ValueError(f"drop_last with batch_size={batch_size} > {len(split)} samples")
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.drop_last, self.trim, self.with_dataset = drop_last, trim, with_dataset
+        if not 0.0 < crop_min <= 1.0 or jitter < 0:
+            raise ValueError(f"uea.crop_min={crop_min} must be in (0, 1] and uea.jitter={jitter} >= 0")
+        self.crop_min, self.jitter = crop_min, jitter
         self.epoch, self.offset = 0, 0
 
     def _order(self, epoch: int) -> Tensor:
@@ -137,8 +167,12 @@ class UEABatches:
             self.epoch, self.offset = self.epoch + 1, 0
         order = self._order(self.epoch)
         index = order[self.offset:self.offset + self.batch_size]
+        batch = _batch_dict(self.split, index, self.trim, self.with_dataset)
+        if self.crop_min < 1.0 or self.jitter > 0:  # a function of the position: resume stays exact
+            generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.offset)))
+            batch = augment_batch(batch, self.crop_min, self.jitter, generator)
         self.offset += len(index)
-        return _batch_dict(self.split, index, self.trim, self.with_dataset)
+        return batch
 
     @property
     def batches_per_epoch(self) -> int:
@@ -189,11 +223,13 @@ class UEASplits:
             raise ValueError(f"split={name!r} is not train, val or test")
         return getattr(self, name)
 
-    def train_batches(self, batch_size: int, drop_last: bool = False, trim: bool = False) -> UEABatches:
+    def train_batches(self, batch_size: int, drop_last: bool = False, trim: bool = False,
+                      crop_min: float = 1.0, jitter: float = 0.0) -> UEABatches:
         """Shuffled micro-batches of the training part (endless; resumable via state_dict).
-        ``trim`` cuts each batch to its longest real series (less compute for long padding)."""
+        ``trim`` cuts each batch to its longest real series (less compute for long padding);
+        ``crop_min`` / ``jitter`` augment them (see :class:`UEADataConfig`)."""
         return UEABatches(self.train, batch_size, seed=self.seed, drop_last=drop_last, trim=trim,
-                          with_dataset=len(self.datasets) > 1)
+                          with_dataset=len(self.datasets) > 1, crop_min=crop_min, jitter=jitter)
 
     def eval_batches(self, split: str = "val", batch_size: int = 64,
                      trim: bool = False) -> Iterator[dict[str, Tensor]]:
