@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from alignkit.core.config import AlignConfig, TrainConfig
 from alignkit.core.distributed import cleanup, init_distributed
@@ -45,14 +46,15 @@ def test_loss_falls_and_teacher_is_released(tmp_path):
     assert (tmp_path / "checkpoints" / "step_000030" / "optimizer.pt").is_file()
 
 
-def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
-    full, _ = make(tmp_path / "full", save_every=3, grad_accum=2)
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, ema_decay):
+    full, _ = make(tmp_path / "full", save_every=3, grad_accum=2, ema_decay=ema_decay)
     full.fit()
-    part, _ = make(tmp_path / "part", steps=8, save_every=3, grad_accum=2)
+    part, _ = make(tmp_path / "part", steps=8, save_every=3, grad_accum=2, ema_decay=ema_decay)
     part.cfg.steps = 5  # stop early (checkpoints at 3 and 5)...
     part.fit()
     (tmp_path / "part" / "checkpoints" / "step_000005").rename(tmp_path / "part" / "gone")  # ...keep step 3 only
-    resumed, teacher = make(tmp_path / "part", save_every=3, grad_accum=2)
+    resumed, teacher = make(tmp_path / "part", save_every=3, grad_accum=2, ema_decay=ema_decay)
     resumed.resume(tmp_path / "part" / "checkpoints" / "step_000003")
     resumed.fit()
     assert train_losses(tmp_path / "part") == train_losses(tmp_path / "full")
@@ -60,6 +62,24 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
     a = torch.load(tmp_path / "full" / "checkpoints" / "step_000008" / "optimizer.pt", weights_only=True)
     b = torch.load(tmp_path / "part" / "checkpoints" / "step_000008" / "optimizer.pt", weights_only=True)
     assert torch.equal(a["state"][0]["exp_avg"], b["state"][0]["exp_avg"])
+    exported = [load_file(str(tmp_path / run / "final" / "model.safetensors")) for run in ("full", "part")]
+    assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
+
+
+def test_ema_weights_are_evaluated_and_exported(tmp_path):
+    trainer, _ = make(tmp_path, steps=12, ema_decay=0.8)
+    seen = []
+    evaluate = trainer.task.evaluate
+    trainer.task.evaluate = lambda student, device: seen.append(student.state_dict()["head.weight"].clone()) or evaluate(student, device)
+    trainer.fit()
+    shadow = trainer.ema.shadow["head.weight"]
+    assert trainer.ema.updates == 12 and torch.equal(seen[-1], shadow)  # the final eval saw the average
+    exported = load_file(str(tmp_path / "final" / "model.safetensors"))
+    raw = load_file(str(tmp_path / "checkpoints" / "step_000012" / "state.safetensors"))
+    assert torch.equal(exported["head.weight"], shadow)
+    assert not torch.equal(raw["student.head.weight"], shadow)  # the checkpoint keeps the trained weights
+    with pytest.raises(ValueError, match="ema_decay"):
+        make(tmp_path / "bad", ema_decay=1.0)
 
 
 def test_resume_after_release_releases_the_teacher(tmp_path):
@@ -120,3 +140,17 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert len(two) == 4
     assert one == pytest.approx(two, rel=1e-5)
+
+
+@pytest.mark.parametrize("tiebreak, expected", [("", 1), ("val_loss", 2)])
+def test_best_model_selection_with_tiebreak(tmp_path, tiebreak, expected):
+    trainer, _ = make(tmp_path, select_metric="val_accuracy", select_tiebreak=tiebreak)
+    weight = next(trainer.student.parameters())
+    for marker, (accuracy, loss) in enumerate([(0.5, 0.9), (0.9, 0.4), (0.9, 0.1), (0.8, 0.0)]):
+        with torch.no_grad():
+            weight.fill_(marker)
+        trainer._maybe_keep_best({"val_accuracy": accuracy, "val_loss": loss})
+    # the first eval with the top accuracy wins, unless a later equal one has a lower loss
+    assert trainer.best[0][0] == 0.9 and float(next(iter(trainer.best[1].values())).flatten()[0]) == expected
+    with pytest.raises(KeyError, match="select_tiebreak"):
+        make(tmp_path / "x", select_metric="val_accuracy", select_tiebreak="nope")[0]._maybe_keep_best({"val_accuracy": 1.0})

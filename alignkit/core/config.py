@@ -87,6 +87,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     select_metric: str = ""  # e.g. "val_accuracy": keep and export the best model by it
     select_mode: str = "max"
+    ema_decay: float = 0.0  # > 0: evaluate, select and export an EMA of the weights
+    select_tiebreak: str = ""  # e.g. "val_loss": lower wins among evals equal on select_metric
 
 
 def _read_yaml(path: Path, key: str) -> DictConfig:

@@ -8,6 +8,7 @@ an eval function and an export function; they never write loops of their own.
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from contextlib import nullcontext
@@ -23,6 +24,7 @@ from alignkit.core import checkpoint as ckpt
 from alignkit.core.adapter import Batch, StudentOutput
 from alignkit.core.config import TrainConfig
 from alignkit.core.distributed import DistInfo, all_reduce_mean, barrier
+from alignkit.core.ema import WeightAverage
 from alignkit.core.engine import AlignmentEngine
 from alignkit.core.schedules import warmup_cosine
 
@@ -101,7 +103,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(_param_groups(self.module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
         self.lr_at = warmup_cosine(cfg.lr, cfg.steps, int(cfg.warmup_ratio * cfg.steps), cfg.min_lr_ratio)
         self.step, self.tokens = 0, 0
-        self.best: tuple[float, dict[str, Tensor]] | None = None
+        self.ema = WeightAverage(self.student, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.best: tuple[tuple[float, float], dict[str, Tensor]] | None = None  # (metric, tiebreak)
         self.progress = progress and dist.is_main
         self.loss_name = getattr(task, "loss_name", "task_loss")  # e.g. "nll" for text
         self.autocast = (
@@ -113,8 +116,12 @@ class Trainer:
         state, data_state = ckpt.load_checkpoint(directory, self.module, self.optimizer, self.dist.rank, self.device)
         self.step, self.tokens = state["step"], state["tokens"]
         if state.get("best_value") is not None:
-            self.best = (state["best_value"], {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()})
+            tiebreak = state.get("best_tiebreak")
+            key = (state["best_value"], math.inf if tiebreak is None else tiebreak)
+            self.best = (key, {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()})
         self.task.load_state_dict(data_state)
+        if self.ema is not None:
+            self.ema.load(directory)
         if self.engine is not None and self.engine.release_step is not None and self.step >= self.engine.release_step:
             self.engine.release()
         self._truncate_metrics(self.step)
@@ -132,10 +139,13 @@ class Trainer:
         barrier(self.dist)
         ckpt.save_rank_state(staging, self.dist.rank, data_state, rng)
         if self.dist.is_main:
-            best = self.best[0] if self.best else None
-            trainer_state = {"step": self.step, "tokens": self.tokens, "best_value": best}
+            best = self.best[0] if self.best else (None, None)
+            trainer_state = {"step": self.step, "tokens": self.tokens, "best_value": best[0],
+                             "best_tiebreak": None if best[1] in (None, math.inf) else best[1]}
             ckpt.save_main_state(staging, self.module, self.optimizer, trainer_state)
             self.task.export(self.student, staging / "model")
+            if self.ema is not None:
+                self.ema.save(staging)
         barrier(self.dist)
         final = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
         if self.dist.is_main:
@@ -152,11 +162,12 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Every rank evaluates (tasks shard and all-reduce, so all ranks get equal results)."""
         self.student.eval()
-        with torch.no_grad(), self.autocast:
-            results = self.task.evaluate(self.student, self.device)
+        with self.ema.swapped_in(self.student) if self.ema is not None else nullcontext():
+            with torch.no_grad(), self.autocast:
+                results = self.task.evaluate(self.student, self.device)
+            self._log({"step": self.step, **results})
+            self._maybe_keep_best(results)  # under EMA, the averaged weights are the candidates
         self.student.train()
-        self._log({"step": self.step, **results})
-        self._maybe_keep_best(results)
         return results
 
     def _maybe_keep_best(self, results: dict[str, float]) -> None:
@@ -165,8 +176,16 @@ class Trainer:
             return
         if key not in results:
             raise KeyError(f"train.select_metric={key!r} is not among the eval metrics {sorted(results)}")
-        value = results[key]
-        better = self.best is None or (value > self.best[0] if self.cfg.select_mode == "max" else value < self.best[0])
+        tiebreak = self.cfg.select_tiebreak
+        if tiebreak and tiebreak not in results:
+            raise KeyError(f"train.select_tiebreak={tiebreak!r} is not among the eval metrics {sorted(results)}")
+        value = (results[key], results[tiebreak] if tiebreak else math.inf)
+        if self.best is None:
+            better = True
+        elif value[0] == self.best[0][0]:
+            better = value[1] < self.best[0][1]
+        else:
+            better = value[0] > self.best[0][0] if self.cfg.select_mode == "max" else value[0] < self.best[0][0]
         if better:
             self.best = (value, {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()})
 
@@ -202,9 +221,11 @@ class Trainer:
                 self.save(self.task.state_dict(), ckpt.rng_snapshot())
                 window_start, window_tokens = time.perf_counter(), 0
         bar.close()
+        if self.best is None and self.ema is not None:
+            self.student.load_state_dict(self.ema.shadow, strict=False)
         if self.best is not None:
             self.student.load_state_dict(self.best[1])
-            eval_results = {**eval_results, f"best_{self.cfg.select_metric}": self.best[0]}
+            eval_results = {**eval_results, f"best_{self.cfg.select_metric}": self.best[0][0]}
         if self.dist.is_main:
             self.task.export(self.student, self.run_dir / "final")
         barrier(self.dist)
@@ -231,6 +252,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.student)
         teacher_active = self.engine is not None and self.engine.active(step)
         if self.engine is not None:
             self.engine.after_step(step)
