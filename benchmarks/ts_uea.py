@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from common import RESULTS, run_experiment, write_json
 
@@ -44,6 +47,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--teacher-steps", type=int, default=600)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", default=str(RESULTS / "ts_uea_work"))
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel (one thread each)")
+    parser.add_argument("--override", action="append", default=[],
+                        help="extra key=value for both LLM runs (task.teacher_pretrain.* reaches the teacher); repeatable")
     return parser.parse_args()
 
 
@@ -58,37 +64,50 @@ def minirocket_accuracy(dataset: str, seed: int) -> float:
     return float((model.predict(to_numpy(splits.test)) == splits.test.y.numpy()).mean())
 
 
+def seed_scores(args: argparse.Namespace, work: Path, dataset: str, seed: int, steps: int) -> dict[str, float]:
+    """The four methods' test accuracies for one dataset and seed (LET first: it pre-trains, or
+    reuses, this seed's TimesNet teacher, whose own test accuracy is read from its cache)."""
+    scores = {"minirocket": minirocket_accuracy(dataset, seed)}
+    common = [
+        f"task.uea.datasets=[{dataset}]", f"student.preset={args.student}",
+        f"student.options.keep_layers={args.keep_layers}", f"train.steps={steps}",
+        f"train.micro_batch_size={args.micro_batch}", f"train.lr={args.lr}", f"train.seed={seed}",
+        f"train.eval_every={max(1, steps // 8)}", "train.save_every=0", "train.keep_checkpoints=1",
+        f"train.device={args.device}", f"task.teacher_pretrain.seed={seed}",
+        f"task.teacher_pretrain.steps={args.teacher_steps}", f"task.teacher_pretrain.device={args.device}",
+        f"output_dir={work}", *args.override,
+    ]
+    let = common + ["align.method=let", f"align.lambda0={args.lambda0}",
+                    f"align.stop_step={max(1, int(steps * args.stop_fraction))}"]
+    print(f"== {dataset} seed {seed}: LLM + LET ({steps} steps; pre-trains the TimesNet teacher first)")
+    scores["llm_let"] = run_experiment(f"{dataset}-let-{seed}", work, let, RECIPE)["results"]["test_accuracy"]
+    teacher_dir = teacher_cache_dir(load_experiment(RECIPE, let))
+    scores["timesnet"] = json.loads((teacher_dir / "results.json").read_text())["test_accuracy"]
+    print(f"== {dataset} seed {seed}: LLM baseline")
+    baseline = run_experiment(f"{dataset}-baseline-{seed}", work, common + ["align.method=none"], RECIPE)
+    scores["llm_baseline"] = baseline["results"]["test_accuracy"]
+    print(f"== {dataset} seed {seed}: " + json.dumps(scores))
+    return scores
+
+
 def main() -> None:
     args = parse_args()
     work, started = Path(args.work), time.time()
     seeds = [int(s) for s in args.seeds.split(",")]
-    table: dict[str, dict[str, list[float]]] = {}
+    if args.jobs > 1:  # one thread per job: oversubscribed cores slow every job down
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+    jobs = []
     for dataset in args.datasets.split(","):
         splits = load_uea(UEADataConfig(datasets=[dataset]))
         steps = max(10, round(args.epochs * len(splits.train) / args.micro_batch))
-        scores = table.setdefault(dataset, {m: [] for m in METHODS})
-        for seed in seeds:
-            scores["minirocket"].append(minirocket_accuracy(dataset, seed))
-            common = [
-                f"task.uea.datasets=[{dataset}]", f"student.preset={args.student}",
-                f"student.options.keep_layers={args.keep_layers}", f"train.steps={steps}",
-                f"train.micro_batch_size={args.micro_batch}", f"train.lr={args.lr}", f"train.seed={seed}",
-                f"train.eval_every={max(1, steps // 8)}", "train.save_every=0", "train.keep_checkpoints=1",
-                f"train.device={args.device}", f"task.teacher_pretrain.seed={seed}",
-                f"task.teacher_pretrain.steps={args.teacher_steps}", f"task.teacher_pretrain.device={args.device}",
-                f"output_dir={work}",
-            ]
-            let = common + ["align.method=let", f"align.lambda0={args.lambda0}",
-                            f"align.stop_step={max(1, int(steps * args.stop_fraction))}"]
-            print(f"== {dataset} seed {seed}: LLM + LET ({steps} steps; pre-trains the TimesNet teacher first)")
-            result = run_experiment(f"{dataset}-let-{seed}", work, let, RECIPE)
-            scores["llm_let"].append(result["results"]["test_accuracy"])
-            teacher_dir = teacher_cache_dir(load_experiment(RECIPE, let))
-            scores["timesnet"].append(json.loads((teacher_dir / "results.json").read_text())["test_accuracy"])
-            print(f"== {dataset} seed {seed}: LLM baseline")
-            result = run_experiment(f"{dataset}-baseline-{seed}", work, common + ["align.method=none"], RECIPE)
-            scores["llm_baseline"].append(result["results"]["test_accuracy"])
-            print(json.dumps({m: v[-1] for m, v in scores.items()}))
+        jobs += [(dataset, seed, steps) for seed in seeds]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job runs its own subprocesses
+        done = list(pool.map(lambda job: seed_scores(args, work, *job), jobs))
+    table: dict[str, dict[str, list[float]]] = {}
+    for (dataset, _, _), scores in zip(jobs, done):  # in seed order, whatever finished first
+        for method in METHODS:
+            table.setdefault(dataset, {m: [] for m in METHODS})[method].append(scores[method])
 
     summary = {
         ds: {m: {"mean": statistics.mean(v), "std": statistics.pstdev(v), "runs": v} for m, v in scores.items()}

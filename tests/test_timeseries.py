@@ -345,11 +345,11 @@ TINY_LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
 
 
-def _hf_student(freeze: str = "none", **arch):
+def _hf_student(freeze: str = "none", pooling: str = "mean", **arch):
     pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = ModelConfig(kind="hf_ts_classifier", source="config", arch={**TINY_LLAMA, **arch},
-                      options={"freeze": freeze})
+                      options={"freeze": freeze, "pooling": pooling})
     return build_student(cfg, num_classes=3, num_channels=12, seq_len=20)
 
 
@@ -374,8 +374,9 @@ def test_hf_ts_features_align_with_timesnet_time_axis():
     assert _hf_student(num_hidden_layers=8).align_layer == 2
 
 
-def test_hf_ts_padding_does_not_change_prediction():
-    student = _hf_student().eval()
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_hf_ts_padding_does_not_change_prediction(pooling):
+    student = _hf_student(pooling=pooling).eval()
     batch = _batch(6)
     with torch.no_grad():
         base = student(batch, [2])
@@ -383,6 +384,12 @@ def test_hf_ts_padding_does_not_change_prediction():
     assert torch.allclose(base.logits, padded.logits, atol=1e-5)
     real = batch["attention_mask"].bool()
     assert torch.allclose(base.features[2][real], padded.features[2][:, :20][real], atol=1e-5)
+    with torch.no_grad():  # the head reads the pooled final layer: its mean, or the last real step
+        final = student(batch, [-1]).features[-1]
+        lengths = batch["attention_mask"].sum(1)
+        m = batch["attention_mask"][..., None].float()
+        pooled = final[torch.arange(len(final)), lengths - 1] if pooling == "last" else (final * m).sum(1) / m.sum(1)
+        assert torch.allclose(student.head(pooled), base.logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("freeze", ["none", "backbone", "all_but_norms"])

@@ -5,8 +5,9 @@ Model: ``x`` [B, T, C] -> **input embedding** (one linear map from the C channel
 step to the backbone's input width; no positional term: the backbone adds its own positions
 -- rotary in LLaMA/SmolLM2/Qwen2/Pythia, learned inside OPT/GPT-2 -- when fed ``inputs_embeds``)
 -> the decoder **blocks and final norm** of the backbone (its token-embedding matrix is replaced
-by a 1-row placeholder and the LM head is dropped) -> **masked mean pooling** of the final layer
-over real steps -> dropout -> **linear head**. Loss: cross-entropy on ``labels``.
+by a 1-row placeholder and the LM head is dropped) -> **pooling** of the final layer over real
+steps (``mean``, or ``last``: the last real step, the only one a causal decoder lets see the
+whole series, as HF's sequence classifiers do) -> dropout -> **linear head**. Loss: cross-entropy on ``labels``.
 
 One token per time step, so the student's features ``[B, T, D]`` sit on the same time axis as
 TimesNet's ``[B, T, d_model]`` (layer convention of ``alignkit.core.adapter``; widths differ,
@@ -29,6 +30,7 @@ Options (``ModelConfig.options``):
 * ``align_layer``: the student layer LET aligns by default (exposed as ``.align_layer``);
   default a quarter of the blocks, rounded, at least 1 (the paper's 6 of 24);
 * ``keep_layers``: use only the first N decoder blocks (0 = all; GPT4TS-style truncation);
+* ``pooling``: ``mean`` (default) | ``last`` (see above);
 * ``head_dropout`` (0.1), ``num_classes``, ``num_channels`` (given by the task when missing),
   ``gradient_checkpointing``, and hf_causal's ``attn_implementation`` / ``gguf_packed``.
 """
@@ -48,6 +50,7 @@ from alignkit.core.taps import run_tapped
 __all__ = ["FREEZE_MODES", "HFTimeSeriesClassifier", "build_hf_ts_student"]
 
 FREEZE_MODES = ("none", "backbone", "all_but_norms")
+POOLING = ("mean", "last")
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -72,10 +75,13 @@ class HFTimeSeriesClassifier(nn.Module, _Layered):
 
     def __init__(self, causal_lm: nn.Module, num_channels: int, num_classes: int,
                  freeze: str = "none", align_layer: int | None = None, head_dropout: float = 0.1,
-                 final_layer: str = "post_norm", keep_layers: int = 0) -> None:
+                 final_layer: str = "post_norm", keep_layers: int = 0, pooling: str = "mean") -> None:
         super().__init__()
         if freeze not in FREEZE_MODES:
             raise ValueError(f"options.freeze={freeze!r} is not one of {FREEZE_MODES}")
+        if pooling not in POOLING:
+            raise ValueError(f"options.pooling={pooling!r} is not one of {POOLING}")
+        self.pooling = pooling
         if final_layer not in ("post_norm", "pre_norm"):
             raise ValueError(f"final_layer={final_layer!r} is not post_norm or pre_norm")
         if num_channels < 1 or num_classes < 1:
@@ -146,7 +152,11 @@ class HFTimeSeriesClassifier(nn.Module, _Layered):
             self._parts.blocks, self._parts.final_norm, self._tap_layers(layers), stop_early=False,
         )
         hidden = output.last_hidden_state.to(x.dtype)  # type: ignore[union-attr]
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        if self.pooling == "last":  # real steps come first: the last one is at length - 1
+            last = (mask.sum(1) - 1).clamp(min=0)
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        else:
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
         logits = self.head(self.dropout(pooled))
         labels = batch.get("labels")
         loss = F.cross_entropy(logits.float(), labels.to(self.device).long()) if labels is not None \
@@ -172,6 +182,7 @@ def build_hf_ts_student(cfg: Any, device: str | torch.device = "cpu", num_classe
         num_classes=int(sizes["num_classes"]), freeze=str(options.get("freeze", "none")),
         align_layer=options.get("align_layer"), head_dropout=float(options.get("head_dropout", 0.1)),
         final_layer=cfg.final_layer, keep_layers=int(options.get("keep_layers", 0)),
+        pooling=str(options.get("pooling", "mean")),
     )
     if options.get("gradient_checkpointing"):
         enable = getattr(model.backbone, "activation_checkpointing_enable", None)
