@@ -6,8 +6,11 @@
 For each dataset and seed: test accuracy of aeon's MiniRocket (the classical reference, on the
 same padded, normalised series, trained on train+val), the TimesNet teacher (pre-trained by
 alignkit, selected on validation), the LLM baseline (fine-tuned without alignment) and LLM + LET
-(same budget and hyperparameters). Model selection uses the validation split carved from TRAIN,
-never the test split. Writes benchmarks/results/ts_uea.{json,md,png}.
+(same budget and hyperparameters; one LET column per ``--lambda0`` value). Model selection uses
+the validation split carved from TRAIN, never the test split. ``--jobs 2`` runs two seeds at once
+(one thread each); ``--reuse`` keeps runs already finished in ``--work`` (an interrupted benchmark
+continues; it does not check that their settings match). Writes
+benchmarks/results/ts_uea.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -30,7 +33,11 @@ from alignkit.tasks.uea import UEADataConfig, load_uea
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "configs" / "ts" / "japanese_vowels.yaml")
-METHODS = ("minirocket", "timesnet", "llm_baseline", "llm_let")
+REFERENCES = ("minirocket", "timesnet", "llm_baseline")
+
+
+def methods(lambdas: list[float]) -> list[str]:
+    return [*REFERENCES, *(f"llm_let@{lam:g}" for lam in lambdas)]
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,11 +49,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=float, default=9.0, help="LLM fine-tuning budget in epochs of the train part")
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--lambda0", type=float, default=0.1)
+    parser.add_argument("--lambda0", default="0.1,1.0", help="LET lambda0 values, one LLM + LET column each")
     parser.add_argument("--stop-fraction", type=float, default=0.5, help="stop_step as a fraction of the steps")
     parser.add_argument("--teacher-steps", type=int, default=600)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", default=str(RESULTS / "ts_uea_work"))
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep finished runs found in --work (results.json) instead of training them again")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel (one thread each)")
     parser.add_argument("--override", action="append", default=[],
                         help="extra key=value for both LLM runs (task.teacher_pretrain.* reaches the teacher); repeatable")
@@ -64,8 +73,17 @@ def minirocket_accuracy(dataset: str, seed: int) -> float:
     return float((model.predict(to_numpy(splits.test)) == splits.test.y.numpy()).mean())
 
 
+def test_accuracy(args: argparse.Namespace, work: Path, name: str, overrides: list[str]) -> float:
+    finished = work / name / "results.json"
+    if args.reuse and finished.is_file():
+        print(f"== reusing {finished}")
+    else:
+        run_experiment(name, work, overrides, RECIPE)
+    return json.loads(finished.read_text())["test_accuracy"]
+
+
 def seed_scores(args: argparse.Namespace, work: Path, dataset: str, seed: int, steps: int) -> dict[str, float]:
-    """The four methods' test accuracies for one dataset and seed (LET first: it pre-trains, or
+    """Every method's test accuracy for one dataset and seed (LET first: it pre-trains, or
     reuses, this seed's TimesNet teacher, whose own test accuracy is read from its cache)."""
     scores = {"minirocket": minirocket_accuracy(dataset, seed)}
     common = [
@@ -77,21 +95,23 @@ def seed_scores(args: argparse.Namespace, work: Path, dataset: str, seed: int, s
         f"task.teacher_pretrain.steps={args.teacher_steps}", f"task.teacher_pretrain.device={args.device}",
         f"output_dir={work}", *args.override,
     ]
-    let = common + ["align.method=let", f"align.lambda0={args.lambda0}",
-                    f"align.stop_step={max(1, int(steps * args.stop_fraction))}"]
-    print(f"== {dataset} seed {seed}: LLM + LET ({steps} steps; pre-trains the TimesNet teacher first)")
-    scores["llm_let"] = run_experiment(f"{dataset}-let-{seed}", work, let, RECIPE)["results"]["test_accuracy"]
+    for lam in args.lambdas:
+        let = common + ["align.method=let", f"align.lambda0={lam}",
+                        f"align.stop_step={max(1, int(steps * args.stop_fraction))}"]
+        print(f"== {dataset} seed {seed}: LLM + LET, lambda0 {lam:g} ({steps} steps; the first pre-trains the teacher)")
+        scores[f"llm_let@{lam:g}"] = test_accuracy(args, work, f"{dataset}-let{lam:g}-{seed}", let)
     teacher_dir = teacher_cache_dir(load_experiment(RECIPE, let))
     scores["timesnet"] = json.loads((teacher_dir / "results.json").read_text())["test_accuracy"]
     print(f"== {dataset} seed {seed}: LLM baseline")
-    baseline = run_experiment(f"{dataset}-baseline-{seed}", work, common + ["align.method=none"], RECIPE)
-    scores["llm_baseline"] = baseline["results"]["test_accuracy"]
+    scores["llm_baseline"] = test_accuracy(args, work, f"{dataset}-baseline-{seed}", common + ["align.method=none"])
     print(f"== {dataset} seed {seed}: " + json.dumps(scores))
     return scores
 
 
 def main() -> None:
     args = parse_args()
+    args.lambdas = [float(v) for v in args.lambda0.split(",")]
+    names = methods(args.lambdas)
     work, started = Path(args.work), time.time()
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.jobs > 1:  # one thread per job: oversubscribed cores slow every job down
@@ -106,39 +126,39 @@ def main() -> None:
         done = list(pool.map(lambda job: seed_scores(args, work, *job), jobs))
     table: dict[str, dict[str, list[float]]] = {}
     for (dataset, _, _), scores in zip(jobs, done):  # in seed order, whatever finished first
-        for method in METHODS:
-            table.setdefault(dataset, {m: [] for m in METHODS})[method].append(scores[method])
+        for method in names:
+            table.setdefault(dataset, {m: [] for m in names})[method].append(scores[method])
 
     summary = {
         ds: {m: {"mean": statistics.mean(v), "std": statistics.pstdev(v), "runs": v} for m, v in scores.items()}
         for ds, scores in table.items()
     }
     write_json(RESULTS / "ts_uea.json", {"settings": vars(args), "wall_clock_s": time.time() - started, "test_accuracy": summary})
-    lines = ["| dataset | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+    lines = ["| dataset | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for ds, row in summary.items():
-        cells = [f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}" for m in METHODS]
+        cells = [f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}" for m in names]
         lines.append(f"| {ds} | " + " | ".join(cells) + " |")
     markdown = "\n".join(lines) + f"\n\nTest accuracy (%), mean ± std over seeds {seeds}.\n"
     (RESULTS / "ts_uea.md").write_text(markdown)
     print(markdown)
-    plot(summary, RESULTS / "ts_uea.png")
+    plot(summary, names, RESULTS / "ts_uea.png")
 
 
-def plot(summary: dict, path: Path) -> None:
+def plot(summary: dict, names: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.2
-    for i, method in enumerate(METHODS):
+    width = 0.8 / len(names)
+    for i, method in enumerate(names):
         means = [100 * summary[ds][method]["mean"] for ds in summary]
         stds = [100 * summary[ds][method]["std"] for ds in summary]
         ax.bar([x + i * width for x in range(len(summary))], means, width, yerr=stds, label=method, capsize=3)
-    ax.set_xticks([x + 1.5 * width for x in range(len(summary))], list(summary))
+    ax.set_xticks([x + (len(names) - 1) / 2 * width for x in range(len(summary))], list(summary))
     ax.set_ylabel("test accuracy (%)")
-    lowest = min(100 * summary[ds][m]["mean"] for ds in summary for m in METHODS)
+    lowest = min(100 * summary[ds][m]["mean"] for ds in summary for m in names)
     ax.set_ylim(max(0, lowest - 10), 100.5)  # zoomed: the methods differ by a few points
     ax.legend(loc="lower right")
     ax.set_title("UEA classification: LLM student with and without LET")
