@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,12 @@ from alignkit.tasks.ts_classify import teacher_cache_dir
 from alignkit.tasks.uea import UEADataConfig, load_uea
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = str(REPO / "configs" / "ts" / "japanese_vowels.yaml")
+def recipe(dataset: str) -> str:
+    """The dataset's own recipe, configs/ts/<snake_case>.yaml (JapaneseVowels -> japanese_vowels),
+    else the JapaneseVowels one with the dataset swapped in."""
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", dataset).replace("-", "_").lower()
+    path = REPO / "configs" / "ts" / f"{snake}.yaml"
+    return str(path if path.is_file() else REPO / "configs" / "ts" / "japanese_vowels.yaml")
 REFERENCES = ("minirocket", "timesnet", "llm_baseline")
 
 
@@ -73,12 +79,12 @@ def minirocket_accuracy(dataset: str, seed: int) -> float:
     return float((model.predict(to_numpy(splits.test)) == splits.test.y.numpy()).mean())
 
 
-def test_accuracy(args: argparse.Namespace, work: Path, name: str, overrides: list[str]) -> float:
+def test_accuracy(args: argparse.Namespace, work: Path, name: str, overrides: list[str], config: str) -> float:
     finished = work / name / "results.json"
     if args.reuse and finished.is_file():
         print(f"== reusing {finished}")
     else:
-        run_experiment(name, work, overrides, RECIPE)
+        run_experiment(name, work, overrides, config)
     return json.loads(finished.read_text())["test_accuracy"]
 
 
@@ -99,11 +105,12 @@ def seed_scores(args: argparse.Namespace, work: Path, dataset: str, seed: int, s
         let = common + ["align.method=let", f"align.lambda0={lam}",
                         f"align.stop_step={max(1, int(steps * args.stop_fraction))}"]
         print(f"== {dataset} seed {seed}: LLM + LET, lambda0 {lam:g} ({steps} steps; the first pre-trains the teacher)")
-        scores[f"llm_let@{lam:g}"] = test_accuracy(args, work, f"{dataset}-let{lam:g}-{seed}", let)
-    teacher_dir = teacher_cache_dir(load_experiment(RECIPE, let))
+        scores[f"llm_let@{lam:g}"] = test_accuracy(args, work, f"{dataset}-let{lam:g}-{seed}", let, recipe(dataset))
+    teacher_dir = teacher_cache_dir(load_experiment(recipe(dataset), let))
     scores["timesnet"] = json.loads((teacher_dir / "results.json").read_text())["test_accuracy"]
     print(f"== {dataset} seed {seed}: LLM baseline")
-    scores["llm_baseline"] = test_accuracy(args, work, f"{dataset}-baseline-{seed}", common + ["align.method=none"])
+    scores["llm_baseline"] = test_accuracy(args, work, f"{dataset}-baseline-{seed}", common + ["align.method=none"],
+                                           recipe(dataset))
     print(f"== {dataset} seed {seed}: " + json.dumps(scores))
     return scores
 

@@ -6,8 +6,8 @@ step to the backbone's input width; no positional term: the backbone adds its ow
 -- rotary in LLaMA/SmolLM2/Qwen2/Pythia, learned inside OPT/GPT-2 -- when fed ``inputs_embeds``)
 -> the decoder **blocks and final norm** of the backbone (its token-embedding matrix is replaced
 by a 1-row placeholder and the LM head is dropped) -> **pooling** of the final layer over real
-steps (``last``: the last real step, the only one a causal decoder lets see the whole series,
-as HF's sequence classifiers do; or ``mean``) -> dropout -> **linear head**. Loss: cross-entropy on ``labels``.
+steps (``mean``, or ``last``: the last real step, the only one a causal decoder lets see the
+whole series, as HF's sequence classifiers do) -> dropout -> **linear head**. Loss: cross-entropy on ``labels``.
 
 One token per time step, so the student's features ``[B, T, D]`` sit on the same time axis as
 TimesNet's ``[B, T, d_model]`` (layer convention of ``alignkit.core.adapter``; widths differ,
@@ -30,7 +30,8 @@ Options (``ModelConfig.options``):
 * ``align_layer``: the student layer LET aligns by default (exposed as ``.align_layer``);
   default a quarter of the blocks, rounded, at least 1 (the paper's 6 of 24);
 * ``keep_layers``: use only the first N decoder blocks (0 = all; GPT4TS-style truncation);
-* ``pooling``: ``last`` (default; on JapaneseVowels it cut test error by a third against ``mean``) | ``mean``;
+* ``pooling``: ``mean`` (default) | ``last`` (measured: on JapaneseVowels ``last`` cut test error
+  from 4.7 % to 2.3 %, on BasicMotions with a short budget it was worse, 85 % against 97.5 %);
 * ``head_dropout`` (0.1), ``num_classes``, ``num_channels`` (given by the task when missing),
   ``gradient_checkpointing``, and hf_causal's ``attn_implementation`` / ``gguf_packed``.
 """
@@ -75,7 +76,7 @@ class HFTimeSeriesClassifier(nn.Module, _Layered):
 
     def __init__(self, causal_lm: nn.Module, num_channels: int, num_classes: int,
                  freeze: str = "none", align_layer: int | None = None, head_dropout: float = 0.1,
-                 final_layer: str = "post_norm", keep_layers: int = 0, pooling: str = "last") -> None:
+                 final_layer: str = "post_norm", keep_layers: int = 0, pooling: str = "mean") -> None:
         super().__init__()
         if freeze not in FREEZE_MODES:
             raise ValueError(f"options.freeze={freeze!r} is not one of {FREEZE_MODES}")
@@ -182,7 +183,7 @@ def build_hf_ts_student(cfg: Any, device: str | torch.device = "cpu", num_classe
         num_classes=int(sizes["num_classes"]), freeze=str(options.get("freeze", "none")),
         align_layer=options.get("align_layer"), head_dropout=float(options.get("head_dropout", 0.1)),
         final_layer=cfg.final_layer, keep_layers=int(options.get("keep_layers", 0)),
-        pooling=str(options.get("pooling", "last")),
+        pooling=str(options.get("pooling", "mean")),
     )
     if options.get("gradient_checkpointing"):
         enable = getattr(model.backbone, "activation_checkpointing_enable", None)
