@@ -167,7 +167,7 @@ def plot(summary: dict, names: list[str], path: Path) -> None:
     ax.set_ylabel("test accuracy (%)")
     lowest = min(100 * summary[ds][m]["mean"] for ds in summary for m in names)
     ax.set_ylim(max(0, lowest - 10), 100.5)  # zoomed: the methods differ by a few points
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(names), fontsize=8)
     ax.set_title("UEA classification: LLM student with and without LET")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
