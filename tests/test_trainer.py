@@ -68,12 +68,14 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, ema_decay):
 
 def test_ema_weights_are_evaluated_and_exported(tmp_path):
     trainer, _ = make(tmp_path, steps=12, ema_decay=0.8)
+    initial = trainer.student.state_dict()["head.weight"].clone()
     seen = []
     evaluate = trainer.task.evaluate
     trainer.task.evaluate = lambda student, device: seen.append(student.state_dict()["head.weight"].clone()) or evaluate(student, device)
     trainer.fit()
     shadow = trainer.ema.shadow["head.weight"]
     assert trainer.ema.updates == 12 and torch.equal(seen[-1], shadow)  # the final eval saw the average
+    assert not torch.equal(shadow, initial)  # the average follows the training
     exported = load_file(str(tmp_path / "final" / "model.safetensors"))
     raw = load_file(str(tmp_path / "checkpoints" / "step_000012" / "state.safetensors"))
     assert torch.equal(exported["head.weight"], shadow)

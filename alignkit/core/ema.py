@@ -25,17 +25,17 @@ class WeightAverage:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"train.ema_decay={decay} must be in (0, 1) (0 turns averaging off)")
         self.decay, self.updates = decay, 0
-        self.shadow: dict[str, Tensor] = {
-            k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()
-        }
+        live = {k: v.detach() for k, v in module.state_dict().items() if v.is_floating_point()}
+        self.shadow: dict[str, Tensor] = {k: v.clone() for k, v in live.items()}
+        # state_dict tensors share storage with the module (loading copies in place), so the
+        # pairs are gathered once and each step is one fused lerp, not a walk over the module
+        self._live, self._averaged = list(live.values()), list(self.shadow.values())
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self) -> None:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         self.updates += 1
-        for key, value in module.state_dict().items():
-            if key in self.shadow:
-                self.shadow[key].lerp_(value.detach(), 1.0 - d)
+        torch._foreach_lerp_(self._averaged, self._live, 1.0 - d)
 
     @contextmanager
     def swapped_in(self, module: nn.Module) -> Iterator[None]:

@@ -253,7 +253,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.student)
+            self.ema.update()
         teacher_active = self.engine is not None and self.engine.active(step)
         if self.engine is not None:
             self.engine.after_step(step)
