@@ -1,6 +1,6 @@
 """Time-series LET benchmark (paper App. E / Table 2) on the UEA sets available here.
 
-  python benchmarks/ts_uea.py                                   # CPU defaults (~45 min, 2 cores)
+  python benchmarks/ts_uea.py --jobs 2                          # CPU defaults (~50 min on 2 cores)
   python benchmarks/ts_uea.py --datasets Heartbeat,PEMS-SF --student qwen2.5-0.5b-ts --keep-layers 0 --device cuda
 
 For each dataset and seed: test accuracy of aeon's MiniRocket (the classical reference, on the
@@ -33,13 +33,15 @@ from alignkit.tasks.ts_classify import teacher_cache_dir
 from alignkit.tasks.uea import UEADataConfig, load_uea
 
 REPO = Path(__file__).resolve().parents[1]
+REFERENCES = ("minirocket", "timesnet", "llm_baseline")
+
+
 def recipe(dataset: str) -> str:
     """The dataset's own recipe, configs/ts/<snake_case>.yaml (JapaneseVowels -> japanese_vowels),
     else the JapaneseVowels one with the dataset swapped in."""
     snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", dataset).replace("-", "_").lower()
     path = REPO / "configs" / "ts" / f"{snake}.yaml"
     return str(path if path.is_file() else REPO / "configs" / "ts" / "japanese_vowels.yaml")
-REFERENCES = ("minirocket", "timesnet", "llm_baseline")
 
 
 def methods(lambdas: list[float]) -> list[str]:
@@ -92,6 +94,7 @@ def seed_scores(args: argparse.Namespace, work: Path, dataset: str, seed: int, s
     """Every method's test accuracy for one dataset and seed (LET first: it pre-trains, or
     reuses, this seed's TimesNet teacher, whose own test accuracy is read from its cache)."""
     scores = {"minirocket": minirocket_accuracy(dataset, seed)}
+    config = recipe(dataset)
     common = [
         f"task.uea.datasets=[{dataset}]", f"student.preset={args.student}",
         f"student.options.keep_layers={args.keep_layers}", f"train.steps={steps}",
@@ -105,12 +108,11 @@ def seed_scores(args: argparse.Namespace, work: Path, dataset: str, seed: int, s
         let = common + ["align.method=let", f"align.lambda0={lam}",
                         f"align.stop_step={max(1, int(steps * args.stop_fraction))}"]
         print(f"== {dataset} seed {seed}: LLM + LET, lambda0 {lam:g} ({steps} steps; the first pre-trains the teacher)")
-        scores[f"llm_let@{lam:g}"] = test_accuracy(args, work, f"{dataset}-let{lam:g}-{seed}", let, recipe(dataset))
-    teacher_dir = teacher_cache_dir(load_experiment(recipe(dataset), let))
+        scores[f"llm_let@{lam:g}"] = test_accuracy(args, work, f"{dataset}-let{lam:g}-{seed}", let, config)
+    teacher_dir = teacher_cache_dir(load_experiment(config, let))
     scores["timesnet"] = json.loads((teacher_dir / "results.json").read_text())["test_accuracy"]
     print(f"== {dataset} seed {seed}: LLM baseline")
-    scores["llm_baseline"] = test_accuracy(args, work, f"{dataset}-baseline-{seed}", common + ["align.method=none"],
-                                           recipe(dataset))
+    scores["llm_baseline"] = test_accuracy(args, work, f"{dataset}-baseline-{seed}", common + ["align.method=none"], config)
     print(f"== {dataset} seed {seed}: " + json.dumps(scores))
     return scores
 
