@@ -10,7 +10,8 @@ alignkit, selected on validation), the LLM baseline (fine-tuned without alignmen
 the validation split carved from TRAIN, never the test split. ``--jobs 2`` runs two seeds at once
 (one thread each); ``--reuse`` keeps runs already finished in ``--work`` (an interrupted benchmark
 continues; it does not check that their settings match). Writes
-benchmarks/results/ts_uea.{json,md,png}.
+benchmarks/results/<--out>.{json,md,png} (default ts_uea), with the per-seed LET-minus-baseline
+differences.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs found in --work (results.json) instead of training them again")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel (one thread each)")
+    parser.add_argument("--out", default="ts_uea", help="results name: benchmarks/results/<out>.{json,md,png}")
     parser.add_argument("--override", action="append", default=[],
                         help="extra key=value for both LLM runs (task.teacher_pretrain.* reaches the teacher); repeatable")
     return parser.parse_args()
@@ -142,15 +144,32 @@ def main() -> None:
         ds: {m: {"mean": statistics.mean(v), "std": statistics.pstdev(v), "runs": v} for m, v in scores.items()}
         for ds, scores in table.items()
     }
-    write_json(RESULTS / "ts_uea.json", {"settings": vars(args), "wall_clock_s": time.time() - started, "test_accuracy": summary})
+    paired = {ds: paired_vs_baseline(scores, names) for ds, scores in table.items()}
+    write_json(RESULTS / f"{args.out}.json", {"settings": vars(args), "wall_clock_s": time.time() - started,
+                                               "test_accuracy": summary, "let_minus_baseline": paired})
     lines = ["| dataset | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for ds, row in summary.items():
         cells = [f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}" for m in names]
         lines.append(f"| {ds} | " + " | ".join(cells) + " |")
-    markdown = "\n".join(lines) + f"\n\nTest accuracy (%), mean ± std over seeds {seeds}.\n"
-    (RESULTS / "ts_uea.md").write_text(markdown)
+    lines += ["", f"Test accuracy (%), mean ± std over seeds {seeds}.", "",
+              "LET minus baseline, same seed (points; wins / ties / losses over seeds):", ""]
+    for ds, row in paired.items():
+        lines += [f"- {ds}, {m}: {100 * d['mean']:+.2f} ({d['wins']} / {d['ties']} / {d['losses']})" for m, d in row.items()]
+    markdown = "\n".join(lines) + "\n"
+    (RESULTS / f"{args.out}.md").write_text(markdown)
     print(markdown)
-    plot(summary, names, RESULTS / "ts_uea.png")
+    plot(summary, names, RESULTS / f"{args.out}.png")
+
+
+def paired_vs_baseline(scores: dict[str, list[float]], names: list[str]) -> dict[str, dict]:
+    """Per-seed LET minus baseline for each LET column: the two runs of a seed share the data order,
+    the initialisation and the teacher, so the paired difference is less noisy than the means'."""
+    out = {}
+    for method in (m for m in names if m.startswith("llm_let")):
+        diffs = [let - base for let, base in zip(scores[method], scores["llm_baseline"])]
+        out[method] = {"mean": statistics.mean(diffs), "diffs": diffs, "wins": sum(d > 0 for d in diffs),
+                       "ties": sum(d == 0 for d in diffs), "losses": sum(d < 0 for d in diffs)}
+    return out
 
 
 def plot(summary: dict, names: list[str], path: Path) -> None:
