@@ -1,6 +1,8 @@
 """Time-series LET benchmark (paper App. E / Table 2) on the UEA sets available here.
 
-  python benchmarks/ts_uea.py --jobs 2                          # CPU defaults (~50 min on 2 cores)
+  python benchmarks/ts_uea.py --jobs 2                          # CPU defaults (~40 min on 2 cores)
+  python benchmarks/ts_uea.py --datasets JapaneseVowels --seeds 0,1,2,3,4,5,6,7 --lambda0 1 --jobs 2 --out ts_uea_jv_8seeds
+  python benchmarks/ts_uea.py --datasets JapaneseVowels --lambda0 1 --override student.options.pooling=mean --out ts_uea_jv_meanpool
   python benchmarks/ts_uea.py --datasets Heartbeat,PEMS-SF --student qwen2.5-0.5b-ts --keep-layers 0 --device cuda
 
 For each dataset and seed: test accuracy of aeon's MiniRocket (the classical reference, on the
@@ -58,7 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=float, default=9.0, help="LLM fine-tuning budget in epochs of the train part")
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--lambda0", default="0.1,1.0", help="LET lambda0 values, one LLM + LET column each")
+    parser.add_argument("--lambda0", default="0.1,1,3", help="LET lambda0 values, one LLM + LET column each")
     parser.add_argument("--stop-fraction", type=float, default=0.5, help="stop_step as a fraction of the steps")
     parser.add_argument("--teacher-steps", type=int, default=600)
     parser.add_argument("--device", default="cpu")
