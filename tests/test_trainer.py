@@ -20,7 +20,7 @@ from toys import ToyStudent, ToyTask, ToyTeacher
 def make(tmp: Path, steps: int = 8, stop: int = 4, micro: int = 4, **train) -> tuple[Trainer, ToyTeacher]:
     student, teacher = ToyStudent(), ToyTeacher()
     engine = build_engine(AlignConfig(stop_step=stop, lambda0=0.5, early_layer=2), student, {"default": teacher})
-    cfg = TrainConfig(steps=steps, micro_batch_size=micro, lr=1e-2, eval_every=0, **train)
+    cfg = TrainConfig(steps=steps, micro_batch_size=micro, lr=1e-2, **{"eval_every": 0, **train})
     tmp.mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, student, engine, ToyTask(), tmp, torch.device("cpu"), progress=False), teacher
 
@@ -46,15 +46,16 @@ def test_loss_falls_and_teacher_is_released(tmp_path):
     assert (tmp_path / "checkpoints" / "step_000030" / "optimizer.pt").is_file()
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
-def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, ema_decay):
-    full, _ = make(tmp_path / "full", save_every=3, grad_accum=2, ema_decay=ema_decay)
+# "max" eval loss keeps the step-2 model: the selected weights differ from those at the resume point
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9}, {"eval_every": 2, "select_metric": "eval_loss", "select_mode": "max"}])
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, extra):
+    full, _ = make(tmp_path / "full", save_every=3, grad_accum=2, **extra)
     full.fit()
-    part, _ = make(tmp_path / "part", steps=8, save_every=3, grad_accum=2, ema_decay=ema_decay)
+    part, _ = make(tmp_path / "part", steps=8, save_every=3, grad_accum=2, **extra)
     part.cfg.steps = 5  # stop early (checkpoints at 3 and 5)...
     part.fit()
     (tmp_path / "part" / "checkpoints" / "step_000005").rename(tmp_path / "part" / "gone")  # ...keep step 3 only
-    resumed, teacher = make(tmp_path / "part", save_every=3, grad_accum=2, ema_decay=ema_decay)
+    resumed, teacher = make(tmp_path / "part", save_every=3, grad_accum=2, **extra)
     resumed.resume(tmp_path / "part" / "checkpoints" / "step_000003")
     resumed.fit()
     assert train_losses(tmp_path / "part") == train_losses(tmp_path / "full")

@@ -3,7 +3,8 @@ loaded with ``weights_only=True``), step/tokens/data position (JSON), per-rank R
 
 Layout: ``RUN_DIR/checkpoints/step_000100/{state.safetensors, optimizer.pt, trainer.json,
 rng_rank0.json, data_rank0.json, model/}``; ``model/`` is the task's export (Hugging Face format
-for text) that users open directly. A checkpoint is written to a temporary folder and renamed,
+for text) that users open directly. The trainer adds ``best.safetensors`` (the weights selected by
+``train.select_metric`` so far) and ``ema.safetensors`` when those are on. A checkpoint is written to a temporary folder and renamed,
 so an interruption never leaves a half-written one behind.
 """
 from __future__ import annotations

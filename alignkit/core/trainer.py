@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -27,6 +28,8 @@ from alignkit.core.distributed import DistInfo, all_reduce_mean, barrier
 from alignkit.core.ema import WeightAverage
 from alignkit.core.engine import AlignmentEngine
 from alignkit.core.schedules import warmup_cosine
+
+BEST_FILE = "best.safetensors"
 
 
 class Task(Protocol):
@@ -118,7 +121,7 @@ class Trainer:
         if state.get("best_value") is not None:
             tiebreak = state.get("best_tiebreak")
             key = (state["best_value"], math.inf if tiebreak is None else tiebreak)
-            self.best = (key, {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()})
+            self.best = (key, load_file(str(directory / BEST_FILE)))
         self.task.load_state_dict(data_state)
         if self.ema is not None:
             self.ema.load(directory)
@@ -143,6 +146,8 @@ class Trainer:
             trainer_state = {"step": self.step, "tokens": self.tokens, "best_value": best[0],
                              "best_tiebreak": None if best[1] in (None, math.inf) else best[1]}
             ckpt.save_main_state(staging, self.module, self.optimizer, trainer_state)
+            if self.best is not None:  # the selected weights, so a resumed run exports the same model
+                save_file({k: v.contiguous() for k, v in self.best[1].items()}, str(staging / BEST_FILE))
             self.task.export(self.student, staging / "model")
             if self.ema is not None:
                 self.ema.save(staging)
