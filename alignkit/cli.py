@@ -2,13 +2,15 @@
 
   alignkit train configs/quickstart.yaml                  # run a recipe
   alignkit train configs/quickstart.yaml train.steps=50   # override any key
-  alignkit train configs/quickstart.yaml --resume runs/quickstart-2026...  # exact resume
+  alignkit train --resume runs/quickstart-2026... [train.steps=2000]  # exact resume
   alignkit check configs/paper/llama-1.4b_smollm2-135m.yaml  # validate; build student on meta
   alignkit eval runs/quickstart-2026...                      # lm-eval, paper's nine tasks, 1-shot
 
-Downstream adapters/tasks register themselves when imported: list their modules in
-``$ALIGNKIT_PLUGINS`` (comma-separated) or pass ``--plugin module``. Errors in configs and
-data are printed as one line naming the key or file; set ALIGNKIT_DEBUG=1 for a traceback.
+Downstream adapters register themselves when imported: list their modules in
+``$ALIGNKIT_PLUGINS`` (comma-separated) or pass ``--plugin module``. Problems with configs,
+data, run folders and checkpoints are printed as one line naming the key or file (exit code 2);
+``--debug`` (or ALIGNKIT_DEBUG=1) shows the traceback. A run stopped by SIGINT/SIGTERM saves a
+checkpoint and exits with 130/143.
 """
 from __future__ import annotations
 
@@ -17,9 +19,12 @@ import importlib
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from omegaconf import OmegaConf
+
+from alignkit.core.errors import AlignkitError, ConfigError, Interrupted
 
 
 def _import_plugins(extra: Sequence[str]) -> None:
@@ -30,10 +35,16 @@ def _import_plugins(extra: Sequence[str]) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from alignkit.experiment import load_experiment
+    from alignkit.run_folder import resume_config
     from alignkit.train import run
 
-    cfg = load_experiment(args.config, args.overrides)
-    results = run(cfg, args.config, resume=args.resume, progress=not args.no_progress)
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not Path(config).is_file():  # `train --resume DIR key=value`
+        config, overrides = None, [config] + overrides
+    if config is None and not args.resume:
+        raise ConfigError("alignkit train needs a CONFIG (or --resume RUN_DIR)")
+    cfg = load_experiment(config, overrides) if config else resume_config(Path(args.resume), overrides)
+    results = run(cfg, config, resume=args.resume, progress=not args.no_progress)
     if results:
         print(json.dumps(results, indent=2, default=str))
     return 0
@@ -61,9 +72,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plugin", action="append", default=[], help="module to import (registers adapters)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a student (with LET or another method)")
-    train.add_argument("config", help="recipe YAML (see configs/)")
+    train.add_argument("config", nargs="?", help="recipe YAML (see configs/); optional with --resume")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -87,18 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value after an option (`CONFIG --resume DIR a=b`): argparse leaves them over
+        if not hasattr(args, "overrides") or not all("=" in item and not item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
+    debug = args.debug or bool(os.environ.get("ALIGNKIT_DEBUG"))
     try:
         _import_plugins(args.plugin)
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, KeyError) as err:
-        if os.environ.get("ALIGNKIT_DEBUG"):
+    except AlignkitError as err:  # a problem the user can fix; anything else is a bug: traceback
+        if debug:
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"alignkit: error: {message}", file=sys.stderr)
-        return 2
+        print(f"alignkit: {'stopped' if isinstance(err, Interrupted) else 'error'}: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
-        print("alignkit: interrupted", file=sys.stderr)
+        print("alignkit: stopped at once, nothing saved (the last checkpoint is kept)", file=sys.stderr)
         return 130
 
 

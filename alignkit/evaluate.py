@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from alignkit.core.errors import MissingFile, MissingPackage
+
 # paper Table 1 / OLMo's suite (App. K)
 PAPER_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "lambada_openai", "openbookqa", "piqa", "sciq",
                "winogrande", "boolq")
@@ -24,7 +26,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     for candidate in (path / "final", path / "model", path):
         if (candidate / "config.json").is_file():
             return candidate
-    raise FileNotFoundError(f"{path}: no Hugging Face model here (expected a run dir, a checkpoint or a folder with config.json)")
+    raise MissingFile(f"{path}: no Hugging Face model here (expected a run dir, a checkpoint or a folder with config.json)")
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -54,7 +56,7 @@ def evaluate(
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise ImportError("alignkit eval needs lm-evaluation-harness: pip install -e \".[eval]\"") from None
+        raise MissingPackage("alignkit eval needs lm-evaluation-harness: pip install -e \".[eval]\"") from None
     model_dir = resolve_model_dir(model)
     tasks = list(tasks or PAPER_TASKS)
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()

@@ -9,12 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignkit.core.config import AlignConfig, ConfigError, ModelConfig, TrainConfig, load_config, to_yaml
+from alignkit.core.config import (
+    AlignConfig, ConfigError, ModelConfig, TrainConfig, at_least, checked, load_config, one_of, problems, to_yaml,
+)
 from alignkit.core.engine import check_align_config
 from alignkit.tasks.text_data import TextDataConfig
 from alignkit.tasks.uea import UEADataConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# each task's eval metrics: what train.select_metric / select_tiebreak may name
+TASK_METRICS = {"text_pretrain": ("eval_loss", "eval_ppl"), "ts_classify": ("val_accuracy", "val_loss")}
 
 
 def _teacher_pretrain_default() -> TrainConfig:
@@ -24,8 +28,8 @@ def _teacher_pretrain_default() -> TrainConfig:
 @dataclass
 class TaskConfig:
     preset: str = ""
-    name: str = "text_pretrain"  # text_pretrain | ts_classify
-    seq_len: int = 256  # text: tokens per sequence
+    name: str = checked("text_pretrain", one_of(*TASK_METRICS))
+    seq_len: int = checked(256, at_least(2))  # text: tokens per sequence
     text: TextDataConfig = field(default_factory=TextDataConfig)
     uea: UEADataConfig = field(default_factory=lambda: UEADataConfig(datasets=["JapaneseVowels"]))
     # ts_classify: how the TimesNet teacher is pre-trained when teacher.name_or_path is empty
@@ -51,29 +55,33 @@ def preset_dirs() -> dict[str, list[Path]]:
             "task": [REPO_ROOT / "tasks", Path.cwd() / "tasks"]}
 
 
-TASK_NAMES = ("text_pretrain", "ts_classify")
+def _run_name_problem(name: str) -> str | None:
+    """Run names are single folder names inside output_dir (no ``..``, ``/`` or absolute paths)."""
+    if name and (name in (".", "..") or "/" in name or "\\" in name or Path(name).name != name):
+        return f"run_name={name!r}: must be a single folder name (no '/', '..' or absolute path)"
+    return None
 
 
 def validate(cfg: ExperimentConfig) -> None:
-    """Checks that need no model (layer ranges and widths are checked when models exist)."""
-    if cfg.task.name not in TASK_NAMES:
-        raise ConfigError(f"task.name={cfg.task.name!r} is unknown (choose from {', '.join(TASK_NAMES)})")
-    train = cfg.train
-    for key in ("steps", "micro_batch_size", "grad_accum"):
-        if getattr(train, key) < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
-    if train.precision not in ("float32", "bfloat16"):
-        raise ConfigError(f"train.precision={train.precision!r} must be float32 or bfloat16")
-    if train.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"train.device={train.device!r} must be auto, cpu or cuda")
-    if cfg.task.name == "text_pretrain" and cfg.task.seq_len < 2:
-        raise ConfigError(f"task.seq_len must be >= 2, got {cfg.task.seq_len}")
-    check_align_config(cfg.align, train.steps)
-    for role, model in [("student", cfg.student), ("teacher", cfg.teacher)] + [
-        (f"teachers.{n}", m) for n, m in cfg.teachers.items()
-    ]:
-        if model.final_layer not in ("post_norm", "pre_norm"):
-            raise ConfigError(f"{role}.final_layer={model.final_layer!r} must be post_norm or pre_norm")
+    """Every problem that needs no model, reported together (layer ranges and widths are
+    checked when the models exist)."""
+    found = problems(cfg)
+    found += [why for why in [_run_name_problem(cfg.run_name)] if why]
+    selections = [("train", cfg.train, cfg.task.name)]
+    if cfg.task.name == "ts_classify":
+        selections.append(("task.teacher_pretrain", cfg.task.teacher_pretrain, "ts_classify"))
+    for section, train, task in selections:
+        names = TASK_METRICS.get(task, ())
+        for key in ("select_metric", "select_tiebreak"):
+            value = getattr(train, key)
+            if value and names and value not in names:
+                found.append(f"{section}.{key}={value!r}: not an eval metric of {task} ({', '.join(names)})")
+    try:
+        check_align_config(cfg.align, cfg.train.steps)
+    except ConfigError as err:
+        found.append(str(err))
+    if found:
+        raise ConfigError(found[0] if len(found) == 1 else f"{len(found)} config problems:\n  " + "\n  ".join(found))
 
 
 def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -1,13 +1,19 @@
 """Entry point of a training run: config -> student -> teacher -> data -> engine -> trainer.
 
-Run:  alignkit train CONFIG [key=value ...] [--resume RUN_DIR]
+Run:  alignkit train CONFIG [key=value ...]
+      alignkit train [CONFIG] --resume RUN_DIR [key=value ...]   # exact resume (see run_folder)
       torchrun --nproc_per_node N -m alignkit train CONFIG ...
+
+The run folder is locked for the whole run (a second run into it is refused). SIGINT/SIGTERM
+end the run at a step boundary with a checkpoint (exit code 128 + signal).
 """
 from __future__ import annotations
 
 import json
 import random
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +21,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from alignkit.core.checkpoint import latest_checkpoint
-from alignkit.core.distributed import DistInfo, cleanup, init_distributed, resolve_device
+from alignkit.core.distributed import DistInfo, any_rank, cleanup, init_distributed, resolve_device
 from alignkit.core.engine import build_engine
+from alignkit.core.errors import AlignkitError, Interrupted, RunDirError
+from alignkit.core.folder_lock import FolderLock
 from alignkit.core.trainer import Trainer
-from alignkit.experiment import ExperimentConfig, save_resolved
+from alignkit.experiment import ExperimentConfig
+from alignkit.run_folder import is_finished, open_new, open_resumed
 from alignkit.tasks import build_task
 
 
@@ -29,54 +37,84 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_run_dir(cfg: ExperimentConfig, config_path: str | None, resume: str | None, info: DistInfo) -> Path:
+def run_dir_for(cfg: ExperimentConfig, config_path: str | None, resume: str | None, info: DistInfo) -> Path:
     if resume:
-        run_dir = Path(resume)
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"--resume {resume}: no such run directory")
-        return run_dir
+        if not Path(resume).is_dir():
+            raise RunDirError(f"--resume {resume}: no such run directory")
+        return Path(resume)
     name = cfg.run_name or f"{Path(config_path).stem if config_path else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     if info.world_size > 1:  # every rank must agree on the folder
         holder = [name]
         dist.broadcast_object_list(holder, src=0)
         name = holder[0]
-    run_dir = Path(cfg.output_dir) / name
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if (run_dir / "metrics.jsonl").exists():
-            raise FileExistsError(f"{run_dir} already holds a run: pass --resume {run_dir} or choose another run_name")
-    return run_dir
+    return Path(cfg.output_dir) / name
+
+
+def _warn_remote_code(cfg: ExperimentConfig) -> None:
+    models = {"student": cfg.student, "teacher": cfg.teacher, **{f"teachers.{n}": m for n, m in cfg.teachers.items()}}
+    for role, model in models.items():
+        if model.trust_remote_code:
+            warnings.warn(f"{role}.trust_remote_code=true: Python code shipped with {model.name_or_path or 'the model'} "
+                          "will run in this process", stacklevel=2)
 
 
 def run(cfg: ExperimentConfig, config_path: str | None = None, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
     info = init_distributed(cfg.train.device)
     try:
         device = resolve_device(cfg.train.device, info)
-        run_dir = prepare_run_dir(cfg, config_path, resume, info)
-        if info.is_main:
-            save_resolved(cfg, run_dir)
-        seed_everything(cfg.train.seed)  # same on every rank: randomly built models must agree
-        checkpoint = latest_checkpoint(run_dir) if resume else None
-        if resume and checkpoint is None:
-            raise FileNotFoundError(f"--resume {resume}: no checkpoint in {run_dir / 'checkpoints'}")
-
-        task = build_task(cfg, info, device)
-        student = task.build_student()
-        teachers = task.build_teachers() if cfg.align.method != "none" else {}
-        task.build_data()
-        engine = build_engine(cfg.align, student, teachers)
-        seed_everything(cfg.train.seed + info.rank)  # per-rank streams (dropout) from here on
-        trainer = Trainer(cfg.train, student, engine, task, run_dir, device, info, progress=progress)
-        if checkpoint is not None:
-            trainer.resume(checkpoint)
-        results = trainer.fit()
-        if info.is_main:
-            results.update(task.report(trainer.student, run_dir))
-            results["run_dir"] = str(run_dir)
-            (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-        return results
+        run_dir = run_dir_for(cfg, config_path, resume, info)
+        if resume and is_finished(run_dir, cfg):
+            print(f"{run_dir} is finished (results.json); nothing to do. To train longer: "
+                  f"alignkit train --resume {run_dir} train.steps=N", file=sys.stderr)
+            return json.loads((run_dir / "results.json").read_text())
+        lock = FolderLock(run_dir)
+        failure: AlignkitError | None = None
+        if info.is_main:  # one rank claims the folder; all ranks stop if it was refused
+            try:
+                lock.acquire()
+                _open_folder(cfg, run_dir, bool(resume))
+            except AlignkitError as err:
+                failure = err
+        if any_rank(failure is not None, info):
+            lock.release()
+            raise failure or RunDirError(f"{run_dir} was refused on rank 0 (its message says why)")
+        try:
+            return _train(cfg, run_dir, bool(resume), info, device, progress)
+        finally:
+            lock.release()
     finally:
         cleanup()
 
 
+def _open_folder(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
+    if not resume:
+        open_new(cfg, run_dir)
+        return
+    if not open_resumed(cfg, run_dir):
+        print(f"{run_dir} has no checkpoint yet: starting the run over", file=sys.stderr)
 
+
+def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, info: DistInfo, device: torch.device,
+           progress: bool) -> dict[str, Any]:
+    _warn_remote_code(cfg)
+    seed_everything(cfg.train.seed)  # same on every rank: randomly built models must agree
+
+    task = build_task(cfg, info, device)
+    student = task.build_student()
+    try:
+        teachers = task.build_teachers() if cfg.align.method != "none" else {}
+    except Interrupted as err:  # a teacher pre-training stage was stopped: it resumes with this run
+        raise Interrupted(f"teacher pre-training {err}; continue with: alignkit train --resume {run_dir}",
+                          err.exit_code - 128) from None
+    task.build_data()
+    engine = build_engine(cfg.align, student, teachers)
+    seed_everything(cfg.train.seed + info.rank)  # per-rank streams (dropout) from here on
+    trainer = Trainer(cfg.train, student, engine, task, run_dir, device, info, progress=progress)
+    if resume:
+        trainer.resume_latest()
+    results = trainer.fit()
+    if info.is_main:
+        results.update(task.report(trainer.student, run_dir))
+        results["run_dir"] = str(run_dir)
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return results

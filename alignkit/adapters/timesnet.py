@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignkit.core.errors import ConfigError, DataError, MissingFile
 from alignkit.adapters.hf_causal import resolve_path
 from alignkit.core.adapter import Batch, StudentOutput, resolve_layer
 from alignkit.core.registry import register_adapter
@@ -166,7 +167,7 @@ class TimesNetClassifier(nn.Module):
                  datasets: Sequence[str] | None = None) -> None:
         super().__init__()
         if num_channels < 1 or num_classes < 1 or e_layers < 1:
-            raise ValueError(f"TimesNet needs num_channels, num_classes, e_layers >= 1 "
+            raise ConfigError(f"TimesNet needs num_channels, num_classes, e_layers >= 1 "
                              f"(got {num_channels}, {num_classes}, {e_layers})")
         self.options: dict[str, Any] = {
             "num_channels": int(num_channels), "num_classes": int(num_classes), "d_model": int(d_model),
@@ -191,10 +192,10 @@ class TimesNetClassifier(nn.Module):
         known = {"num_channels", "num_classes", "seq_len", "class_names", "datasets", *DEFAULTS}
         unknown = set(options) - known
         if unknown:
-            raise ValueError(f"unknown TimesNet options {sorted(unknown)} (known: {sorted(known)})")
+            raise ConfigError(f"unknown TimesNet options {sorted(unknown)} (known: {sorted(known)})")
         missing = {"num_channels", "num_classes"} - {k for k, v in options.items() if v}
         if missing:
-            raise ValueError(f"TimesNet needs options {sorted(missing)} (the task passes them from the data)")
+            raise ConfigError(f"TimesNet needs options {sorted(missing)} (the task passes them from the data)")
         return cls(**{**DEFAULTS, **options})
 
     def width(self, layer: int) -> int:
@@ -210,7 +211,7 @@ class TimesNetClassifier(nn.Module):
         if x.shape[-1] < self.num_channels:  # datasets with fewer channels: zero channels (as in pretraining)
             x = F.pad(x, (0, self.num_channels - x.shape[-1]))
         elif x.shape[-1] > self.num_channels:
-            raise ValueError(f"batch has {x.shape[-1]} channels, this TimesNet takes {self.num_channels}")
+            raise DataError(f"batch has {x.shape[-1]} channels, this TimesNet takes {self.num_channels}")
         return x, _masks(batch, x)
 
     def encode(self, x: Tensor, mask: Tensor) -> Tensor:
@@ -327,7 +328,7 @@ def load_timesnet(directory: str | os.PathLike, device: str | torch.device = "cp
     folder = Path(directory)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(
+        raise MissingFile(
             f"{folder} is not a saved TimesNet (needs {CONFIG_NAME} and {WEIGHTS_NAME}; "
             "write one with alignkit.adapters.timesnet.save_timesnet, e.g. by pretraining the teacher)"
         )
@@ -353,7 +354,7 @@ def build_timesnet_student(cfg: Any, device: str | torch.device = "cpu", **conte
         if value is None:
             continue
         if key in ("num_classes", "num_channels") and options.get(key) not in (None, 0, value):
-            raise ValueError(f"timesnet options.{key}={options[key]} but the data has {value}")
+            raise ConfigError(f"timesnet options.{key}={options[key]} but the data has {value}")
         options[key] = value
     return TimesNetClassifier.from_options(options).to(device)
 
@@ -361,7 +362,7 @@ def build_timesnet_student(cfg: Any, device: str | torch.device = "cpu", **conte
 def build_timesnet_teacher(cfg: Any, device: str | torch.device = "cpu", **_: Any) -> TimesNetTeacher:
     """A frozen TimesNet from ``cfg.name_or_path`` (a directory written by :func:`save_timesnet`)."""
     if not cfg.name_or_path:
-        raise ValueError("teacher kind=timesnet needs name_or_path: a directory saved by save_timesnet "
+        raise ConfigError("teacher kind=timesnet needs name_or_path: a directory saved by save_timesnet "
                          "(pretrain one with the ts_classify task and a timesnet student)")
     return TimesNetTeacher(load_timesnet(resolve_path(cfg.name_or_path), device))
 

@@ -20,6 +20,8 @@ from typing import Mapping, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from alignkit.core.errors import ConfigError
+
 Batch = Mapping[str, Tensor]
 
 
@@ -68,7 +70,7 @@ def resolve_layer(index: int, num_layers: int, name: str = "layer") -> int:
     else:
         resolved = index
     if not 0 <= resolved <= num_layers:
-        raise ValueError(
+        raise ConfigError(
             f"{name}={index} is out of range for a model with {num_layers} layers "
             f"(valid: 0..{num_layers}, or -1 for the final normed layer)"
         )

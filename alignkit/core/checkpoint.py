@@ -5,13 +5,18 @@ Layout: ``RUN_DIR/checkpoints/step_000100/{state.safetensors, optimizer.pt, trai
 rng_rank0.json, data_rank0.json, model/}``; ``model/`` is the task's export (Hugging Face format
 for text) that users open directly. The trainer adds ``best.safetensors`` (the weights selected by
 ``train.select_metric`` so far) and ``ema.safetensors`` when those are on. A checkpoint is written to a temporary folder and renamed,
-so an interruption never leaves a half-written one behind.
+so an interruption never leaves a half-written one behind. Checkpoints are ordered by their
+parsed step (``step_1000000`` after ``step_999000``); a newest checkpoint that cannot be read is
+skipped with a warning in favour of the one before it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import random
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
+
+from alignkit.core.errors import CheckpointError
+
+_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 def rng_snapshot() -> tuple[Any, ...]:
@@ -52,14 +61,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+def checkpoint_step(path: Path) -> int | None:
+    match = _STEP_DIR.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first, by step number (not by name)."""
     root = run_dir / "checkpoints"
-    return sorted(p for p in root.glob("step_*") if (p / "trainer.json").is_file()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if checkpoint_step(p) is not None and (p / "trainer.json").is_file()]
+    return sorted(found, key=checkpoint_step)  # type: ignore[arg-type,return-value]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = checkpoint_dirs(run_dir)
     return found[-1] if found else None
+
+
+def remove_staging(run_dir: Path) -> list[Path]:
+    """Delete half-written ``.tmp_step_*`` folders left by a killed save; returns them."""
+    root = run_dir / "checkpoints"
+    leftovers = sorted(root.glob(".tmp_step_*")) if root.is_dir() else []
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
 
 
 def staging_dir(run_dir: Path, step: int) -> Path:
@@ -68,6 +95,30 @@ def staging_dir(run_dir: Path, step: int) -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return path
+
+
+def first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def write_error(err: BaseException, directory: Path) -> CheckpointError:
+    """A one-line reason for a failed checkpoint write (torch reports a full disk as
+    ``unexpected pos``, safetensors as an I/O error, so the disk is asked directly)."""
+    full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+    try:
+        full = full or shutil.disk_usage(directory.parent if not directory.exists() else directory).free < 2**20
+    except OSError:
+        pass
+    if full:
+        reason = "no space left on device"
+    elif isinstance(err, PermissionError) or (isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES)):
+        reason = "the folder is not writable"
+    else:
+        reason = first_line(err)
+    return CheckpointError(
+        f"cannot write checkpoint {directory}: {reason}; earlier checkpoints are kept "
+        "(free space or fix permissions, then resume)"
+    )
 
 
 def save_rank_state(directory: Path, rank: int, data_state: dict[str, Any], rng: tuple[Any, ...]) -> None:
@@ -84,7 +135,7 @@ def save_main_state(directory: Path, module: nn.Module, optimizer: torch.optim.O
 def publish(staging: Path, run_dir: Path, step: int, keep: int) -> Path:
     """Atomically move a finished staging folder into place; keep the newest ``keep``."""
     final = run_dir / "checkpoints" / f"step_{step:06d}"
-    if final.exists():
+    if final.exists():  # the same step saved again (e.g. an interrupt right after a save)
         shutil.rmtree(final)
     staging.rename(final)
     for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
@@ -92,16 +143,48 @@ def publish(staging: Path, run_dir: Path, step: int, keep: int) -> Path:
     return final
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is corrupt ({err})") from None
+
+
 def load_checkpoint(
     directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int, device: torch.device
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore module, optimizer and this rank's RNG; return (trainer state, data state)."""
-    load_model(module, str(directory / "state.safetensors"), device=str(device))
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
+    """Restore module, optimizer and this rank's RNG; return (trainer state, data state).
+    Any unreadable part raises :class:`CheckpointError` naming the file."""
     rng_file = directory / f"rng_rank{rank}.json"
-    data_file = directory / f"data_rank{rank}.json"
     if not rng_file.is_file():
-        raise FileNotFoundError(f"{rng_file} missing: resume with the same number of processes as the run")
-    set_rng_state(json.loads(rng_file.read_text()))
-    trainer = json.loads((directory / "trainer.json").read_text())
-    return trainer, json.loads(data_file.read_text())
+        raise CheckpointError(f"{rng_file} missing: resume with the same number of processes as the run")
+    trainer = _read_json(directory / "trainer.json")
+    data_state, rng = _read_json(directory / f"data_rank{rank}.json"), _read_json(rng_file)
+    state_file, optimizer_file = directory / "state.safetensors", directory / "optimizer.pt"
+    try:
+        load_model(module, str(state_file), device=str(device))
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{state_file} is unreadable ({first_line(err)})") from None
+    try:
+        optimizer.load_state_dict(torch.load(optimizer_file, map_location=device, weights_only=True))
+    except Exception as err:
+        raise CheckpointError(f"{optimizer_file} is unreadable ({first_line(err)})") from None
+    try:
+        set_rng_state(rng)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{rng_file} is corrupt ({err})") from None
+    return trainer, data_state
+
+
+def load_latest(
+    run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int, device: torch.device
+) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+    """Load the newest readable checkpoint (falling back to older ones with a warning)."""
+    for directory in reversed(checkpoint_dirs(run_dir)):
+        try:
+            return directory, *load_checkpoint(directory, module, optimizer, rank, device)
+        except CheckpointError as err:
+            warnings.warn(f"skipping checkpoint {directory.name}: {err}; trying the one before it", stacklevel=2)
+    return None

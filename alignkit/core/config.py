@@ -3,22 +3,81 @@
 YAML (omegaconf) only sets values: every key must exist in a dataclass below (or in the
 experiment schema that composes them), or loading fails naming the key. Precedence, lowest
 first: preset YAML (``preset: name`` inside a section) < the recipe file < ``a.b=c`` overrides.
+Overrides may index lists (``train.betas.0=0.8``, ``align.pairs.0.teacher_layer=1``).
+
+Every field carries its own range or choice check (``checked(default, rule)``); :func:`problems`
+walks a loaded config and returns every violation at once, NaN and infinities included.
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, TypeVar
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from alignkit.core.errors import ConfigError
+
 T = TypeVar("T")
+Rule = Callable[[Any], Optional[str]]  # value -> None if fine, else what is wrong
 
 
-class ConfigError(ValueError):
-    """A config problem; the message names the key (or file) to fix."""
+def checked(default: Any = None, rule: Rule | None = None, factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field with a validation rule (see :func:`problems`)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule})
+
+
+def at_least(low: float) -> Rule:
+    return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def above(low: float) -> Rule:
+    return lambda v: None if v > low else f"must be > {low}"
+
+
+def between(low: float, high: float, high_open: bool = False) -> Rule:
+    bracket = ")" if high_open else "]"
+    return lambda v: None if low <= v and (v < high if high_open else v <= high) else f"must be in [{low}, {high}{bracket}"
+
+
+def one_of(*choices: Any) -> Rule:
+    return lambda v: None if v in choices else f"must be one of {', '.join(map(str, choices))}"
+
+
+def each(rule: Rule) -> Rule:
+    return lambda values: next((f"item {i} {m}" for i, v in enumerate(values) if (m := rule(v))), None)
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    return isinstance(value, (list, tuple)) and any(_non_finite(v) for v in value)
+
+
+def problems(obj: Any, prefix: str = "") -> list[str]:
+    """Every field of the dataclass ``obj`` (recursively) that breaks its rule, as ``key=value: why``."""
+    found: list[str] = []
+    for spec in fields(obj):
+        key, value = f"{prefix}{spec.name}", getattr(obj, spec.name)
+        rule = spec.metadata.get("rule")
+        if _non_finite(value):
+            found.append(f"{key}={value}: must be a finite number")
+        elif rule is not None and value is not None and (why := rule(value)):
+            found.append(f"{key}={value!r}: {why}")
+        if is_dataclass(value):
+            found += problems(value, f"{key}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                found += problems(item, f"{key}.{i}.") if is_dataclass(item) else []
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                found += problems(item, f"{key}.{name}.") if is_dataclass(item) else []
+    return found
 
 
 @dataclass
@@ -28,13 +87,13 @@ class ModelConfig:
 
     preset: str = ""
     kind: str = "hf_causal"  # registry key: hf_causal | timesnet | hf_ts_classifier | (yours)
-    source: str = "config"  # config (random init from `arch`) | pretrained (hub id or dir) | gguf | checkpoint
+    source: str = checked("config", one_of("config", "pretrained", "gguf", "checkpoint"))  # config (random init from `arch`) | pretrained (hub id or dir) | gguf | checkpoint
     name_or_path: str = ""  # hub id, local dir, "pkg:<python package>" (dir of an installed package), or run dir
     gguf_file: str = ""  # GGUF file name inside name_or_path (source=gguf)
     arch: dict[str, Any] = field(default_factory=dict)  # HF config fields (model_type, hidden_size, ...) for source=config
     tokenizer: str = ""  # where the tokenizer comes from; "" = same as the model
-    final_layer: str = "post_norm"  # what layer -1 means: post_norm (HF hidden_states[-1]) | pre_norm
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (teacher weights)
+    final_layer: str = checked("post_norm", one_of("post_norm", "pre_norm"))  # what layer -1 means: post_norm (HF hidden_states[-1]) | pre_norm
+    dtype: str = checked("float32", one_of("float32", "bfloat16", "float16"))  # teacher weights
     trust_remote_code: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # adapter-specific settings
 
@@ -43,51 +102,51 @@ class ModelConfig:
 class PairConfig:
     teacher_layer: int = -1
     student_layer: int = 3
-    weight: float = 1.0
+    weight: float = checked(1.0, at_least(0))
     teacher: str = "default"
 
 
 @dataclass
 class AlignConfig:
-    method: str = "let"  # none | let | rkd | salt
-    strategy: str = "L2E"  # L2E | L2M | L2L | M2E | M2M | M2L (ignored when `pairs` is given)
+    method: str = checked("let", one_of("none", "let", "rkd", "salt"))
+    strategy: str = checked("L2E", one_of("L2E", "L2M", "L2L", "M2E", "M2M", "M2L"))  # ignored when `pairs` is given
     # the student's "early" layer for E strategies; None = the student adapter's default
     # (`align_layer` attribute: 3 for causal LMs as in the paper, a quarter of the depth for
     # time-series students as in App. E)
     early_layer: Optional[int] = None
     pairs: list[PairConfig] = field(default_factory=list)
-    objective: str = "cosine"  # cosine | logsum | cca | mse
-    logsum_alpha: float = 4.0
-    projection: str = "interpolate"  # interpolate | linear | none
-    lambda0: float = 0.1
-    schedule: str = "linear_decay"  # linear_decay | constant | cosine | step
-    stop_step: int = 1500
-    kd_weight: float = 1.0  # rkd / salt: weight of the logit-KD term
-    kd_temperature: float = 1.0
-    n_kd: int = -1  # salt: KD for the first n_kd steps; -1 = stop_step
+    objective: str = checked("cosine", one_of("cosine", "logsum", "cca", "mse"))
+    logsum_alpha: float = checked(4.0, above(0))
+    projection: str = checked("interpolate", one_of("interpolate", "linear", "none"))
+    lambda0: float = checked(0.1, above(0))
+    schedule: str = checked("linear_decay", one_of("linear_decay", "constant", "cosine", "step"))
+    stop_step: int = checked(200, at_least(1))  # a fifth of the default run, as the paper's 1500 of 7630
+    kd_weight: float = checked(1.0, at_least(0))  # rkd / salt: weight of the logit-KD term
+    kd_temperature: float = checked(1.0, above(0))
+    n_kd: int = checked(-1, at_least(-1))  # salt: KD for the first n_kd steps; -1 = stop_step
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 4e-4
-    warmup_ratio: float = 0.1
-    min_lr_ratio: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    clip_grad: float = 1.0
-    precision: str = "float32"  # float32 | bfloat16 (autocast; weights stay fp32)
-    device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
-    log_every: int = 1
-    eval_every: int = 100  # 0 = only at the end
-    save_every: int = 0  # 0 = only at the end (and on interruption)
-    keep_checkpoints: int = 2
+    steps: int = checked(1000, at_least(1))
+    micro_batch_size: int = checked(8, at_least(1))
+    grad_accum: int = checked(1, at_least(1))
+    lr: float = checked(4e-4, above(0))
+    warmup_ratio: float = checked(0.1, between(0, 1))
+    min_lr_ratio: float = checked(0.1, between(0, 1))
+    betas: tuple[float, float] = checked((0.9, 0.999), each(between(0, 1, high_open=True)))
+    weight_decay: float = checked(0.01, at_least(0))
+    clip_grad: float = checked(1.0, at_least(0))  # 0 = no clipping
+    precision: str = checked("float32", one_of("float32", "bfloat16"))  # autocast; weights stay fp32
+    device: str = checked("auto", one_of("auto", "cpu", "cuda"))
+    seed: int = checked(0, at_least(0))
+    log_every: int = checked(1, at_least(1))
+    eval_every: int = checked(100, at_least(0))  # 0 = only at the end
+    save_every: int = checked(0, at_least(0))  # 0 = only at the end (and on interruption)
+    keep_checkpoints: int = checked(2, at_least(0))  # 0 = keep all
     select_metric: str = ""  # e.g. "val_accuracy": keep and export the best model by it
-    select_mode: str = "max"
-    ema_decay: float = 0.0  # > 0: evaluate, select and export an EMA of the weights
+    select_mode: str = checked("max", one_of("max", "min"))
+    ema_decay: float = checked(0.0, between(0, 1, high_open=True))  # > 0: evaluate, select and export an EMA of the weights
     select_tiebreak: str = ""  # e.g. "val_loss": lower wins among evals equal on select_metric
 
 
@@ -105,7 +164,8 @@ def _read_yaml(path: Path, key: str) -> DictConfig:
 
 def find_preset(name: str, directories: list[Path], key: str, relative_to: Path | None = None) -> Path:
     """A preset is a YAML path (absolute, or relative to the recipe / cwd) or a file stem in
-    one of ``directories`` (plus ``$ALIGNKIT_PRESET_PATH``)."""
+    one of ``directories``, then in ``$ALIGNKIT_PRESET_PATH`` (searched after the shipped
+    presets, so it adds presets but cannot silently replace one)."""
     candidate = Path(name)
     if candidate.suffix in (".yaml", ".yml"):
         for base in ([relative_to] if relative_to else []) + [Path.cwd()]:
@@ -114,7 +174,7 @@ def find_preset(name: str, directories: list[Path], key: str, relative_to: Path 
         if candidate.is_file():
             return candidate
     extra = [Path(p) for p in os.environ.get("ALIGNKIT_PRESET_PATH", "").split(os.pathsep) if p]
-    searched = extra + directories
+    searched = directories + extra
     for directory in searched:
         for suffix in (".yaml", ".yml"):
             if (directory / f"{name}{suffix}").is_file():
@@ -140,6 +200,34 @@ def _resolve_presets(node: Any, preset_dirs: Mapping[str, list[Path]], path: str
     return node
 
 
+def _is_indexed(key: str) -> bool:
+    return any(part.isdigit() for part in key.split("."))
+
+
+def _set_indexed(cfg: DictConfig, key: str, value: Any, item: str) -> None:
+    """``a.b.2=v`` on a list or tuple field (tuples are immutable in omegaconf: the whole
+    sequence is replaced), ``a.0.b=v`` on a list of sections."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            prefix = ".".join(parts[:i])
+            sequence = OmegaConf.select(cfg, prefix)
+            if not isinstance(sequence, Sequence) or isinstance(sequence, str):
+                raise ConfigError(f"override {item!r}: {prefix} is not a list")
+            if int(part) >= len(sequence):
+                raise ConfigError(f"override {item!r}: {prefix} has {len(sequence)} item(s); set the whole list instead")
+    parent, _, last = key.rpartition(".")
+    try:
+        if last.isdigit():
+            values = list(OmegaConf.to_container(OmegaConf.select(cfg, parent)))
+            values[int(last)] = value
+            OmegaConf.update(cfg, parent, values, merge=False)
+        else:
+            OmegaConf.update(cfg, key, value, merge=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"override {item!r}: {str(err).splitlines()[0]}") from None
+
+
 def load_config(
     schema: type[T],
     path: str | Path | None,
@@ -148,19 +236,26 @@ def load_config(
 ) -> T:
     """Load ``path`` (YAML) + ``overrides`` (``a.b=c``) into an instance of ``schema``.
 
-    ``preset_dirs`` maps a section name (e.g. ``student``) to the folders its presets live in."""
+    ``preset_dirs`` maps a section name (e.g. ``student``) to the folders its presets live in.
+    Overrides with a list index (``a.0.b=c``) apply after the merge, when the list exists."""
     raw = _read_yaml(Path(path), "config") if path else OmegaConf.create({})
-    for item in overrides or []:
+    overrides = list(overrides or [])
+    for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=10)")
+    indexed = [item for item in overrides if _is_indexed(item.split("=", 1)[0])]
     try:
-        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides or [])))
+        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist([o for o in overrides if o not in indexed]))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"bad override: {err}") from None
+        raise ConfigError(f"bad override: {str(err).splitlines()[0]}") from None
     recipe_dir = Path(path).resolve().parent if path else None
     raw = _resolve_presets(raw, preset_dirs or {}, "", recipe_dir)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        for item in indexed:
+            key = item.split("=", 1)[0]
+            value = OmegaConf.from_dotlist([f"value={item.split('=', 1)[1]}"]).value
+            _set_indexed(merged, key, value, item)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except (ConfigKeyError, ConfigAttributeError) as err:
         key = getattr(err, "full_key", None) or str(err).split("\n")[0]

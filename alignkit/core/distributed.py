@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from alignkit.core.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -26,6 +28,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
         return DistInfo()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available (use train.device=auto or cpu)")
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local_rank)
@@ -37,6 +41,8 @@ def resolve_device(device: str, info: DistInfo) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is available (use train.device=auto or cpu)")
         return torch.device("cuda", info.local_rank)
     return torch.device(device)
 
@@ -57,3 +63,18 @@ def barrier(info: DistInfo) -> None:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+_CONTROL_GROUP: list = []  # a gloo group for host-side flags when training runs on nccl
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if ``flag`` is true on any rank (stop requests must be agreed on,
+    or one rank would wait forever in a collective the others never reach)."""
+    if info.world_size <= 1:
+        return flag
+    if not _CONTROL_GROUP:
+        _CONTROL_GROUP.append(dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None)
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP[0])
+    return bool(value.item())

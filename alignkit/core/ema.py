@@ -14,6 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from alignkit.core.errors import CheckpointError, ConfigError
+
 FILE = "ema.safetensors"
 
 
@@ -23,7 +25,7 @@ class WeightAverage:
 
     def __init__(self, module: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"train.ema_decay={decay} must be in (0, 1) (0 turns averaging off)")
+            raise ConfigError(f"train.ema_decay={decay} must be in (0, 1) (0 turns averaging off)")
         self.decay, self.updates = decay, 0
         live = {k: v.detach() for k, v in module.state_dict().items() if v.is_floating_point()}
         self.shadow: dict[str, Tensor] = {k: v.clone() for k, v in live.items()}
@@ -55,7 +57,7 @@ class WeightAverage:
     def load(self, directory: Path) -> None:
         path = directory / FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} missing: the checkpoint was written without train.ema_decay")
+            raise CheckpointError(f"{path} missing: the checkpoint was written without train.ema_decay")
         loaded = load_file(str(path))
         for key, value in self.shadow.items():
             value.copy_(loaded[key])

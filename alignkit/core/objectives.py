@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alignkit.core.errors import ConfigError
+
 Objective = Callable[..., Tensor]
 
 
@@ -106,5 +108,5 @@ FEATURE_OBJECTIVES: dict[str, Objective] = {"cosine": cosine, "logsum": logsum, 
 
 def get_objective(name: str) -> Objective:
     if name not in FEATURE_OBJECTIVES:
-        raise ValueError(f"align.objective={name!r} is unknown (choose from {sorted(FEATURE_OBJECTIVES)})")
+        raise ConfigError(f"align.objective={name!r} is unknown (choose from {sorted(FEATURE_OBJECTIVES)})")
     return FEATURE_OBJECTIVES[name]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from alignkit.core.errors import ConfigError
 from alignkit.core.adapter import resolve_layer
 
 STRATEGIES = ("L2E", "L2M", "L2L", "M2E", "M2M", "M2L")
@@ -34,10 +35,10 @@ def strategy_pairs(strategy: str, teacher_layers: int, student_layers: int, earl
     """One pair for a named strategy. M and L on the teacher side use the teacher's depth,
     E/M/L on the student side the student's."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"align.strategy={strategy!r} is unknown (choose from {', '.join(STRATEGIES)} or give align.pairs)")
+        raise ConfigError(f"align.strategy={strategy!r} is unknown (choose from {', '.join(STRATEGIES)} or give align.pairs)")
     teacher_code, student_code = strategy[0], strategy[2]
     if teacher_code == "E":
-        raise ValueError("align.strategy: the teacher side must be L or M")
+        raise ConfigError("align.strategy: the teacher side must be L or M")
     return [
         Pair(
             teacher_layer=_position(teacher_code, teacher_layers, early_layer),
@@ -49,12 +50,12 @@ def strategy_pairs(strategy: str, teacher_layers: int, student_layers: int, earl
 def validate_pairs(pairs: list[Pair], teacher_layers: dict[str, int], student_layers: int) -> None:
     """Raise ValueError naming ``align.pairs[i].<field>`` for any out-of-range layer."""
     if not pairs:
-        raise ValueError("align.pairs: no layer pairs to align (give a strategy or explicit pairs)")
+        raise ConfigError("align.pairs: no layer pairs to align (give a strategy or explicit pairs)")
     for i, pair in enumerate(pairs):
         if pair.teacher not in teacher_layers:
-            raise ValueError(f"align.pairs[{i}].teacher={pair.teacher!r} names no configured teacher "
+            raise ConfigError(f"align.pairs[{i}].teacher={pair.teacher!r} names no configured teacher "
                              f"(known: {sorted(teacher_layers)})")
         resolve_layer(pair.teacher_layer, teacher_layers[pair.teacher], f"align.pairs[{i}].teacher_layer")
         resolve_layer(pair.student_layer, student_layers, f"align.pairs[{i}].student_layer")
         if pair.weight < 0:
-            raise ValueError(f"align.pairs[{i}].weight must be >= 0, got {pair.weight}")
+            raise ConfigError(f"align.pairs[{i}].weight must be >= 0, got {pair.weight}")

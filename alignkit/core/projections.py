@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from alignkit.core.errors import ConfigError
+
 
 def interpolate(h: Tensor, width: int) -> Tensor:
     """Resize the last dimension of ``h`` to ``width`` by eq. 6:
@@ -41,9 +43,9 @@ def build_projection(kind: str, student_width: int, teacher_width: int, key: str
         return nn.Linear(student_width, teacher_width, bias=False)
     if kind == "none":
         if student_width != teacher_width:
-            raise ValueError(
+            raise ConfigError(
                 f"{key}='none' but the student's width {student_width} differs from the teacher's "
                 f"{teacher_width}; use 'interpolate' or 'linear'"
             )
         return nn.Identity()
-    raise ValueError(f"{key}={kind!r} is unknown (choose from interpolate, linear, none)")
+    raise ConfigError(f"{key}={kind!r} is unknown (choose from interpolate, linear, none)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from alignkit.core.errors import ConfigError
+
 _STUDENTS: dict[str, Callable[..., Any]] = {}
 _TEACHERS: dict[str, Callable[..., Any]] = {}
 
@@ -23,7 +25,7 @@ def register_adapter(
 def _lookup(table: dict[str, Callable[..., Any]], kind: str, role: str) -> Callable[..., Any]:
     if kind not in table:
         known = ", ".join(sorted(table)) or "none registered"
-        raise ValueError(f"{role}.kind={kind!r} is not a registered adapter (known: {known})")
+        raise ConfigError(f"{role}.kind={kind!r} is not a registered adapter (known: {known})")
     return table[kind]
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from alignkit.core.errors import ConfigError
+
 Schedule = Callable[[int], float]
 
 
@@ -60,7 +62,7 @@ WEIGHT_SCHEDULES: dict[str, Callable[..., Schedule]] = {
 
 def build_weight_schedule(name: str, lambda0: float, stop_step: int) -> Schedule:
     if name not in WEIGHT_SCHEDULES:
-        raise ValueError(f"align.schedule={name!r} is unknown (choose from {sorted(WEIGHT_SCHEDULES)})")
+        raise ConfigError(f"align.schedule={name!r} is unknown (choose from {sorted(WEIGHT_SCHEDULES)})")
     return WEIGHT_SCHEDULES[name](lambda0, stop_step)
 
 

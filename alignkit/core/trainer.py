@@ -4,13 +4,23 @@ AdamW (no decay on norms/biases), warmup + cosine LR to a floor, gradient accumu
 bf16 autocast, clipping, periodic eval, best-model selection, checkpoints with exact resume,
 ``metrics.jsonl`` logging, a progress bar, and DDP under ``torchrun``. Tasks hand it batches,
 an eval function and an export function; they never write loops of their own.
+
+Interruptions never cost exactness. SIGINT/SIGTERM only set a flag (:mod:`alignkit.core.interrupts`):
+the step in flight completes, all ranks agree, a checkpoint is written, and :class:`Interrupted`
+is raised. A ``KeyboardInterrupt`` raised inside a step (an exception, not a signal) is handled by
+the phase it hit: before the optimizer step the step is dropped and the checkpoint holds the
+state from before it; after the optimizer step the step's bookkeeping is completed first; during
+an eval the checkpoint records the eval as pending, so the resumed run evaluates first.
 """
 from __future__ import annotations
 
 import json
 import math
 import resource
+import shutil
+import signal
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -24,9 +34,11 @@ from tqdm.auto import tqdm
 from alignkit.core import checkpoint as ckpt
 from alignkit.core.adapter import Batch, StudentOutput
 from alignkit.core.config import TrainConfig
-from alignkit.core.distributed import DistInfo, all_reduce_mean, barrier
+from alignkit.core.distributed import DistInfo, all_reduce_mean, any_rank, barrier
 from alignkit.core.ema import WeightAverage
 from alignkit.core.engine import AlignmentEngine
+from alignkit.core.errors import CheckpointError, ConfigError, Interrupted
+from alignkit.core.interrupts import StopRequests
 from alignkit.core.schedules import warmup_cosine
 
 BEST_FILE = "best.safetensors"
@@ -113,11 +125,44 @@ class Trainer:
         self.autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bfloat16" else nullcontext()
         )
+        known = getattr(task, "eval_metrics", None)  # fail now, not at the first eval
+        for key in ("select_metric", "select_tiebreak"):
+            if known is not None and getattr(cfg, key) and getattr(cfg, key) not in known:
+                raise ConfigError(f"train.{key}={getattr(cfg, key)!r} is not an eval metric of this task ({', '.join(known)})")
+        self.signals = StopRequests()
+        self.resume_hint = f"alignkit train --resume {self.run_dir}"  # printed when interrupted ("" = none)
+        self.eval_pending = False  # an eval interrupted by an exception: run it first on resume
+        self.last_eval: dict[str, float] = {}
+        self._phase = "idle"
+        self._saved_step = -1
+        self._snapshot: tuple[dict[str, Any], tuple[Any, ...]] = ({}, ())
+        self._step_stats: tuple[Any, ...] = ()
 
     # --- resume / checkpoints ---------------------------------------------------------------
     def resume(self, directory: Path) -> None:
+        """Continue from the checkpoint in ``directory``."""
         state, data_state = ckpt.load_checkpoint(directory, self.module, self.optimizer, self.dist.rank, self.device)
+        self._restore(directory, state, data_state)
+
+    def resume_latest(self) -> Path | None:
+        """Continue from the newest readable checkpoint of the run (older ones if the newest is
+        corrupt, half-written ones removed); None when the run has none."""
+        if self.dist.is_main:
+            for leftover in ckpt.remove_staging(self.run_dir):
+                warnings.warn(f"removed {leftover}: a checkpoint write that never finished", stacklevel=2)
+        barrier(self.dist)
+        found = ckpt.load_latest(self.run_dir, self.module, self.optimizer, self.dist.rank, self.device)
+        steps = all_reduce_mean(torch.tensor([float(found[1]["step"]) if found else -1.0]), self.dist)
+        if found and float(steps) != found[1]["step"]:
+            raise CheckpointError(f"{self.run_dir}: ranks found different usable checkpoints; check the rank files")
+        if found is None:
+            return None
+        self._restore(*found)
+        return found[0]
+
+    def _restore(self, directory: Path, state: dict[str, Any], data_state: dict[str, Any]) -> None:
         self.step, self.tokens = state["step"], state["tokens"]
+        self.eval_pending, self.last_eval = state.get("eval_pending", False), state.get("last_eval", {})
         if state.get("best_value") is not None:
             tiebreak = state.get("best_tiebreak")
             key = (state["best_value"], math.inf if tiebreak is None else tiebreak)
@@ -130,33 +175,59 @@ class Trainer:
         self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
+        """Drop records after ``step`` (and a line cut off by a kill) so the resumed run's log
+        reads as if it had never stopped."""
         path = self.run_dir / "metrics.jsonl"
-        if self.dist.is_main and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
+        if not (self.dist.is_main and path.is_file()):
+            return
+        kept = []
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                warnings.warn(f"{path}:{number}: dropping an unreadable line (cut off by a kill?)", stacklevel=2)
+                continue
+            if isinstance(record, dict) and record.get("step", math.inf) <= step:
+                kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept))
 
     def save(self, data_state: dict[str, Any], rng: tuple[Any, ...]) -> Path:
+        """Write a checkpoint of the current step; on a failed write (full disk, read-only
+        folder) remove the partial one and raise :class:`CheckpointError` on every rank."""
         staging = self.run_dir / "checkpoints" / f".tmp_step_{self.step:06d}"
-        if self.dist.is_main:
-            staging = ckpt.staging_dir(self.run_dir, self.step)
-        barrier(self.dist)
-        ckpt.save_rank_state(staging, self.dist.rank, data_state, rng)
-        if self.dist.is_main:
-            best = self.best[0] if self.best else (None, None)
-            trainer_state = {"step": self.step, "tokens": self.tokens, "best_value": best[0],
-                             "best_tiebreak": None if best[1] in (None, math.inf) else best[1]}
-            ckpt.save_main_state(staging, self.module, self.optimizer, trainer_state)
-            if self.best is not None:  # the selected weights, so a resumed run exports the same model
-                save_file({k: v.contiguous() for k, v in self.best[1].items()}, str(staging / BEST_FILE))
-            self.task.export(self.student, staging / "model")
-            if self.ema is not None:
-                self.ema.save(staging)
+        failure: BaseException | None = None
+        try:
+            if self.dist.is_main:
+                staging = ckpt.staging_dir(self.run_dir, self.step)
+            barrier(self.dist)
+            ckpt.save_rank_state(staging, self.dist.rank, data_state, rng)
+            if self.dist.is_main:
+                self._save_main(staging)
+        except Exception as err:  # noqa: BLE001 -- reported to the user with its reason
+            failure = err
+        if any_rank(failure is not None, self.dist):
+            if self.dist.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise ckpt.write_error(failure or OSError("failed on another rank"), staging)
         barrier(self.dist)
         final = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
         if self.dist.is_main:
             final = ckpt.publish(staging, self.run_dir, self.step, self.cfg.keep_checkpoints)
         barrier(self.dist)
+        self._saved_step = self.step
         return final
+
+    def _save_main(self, staging: Path) -> None:
+        best = self.best[0] if self.best else (None, None)
+        trainer_state = {"step": self.step, "tokens": self.tokens, "best_value": best[0],
+                         "best_tiebreak": None if best[1] in (None, math.inf) else best[1],
+                         "eval_pending": self.eval_pending, "last_eval": self.last_eval}
+        ckpt.save_main_state(staging, self.module, self.optimizer, trainer_state)
+        if self.best is not None:  # the selected weights, so a resumed run exports the same model
+            save_file({k: v.contiguous() for k, v in self.best[1].items()}, str(staging / BEST_FILE))
+        self.task.export(self.student, staging / "model")
+        if self.ema is not None:
+            self.ema.save(staging)
 
     # --- logging / eval ---------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -173,17 +244,17 @@ class Trainer:
             self._log({"step": self.step, **results})
             self._maybe_keep_best(results)  # under EMA, the averaged weights are the candidates
         self.student.train()
+        self.last_eval, self.eval_pending = results, False
         return results
-
     def _maybe_keep_best(self, results: dict[str, float]) -> None:
         key = self.cfg.select_metric
         if not key:
             return
         if key not in results:
-            raise KeyError(f"train.select_metric={key!r} is not among the eval metrics {sorted(results)}")
+            raise ConfigError(f"train.select_metric={key!r} is not among the eval metrics {sorted(results)}")
         tiebreak = self.cfg.select_tiebreak
         if tiebreak and tiebreak not in results:
-            raise KeyError(f"train.select_tiebreak={tiebreak!r} is not among the eval metrics {sorted(results)}")
+            raise ConfigError(f"train.select_tiebreak={tiebreak!r} is not among the eval metrics {sorted(results)}")
         value = (results[key], results[tiebreak] if tiebreak else math.inf)
         if self.best is None:
             better = True
@@ -196,47 +267,84 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
-        cfg = self.cfg
-        stream = iter(self.task.train_batches(cfg.micro_batch_size))
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
-        window_start, window_tokens = time.perf_counter(), 0
-        eval_results: dict[str, float] = {}
-        while self.step < cfg.steps:
-            data_state, rng = self.task.state_dict(), ckpt.rng_snapshot()
+        stream = iter(self.task.train_batches(self.cfg.micro_batch_size))
+        self._bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
+        self._window = [time.perf_counter(), 0]  # throughput window: start time, tokens
+        with self.signals.installed():
             try:
-                record = self._train_step(stream)
+                if self.eval_pending:  # resumed from an interrupt during this step's eval
+                    self._phase = "eval"
+                    self._boundary(evaluate=True)
+                while self.step < self.cfg.steps:
+                    self._run_step(stream)
+                    if any_rank(self.signals.signum != 0, self.dist):
+                        self._stop(self.signals.signum)
             except KeyboardInterrupt:
-                if self.dist.world_size == 1:
-                    path = self.save(data_state, rng)
-                    bar.write(f"interrupted: saved {path}; continue with --resume {self.run_dir}")
-                raise
-            window_tokens += record.pop("step_tokens")
-            done = self.step == cfg.steps
-            if self.step % cfg.log_every == 0 or done:
-                elapsed = time.perf_counter() - window_start
-                record.update(tokens_per_s=window_tokens / max(elapsed, 1e-9), peak_mem_mb=peak_memory_mb(self.device))
-                self._log(record)
-                window_start, window_tokens = time.perf_counter(), 0
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lam=f"{record.get('lambda', 0.0):.3g}")
-            if (cfg.eval_every and self.step % cfg.eval_every == 0) or done:
-                eval_results = self.evaluate()
-                window_start, window_tokens = time.perf_counter(), 0  # throughput: training time only
-            if (cfg.save_every and self.step % cfg.save_every == 0) or done:
-                self.save(self.task.state_dict(), ckpt.rng_snapshot())
-                window_start, window_tokens = time.perf_counter(), 0
-        bar.close()
+                if self.signals.forced:
+                    raise
+                self._save_after_exception()
+        self._bar.close()
         if self.best is None and self.ema is not None:
             self.student.load_state_dict(self.ema.shadow, strict=False)
+        results = dict(self.last_eval)
         if self.best is not None:
             self.student.load_state_dict(self.best[1])
-            eval_results = {**eval_results, f"best_{self.cfg.select_metric}": self.best[0][0]}
+            results[f"best_{self.cfg.select_metric}"] = self.best[0][0]
         if self.dist.is_main:
             self.task.export(self.student, self.run_dir / "final")
         barrier(self.dist)
-        return eval_results
+        return results
 
-    def _train_step(self, stream: Iterator[Batch]) -> dict[str, Any]:
+    def _run_step(self, stream: Iterator[Batch]) -> None:
+        self._snapshot = (self.task.state_dict(), ckpt.rng_snapshot())
+        self._phase = "accumulate"
+        self._accumulate(stream)
+        self.optimizer.step()
+        self._phase = "applied"
+        self._finish_step()
+        self._phase = "eval"
+        self._boundary(evaluate=self._eval_due())
+        self._phase = "idle"
+
+    def _eval_due(self) -> bool:
+        return bool(self.cfg.eval_every and self.step % self.cfg.eval_every == 0) or self.step == self.cfg.steps
+
+    def _boundary(self, evaluate: bool) -> None:
+        """Eval and checkpoint after a step, as the schedule says."""
+        if evaluate:
+            self.evaluate()
+            self._window = [time.perf_counter(), 0]  # throughput: training time only
+        self._phase = "save"
+        cfg = self.cfg
+        if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
+            self.save(self.task.state_dict(), ckpt.rng_snapshot())
+            self._window = [time.perf_counter(), 0]
+
+    def _stop(self, signum: int, path: Path | None = None) -> None:
+        if path is None:
+            path = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
+            if self._saved_step != self.step:
+                path = self.save(self.task.state_dict(), ckpt.rng_snapshot())
+        self._bar.close()
+        hint = f"; continue with: {self.resume_hint}" if self.resume_hint else ""
+        raise Interrupted(f"{signal.Signals(signum).name} at step {self.step}: saved {path}{hint}", signum)
+
+    def _save_after_exception(self) -> None:
+        """A KeyboardInterrupt inside a step: save the consistent state nearest to it."""
+        if self._phase == "accumulate":  # the step never happened: state from before it
+            self.optimizer.zero_grad(set_to_none=True)
+            path = self.save(*self._snapshot)
+        else:
+            if self._phase == "applied":  # the weights moved: finish the step's bookkeeping
+                self._finish_step()
+                self.eval_pending = self._eval_due()
+            elif self._phase == "eval":
+                self.eval_pending = True
+            path = self.save(self.task.state_dict(), ckpt.rng_snapshot())
+        self._stop(signal.SIGINT, path)
+
+    def _accumulate(self, stream: Iterator[Batch]) -> None:
+        """Forward and backward over the step's micro-batches, then clip."""
         cfg, step = self.cfg, self.step
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
@@ -255,7 +363,12 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + value.float() / cfg.grad_accum
             tokens += batch["attention_mask"].sum()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-        self.optimizer.step()
+        self._step_stats = (sums, tokens, grad_norm, lr)
+
+    def _finish_step(self) -> None:
+        """Everything after the optimizer step: averages, teacher release, counters, the log."""
+        sums, tokens, grad_norm, lr = self._step_stats
+        step = self.step
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update()
@@ -268,5 +381,12 @@ class Trainer:
         self.step += 1
         self.tokens += int(values[-1])
         record = {"step": self.step, **dict(zip(keys, values)), "lr": lr, "grad_norm": float(grad_norm)}
-        record.update(tokens=self.tokens, step_tokens=int(values[-1]), teacher_active=teacher_active)
-        return record
+        record.update(tokens=self.tokens, teacher_active=teacher_active)
+        self._window[1] += int(values[-1])
+        if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+            elapsed = time.perf_counter() - self._window[0]
+            record.update(tokens_per_s=self._window[1] / max(elapsed, 1e-9), peak_mem_mb=peak_memory_mb(self.device))
+            self._log(record)
+            self._window = [time.perf_counter(), 0]
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{record['loss']:.3f}", lam=f"{record.get('lambda', 0.0):.3g}")

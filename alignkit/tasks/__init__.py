@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from alignkit.core.errors import ConfigError
 from alignkit.core.distributed import DistInfo
 
 
@@ -18,4 +19,4 @@ def build_task(cfg: Any, dist: DistInfo, device: torch.device) -> Any:
         from alignkit.tasks.ts_classify import TSClassifyTask
 
         return TSClassifyTask(cfg, dist, device)
-    raise ValueError(f"task.name={cfg.task.name!r} is unknown")
+    raise ConfigError(f"task.name={cfg.task.name!r} is unknown")

@@ -35,6 +35,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from alignkit.core.config import above, at_least, between, checked, one_of
+from alignkit.core.errors import DataError
 from alignkit.tasks.text_sources import (
     BUILTIN_MAX_BYTES,
     TEXT_SUFFIXES,
@@ -60,21 +62,21 @@ class TextDataConfig:
     """Where the text comes from and how the held-out split is made (seq_len and batch size
     come from the trainer config)."""
 
-    source: str = "builtin"  # builtin | files | hf | tokens
+    source: str = checked("builtin", one_of(*SOURCES))
     train_path: str = ""  # file, directory or glob (.txt/.jsonl/.parquet, or .npy/.bin for tokens)
     eval_path: str = ""  # optional; else hold out eval_fraction of the documents
-    eval_fraction: float = 0.05
+    eval_fraction: float = checked(0.05, between(0, 1, high_open=True))
     text_field: str = "text"  # jsonl / parquet / hf
     hf_name: str = ""
     hf_config: str = ""
     hf_split: str = "train"
     hf_eval_split: str = ""
     streaming: bool = True
-    token_dtype: str = "uint16"  # dtype of raw .bin shards
-    eval_batches: int = 20  # max eval batches (per rank, = global eval batches)
-    max_train_docs: int = 0  # 0 = all
+    token_dtype: str = checked("uint16", one_of("uint8", "uint16", "int16", "uint32", "int32", "int64"))  # dtype of raw .bin shards
+    eval_batches: int = checked(20, at_least(1))  # max eval batches (per rank, = global eval batches)
+    max_train_docs: int = checked(0, at_least(0))  # 0 = all
     seed: int = 0
-    teacher_seq_ratio: float = 1.5  # teacher length = ceil(ratio * seq_len) under tokenizer mismatch
+    teacher_seq_ratio: float = checked(1.5, above(0))  # teacher length = ceil(ratio * seq_len) under tokenizer mismatch
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +149,7 @@ class _Encoder:
                 value = self.tok.token_to_id(name)
                 if value is not None:
                     return int(value)
-        raise ValueError(
+        raise DataError(
             f"the {self.role} has no EOS token (needed to separate packed documents); set "
             f"tokenizer.eos_token, or for a raw tokenizers.Tokenizer add one of {list(_EOS_CANDIDATES)}"
         )
@@ -164,7 +166,7 @@ class _Encoder:
             encs = self.backend.encode_batch(texts, add_special_tokens=False)
             return [(e.ids, e.offsets if offsets else None) for e in encs]
         if offsets:
-            raise ValueError(
+            raise DataError(
                 f"the {self.role} is a slow (Python) tokenizer; tokenizer-mismatch alignment needs "
                 "character offsets: load a fast tokenizer (use_fast=True)"
             )
@@ -374,7 +376,7 @@ class TextData:
         teacher_seq_len: int = 0,
     ) -> None:
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+            raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
         self.train = train
         self.eval_split = eval_split
         self.seq_len = seq_len
@@ -422,9 +424,9 @@ class TextData:
         g = b * self.world_size
         n = self.num_train_sequences
         if b < 1:
-            raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
+            raise DataError(f"micro_batch_size={micro_batch_size} must be >= 1")
         if n < g:
-            raise ValueError(
+            raise DataError(
                 f"train split has {n} sequences of {self.seq_len} tokens; one global batch needs "
                 f"{g} (micro batch {b} x world size {self.world_size}): use more data or smaller batches"
             )
@@ -450,7 +452,7 @@ class TextData:
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key in ("seed", "seq_len", "num_train_sequences"):
             if key in state and int(state[key]) != getattr(self, key):
-                raise ValueError(
+                raise DataError(
                     f"data state was saved with {key}={state[key]} but this data has "
                     f"{key}={getattr(self, key)}: the stream would not resume exactly"
                 )
@@ -472,7 +474,7 @@ class TextData:
         m = self.eval_split.num_sequences
         n_batches = min(self.max_eval_batches, m // g)
         if n_batches == 0:
-            raise ValueError(
+            raise DataError(
                 f"eval split has {m} sequences of {self.seq_len} tokens; one global eval batch "
                 f"needs {g} (micro batch {b} x world size {self.world_size}): raise "
                 "task.text.eval_fraction, give task.text.eval_path, or set task.text.eval_fraction=0 to disable eval"
@@ -577,17 +579,17 @@ def build_text_data(
     batches also carry ``teacher_input_ids``, ``teacher_attention_mask`` and ``teacher_index``.
     """
     if cfg.source not in SOURCES:
-        raise ValueError(f"task.text.source={cfg.source!r} must be one of {SOURCES}")
+        raise DataError(f"task.text.source={cfg.source!r} must be one of {SOURCES}")
     if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len} must be >= 1")
+        raise DataError(f"seq_len={seq_len} must be >= 1")
     if not 0.0 <= cfg.eval_fraction < 1.0:
-        raise ValueError(f"task.text.eval_fraction={cfg.eval_fraction} must be in [0, 1)")
+        raise DataError(f"task.text.eval_fraction={cfg.eval_fraction} must be in [0, 1)")
     common = dict(rank=rank, world_size=world_size, seed=cfg.seed, max_eval_batches=cfg.eval_batches)
 
     if cfg.source == "tokens":
         if teacher_tokenizer is not None and tokenizer is not None:
             if not _same_tokenizer(_Encoder(tokenizer), _Encoder(teacher_tokenizer, "teacher tokenizer")):
-                raise ValueError(
+                raise DataError(
                     "task.text.source='tokens' has no text, so a teacher with a different tokenizer "
                     "cannot be aligned: use a text source or a teacher with the student's tokenizer"
                 )
@@ -596,7 +598,7 @@ def build_text_data(
             vocab = _Encoder(tokenizer).vocab_size
             probe = stream.get(0, min(len(stream), 1_000_000))
             if probe.size and int(probe.max()) >= vocab:
-                raise ValueError(
+                raise DataError(
                     f"task.text.train_path={cfg.train_path!r}: token id {int(probe.max())} >= tokenizer "
                     f"vocab size {vocab} (wrong task.text.token_dtype or tokenizer?)"
                 )
@@ -612,14 +614,14 @@ def build_text_data(
             train_split = _Split(stream.view(0, cut) if n_eval else stream, seq_len)
             eval_split = _Split(stream.view(cut, n_total * seq_len), seq_len) if n_eval else None
         if train_split.num_sequences == 0:
-            raise ValueError(
+            raise DataError(
                 f"task.text.train_path={cfg.train_path!r}: found {len(train_split.stream)} tokens, but one "
                 f"sequence needs seq_len={seq_len}"
             )
         return TextData(train_split, eval_split, seq_len, **common)
 
     if tokenizer is None:
-        raise ValueError(f"task.text.source={cfg.source!r} needs a tokenizer")
+        raise DataError(f"task.text.source={cfg.source!r} needs a tokenizer")
     student = _Encoder(tokenizer, "student tokenizer")
     teacher = None
     if teacher_tokenizer is not None:
@@ -651,7 +653,7 @@ def build_text_data(
     where = {"builtin": "builtin corpus", "files": f"task.text.train_path={cfg.train_path!r}",
              "hf": f"{cfg.hf_name}[{cfg.hf_split}]"}[cfg.source]
     if not train_docs:
-        raise ValueError(f"{where}: no training documents (all held out or empty)")
+        raise DataError(f"{where}: no training documents (all held out or empty)")
 
     packer = _Packer(student, keep_spans)
     total_chars = sum(len(d) for d in train_docs)
@@ -667,7 +669,7 @@ def build_text_data(
             progress.close()
     ids = packer.arrays()[0]
     if len(ids) < seq_len:
-        raise ValueError(
+        raise DataError(
             f"{where}: the train corpus gives {len(ids)} tokens (with EOS separators), fewer than "
             f"one sequence of seq_len={seq_len}: add data or lower seq_len"
         )

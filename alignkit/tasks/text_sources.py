@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from alignkit.core.errors import DataError, MissingFile, MissingPackage
+
 if TYPE_CHECKING:
     from alignkit.tasks.text_data import TextDataConfig
 
@@ -66,20 +68,20 @@ def resolve_paths(spec: str, key: str, suffixes: Sequence[str]) -> list[Path]:
     Raises FileNotFoundError naming ``spec`` and the config ``key`` when nothing matches.
     """
     if not spec:
-        raise FileNotFoundError(f"task.text.{key} is empty: set it to a file, directory or glob")
+        raise MissingFile(f"task.text.{key} is empty: set it to a file, directory or glob")
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
         if not files:
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"task.text.{key}={spec!r}: directory holds no {'/'.join(suffixes)} files"
             )
         return files
     matches = sorted(Path(p) for p in _glob.glob(str(path), recursive=True) if Path(p).is_file())
     if not matches:
-        raise FileNotFoundError(f"task.text.{key}={spec!r}: no such file or directory, and no glob match")
+        raise MissingFile(f"task.text.{key}={spec!r}: no such file or directory, and no glob match")
     return matches
 
 
@@ -98,7 +100,7 @@ def _read_text(path: Path) -> str:
                 stacklevel=3,
             )
     if not text.strip():
-        raise ValueError(f"{path}: file is empty (no text)")
+        raise DataError(f"{path}: file is empty (no text)")
     return text
 
 
@@ -118,16 +120,16 @@ def _jsonl_documents(path: Path, field: str) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+            raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
         if not isinstance(record, dict) or field not in record:
-            raise ValueError(f"{path}:{lineno}: no {field!r} field (task.text.text_field)")
+            raise DataError(f"{path}:{lineno}: no {field!r} field (task.text.text_field)")
         value = record[field]
         if not isinstance(value, str):
-            raise ValueError(f"{path}:{lineno}: field {field!r} is {type(value).__name__}, not a string")
+            raise DataError(f"{path}:{lineno}: field {field!r} is {type(value).__name__}, not a string")
         if value.strip():
             docs.append(value)
     if not docs:
-        raise ValueError(f"{path}: no text in field {field!r}")
+        raise DataError(f"{path}: no text in field {field!r}")
     return docs
 
 
@@ -135,18 +137,18 @@ def _parquet_documents(path: Path, field: str) -> list[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(
+        raise MissingPackage(
             f"reading {path} needs pyarrow: pip install pyarrow (or pip install alignkit[hub])"
         ) from None
     if path.stat().st_size == 0:
-        raise ValueError(f"{path}: file is empty (no text)")
+        raise DataError(f"{path}: file is empty (no text)")
     schema = pq.read_schema(path)
     if field not in schema.names:
-        raise ValueError(f"{path}: no column {field!r} (task.text.text_field); columns: {schema.names}")
+        raise DataError(f"{path}: no column {field!r} (task.text.text_field); columns: {schema.names}")
     values = pq.read_table(path, columns=[field]).column(field).to_pylist()
     docs = [v for v in values if isinstance(v, str) and v.strip()]
     if not docs:
-        raise ValueError(f"{path}: no text in column {field!r}")
+        raise DataError(f"{path}: no text in column {field!r}")
     return docs
 
 
@@ -184,7 +186,7 @@ def builtin_documents(max_bytes: int = BUILTIN_MAX_BYTES) -> list[tuple[str, str
             if total >= max_bytes:
                 return docs
     if not docs:
-        raise FileNotFoundError(f"no .py sources found under the stdlib directory {root}")
+        raise MissingFile(f"no .py sources found under the stdlib directory {root}")
     return docs
 
 
@@ -192,15 +194,15 @@ def _hf_documents(cfg: TextDataConfig, split: str) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
-        raise ImportError(
+        raise MissingPackage(
             "task.text.source='hf' needs the `datasets` package: pip install alignkit[hub]"
         ) from None
     if not cfg.hf_name:
-        raise ValueError("task.text.source='hf' needs task.text.hf_name (a hub dataset id or local path)")
+        raise DataError("task.text.source='hf' needs task.text.hf_name (a hub dataset id or local path)")
     ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=split, streaming=cfg.streaming)
     for record in ds:
         if cfg.text_field not in record:
-            raise ValueError(f"{cfg.hf_name}[{split}]: no {cfg.text_field!r} field (task.text.text_field)")
+            raise DataError(f"{cfg.hf_name}[{split}]: no {cfg.text_field!r} field (task.text.text_field)")
         text = record[cfg.text_field]
         if isinstance(text, str) and text.strip():
             yield text
@@ -210,18 +212,18 @@ def _load_token_shards(spec: str, key: str, dtype: str) -> list[np.ndarray]:
     arrays = []
     for path in resolve_paths(spec, key, TOKEN_SUFFIXES):
         if path.stat().st_size == 0:
-            raise ValueError(f"{path}: file is empty (no tokens)")
-        if path.suffix == ".npy":
-            arr = np.load(path, mmap_mode="r")
-        elif path.suffix == ".bin":
-            arr = np.memmap(path, dtype=np.dtype(dtype), mode="r")
-        else:
-            raise ValueError(f"{path}: token shards must be .npy or .bin (task.text.{key})")
+            raise DataError(f"{path}: file is empty (no tokens)")
+        if path.suffix not in (".npy", ".bin"):
+            raise DataError(f"{path}: token shards must be .npy or .bin (task.text.{key})")
+        try:
+            arr = np.load(path, mmap_mode="r") if path.suffix == ".npy" else np.memmap(path, dtype=np.dtype(dtype), mode="r")
+        except (ValueError, OSError) as err:  # garbage .npy header, .bin size not a multiple of the dtype
+            raise DataError(f"{path}: not a readable token shard ({err}; task.text.token_dtype={dtype})") from None
         if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"{path}: token shard has dtype {arr.dtype}, not an integer type")
+            raise DataError(f"{path}: token shard has dtype {arr.dtype}, not an integer type")
         arr = arr.reshape(-1)
         if arr.size == 0:
-            raise ValueError(f"{path}: file is empty (no tokens)")
+            raise DataError(f"{path}: file is empty (no tokens)")
         arrays.append(arr)
     return arrays
 

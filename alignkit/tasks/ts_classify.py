@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,6 +25,7 @@ from alignkit.core.adapter import Batch, TeacherAdapter
 from alignkit.core.config import AlignConfig, ConfigError
 from alignkit.core.distributed import DistInfo
 from alignkit.core.registry import build_student, build_teacher
+from alignkit.core.folder_lock import FolderLock
 from alignkit.core.trainer import Trainer, to_device
 from alignkit.tasks.base import TaskBase
 from alignkit.tasks.uea import UEASplits, load_uea
@@ -127,8 +127,15 @@ def pretrain_timesnet_teacher(cfg: Any, device: torch.device) -> Path:
     if (final / "timesnet.json").is_file():
         print(f"reusing pre-trained TimesNet teacher {final}")
         return final
+    with FolderLock(run_dir, "teacher cache folder"):  # two runs never train one teacher together
+        if (final / "timesnet.json").is_file():  # finished by another run just before the lock
+            return final
+        _pretrain(cfg, run_dir, device)
+    return final
+
+
+def _pretrain(cfg: Any, run_dir: Path, device: torch.device) -> None:
     datasets = list(cfg.task.teacher_datasets or cfg.task.uea.datasets)
-    print(f"pre-training the TimesNet teacher on {', '.join(datasets)} -> {final}")
     sub = dataclasses.replace(
         cfg,
         student=cfg.teacher,
@@ -136,15 +143,18 @@ def pretrain_timesnet_teacher(cfg: Any, device: torch.device) -> Path:
         train=cfg.task.teacher_pretrain,
         task=dataclasses.replace(cfg.task, uea=dataclasses.replace(cfg.task.uea, datasets=datasets)),
     )
-    if run_dir.exists():  # an interrupted earlier attempt: start clean
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
     task = TSClassifyTask(sub, DistInfo(), device)
     student = task.build_student()
     task.build_data()
-    Trainer(sub.train, student, None, task, run_dir, device).fit()
+    trainer = Trainer(sub.train, student, None, task, run_dir, device)
+    trainer.resume_hint = ""  # the outer run says how to continue
+    resumed = trainer.resume_latest()
+    if resumed is None:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # an attempt killed before its first checkpoint
+    print(f"{'continuing' if resumed else 'pre-training'} the TimesNet teacher on {', '.join(datasets)} "
+          f"({sub.train.steps} steps) -> {run_dir / 'final'}")
+    trainer.fit()
     (run_dir / "results.json").write_text(json.dumps(task.report(student, run_dir), indent=2))
-    return final
 
 
 def plot_confusion(confusion: torch.Tensor, names: list[str], path: Path, accuracy: float) -> None:

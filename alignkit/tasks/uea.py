@@ -46,6 +46,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alignkit.core.config import above, at_least, between, checked
+from alignkit.core.errors import ConfigError, DataError
+
 __all__ = ["UEADataConfig", "UEASplits", "TSSplit", "UEABatches", "UEADataError", "load_uea",
            "load_uea_dataset", "dataset_available"]
 
@@ -59,7 +62,7 @@ _SOURCES_HINT = (
 )
 
 
-class UEADataError(RuntimeError):
+class UEADataError(DataError):
     """A UEA dataset could not be loaded (not shipped, not under extract_path, offline)."""
 
 
@@ -67,15 +70,15 @@ class UEADataError(RuntimeError):
 class UEADataConfig:
     datasets: list[str] = field(default_factory=lambda: ["JapaneseVowels"])
     extract_path: str = ""  # local UEA copy: <extract_path>/<Name>/<Name>_TRAIN.ts
-    val_fraction: float = 0.2  # carved from TRAIN, stratified, by seed; never from TEST
+    val_fraction: float = checked(0.2, between(0, 1, high_open=True))  # carved from TRAIN, stratified, by seed; never from TEST
     seed: int = 0
-    max_len: int = 0  # 0 = longest series in the data
+    max_len: int = checked(0, at_least(0))  # 0 = longest series in the data
     download: bool = True  # False: never let aeon try the network (fail fast when not local)
     # training-batch augmentation (val/test never): each series is cut to a random contiguous
     # window of at least crop_min of its real steps (1.0 = off), then Gaussian noise of std
     # jitter (in normalised units) is added to its real steps
-    crop_min: float = 1.0
-    jitter: float = 0.0
+    crop_min: float = checked(1.0, above(0))
+    jitter: float = checked(0.0, at_least(0))
 
 
 @dataclass
@@ -141,15 +144,15 @@ class UEABatches:
                  trim: bool = False, with_dataset: bool = False, crop_min: float = 1.0,
                  jitter: float = 0.0) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
+            raise ConfigError(f"batch_size={batch_size} must be >= 1")
         if len(split) == 0:
-            raise ValueError("cannot draw training batches from an empty split")
+            raise ConfigError("cannot draw training batches from an empty split")
         if drop_last and len(split) < batch_size:
-            raise ValueError(f"drop_last with batch_size={batch_size} > {len(split)} samples")
+            raise ConfigError(f"drop_last with batch_size={batch_size} > {len(split)} samples")
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.drop_last, self.trim, self.with_dataset = drop_last, trim, with_dataset
         if not 0.0 < crop_min <= 1.0 or jitter < 0:
-            raise ValueError(f"uea.crop_min={crop_min} must be in (0, 1] and uea.jitter={jitter} >= 0")
+            raise ConfigError(f"uea.crop_min={crop_min} must be in (0, 1] and uea.jitter={jitter} >= 0")
         self.crop_min, self.jitter = crop_min, jitter
         self.epoch, self.offset = 0, 0
 
@@ -185,7 +188,7 @@ class UEABatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state.get("num_samples", len(self.split))) != len(self.split):
-            raise ValueError(f"batch state is for {state['num_samples']} samples, split has {len(self.split)}")
+            raise DataError(f"batch state is for {state['num_samples']} samples, split has {len(self.split)}")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self.seed = int(state.get("seed", self.seed))
 
@@ -320,7 +323,7 @@ def _stratified_val(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     if fraction <= 0:
         return np.zeros(0, dtype=np.int64)
     if fraction >= 1:
-        raise ValueError(f"val_fraction={fraction} must be < 1")
+        raise ConfigError(f"val_fraction={fraction} must be < 1")
     rng = np.random.RandomState(seed)
     val = []
     for cls in np.unique(y):
@@ -385,10 +388,10 @@ def _prepare(name: str, cfg: UEADataConfig) -> _One:
 def load_uea(cfg: UEADataConfig) -> UEASplits:
     """Load, split, normalise and pad ``cfg.datasets`` (several -> joint label space)."""
     if not cfg.datasets:
-        raise ValueError("UEADataConfig.datasets is empty")
+        raise ConfigError("UEADataConfig.datasets is empty")
     names = list(cfg.datasets)
     if len(set(names)) != len(names):
-        raise ValueError(f"datasets lists a name twice: {names}")
+        raise ConfigError(f"datasets lists a name twice: {names}")
     ones = [_prepare(name, cfg) for name in names]
     length = cfg.max_len if cfg.max_len > 0 else max(o.longest for o in ones)
     channels = max(o.channels for o in ones)
