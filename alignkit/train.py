@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from alignkit.core.distributed import DistInfo, any_rank, cleanup, init_distributed, resolve_device
+from alignkit.core.distributed import DistInfo, max_over_ranks, cleanup, init_distributed, resolve_device
 from alignkit.core.engine import build_engine
 from alignkit.core.errors import AlignkitError, Interrupted, RunDirError
 from alignkit.core.folder_lock import FolderLock
@@ -75,7 +75,7 @@ def run(cfg: ExperimentConfig, config_path: str | None = None, resume: str | Non
                 _open_folder(cfg, run_dir, bool(resume))
             except AlignkitError as err:
                 failure = err
-        if any_rank(failure is not None, info):
+        if max_over_ranks(int(failure is not None), info):
             lock.release()
             raise failure or RunDirError(f"{run_dir} was refused on rank 0 (its message says why)")
         try:

@@ -68,13 +68,13 @@ def cleanup() -> None:
 _CONTROL_GROUP: list = []  # a gloo group for host-side flags when training runs on nccl
 
 
-def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank if ``flag`` is true on any rank (stop requests must be agreed on,
-    or one rank would wait forever in a collective the others never reach)."""
+def max_over_ranks(value: int, info: DistInfo) -> int:
+    """The largest ``value`` of all ranks, on every rank: stop requests and failures must be
+    agreed on, or one rank would wait forever in a collective the others never reach."""
     if info.world_size <= 1:
-        return flag
+        return value
     if not _CONTROL_GROUP:
         _CONTROL_GROUP.append(dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None)
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP[0])
-    return bool(value.item())
+    tensor = torch.tensor([value])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP[0])
+    return int(tensor.item())

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from alignkit.core import checkpoint as ckpt
 from alignkit.core.adapter import Batch, StudentOutput
 from alignkit.core.config import TrainConfig
-from alignkit.core.distributed import DistInfo, all_reduce_mean, any_rank, barrier
+from alignkit.core.distributed import DistInfo, all_reduce_mean, max_over_ranks, barrier
 from alignkit.core.ema import WeightAverage
 from alignkit.core.engine import AlignmentEngine
 from alignkit.core.errors import CheckpointError, ConfigError, Interrupted
@@ -129,6 +129,7 @@ class Trainer:
         for key in ("select_metric", "select_tiebreak"):
             if known is not None and getattr(cfg, key) and getattr(cfg, key) not in known:
                 raise ConfigError(f"train.{key}={getattr(cfg, key)!r} is not an eval metric of this task ({', '.join(known)})")
+        self.optimizer.register_step_post_hook(lambda *_: setattr(self, "_phase", "applied"))
         self.signals = StopRequests()
         self.resume_hint = f"alignkit train --resume {self.run_dir}"  # printed when interrupted ("" = none)
         self.eval_pending = False  # an eval interrupted by an exception: run it first on resume
@@ -205,7 +206,7 @@ class Trainer:
                 self._save_main(staging)
         except Exception as err:  # noqa: BLE001 -- reported to the user with its reason
             failure = err
-        if any_rank(failure is not None, self.dist):
+        if max_over_ranks(int(failure is not None), self.dist):
             if self.dist.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
             raise ckpt.write_error(failure or OSError("failed on another rank"), staging)
@@ -277,8 +278,9 @@ class Trainer:
                     self._boundary(evaluate=True)
                 while self.step < self.cfg.steps:
                     self._run_step(stream)
-                    if any_rank(self.signals.signum != 0, self.dist):
-                        self._stop(self.signals.signum)
+                    signum = max_over_ranks(self.signals.signum, self.dist)
+                    if signum:
+                        self._stop(signum)
             except KeyboardInterrupt:
                 if self.signals.forced:
                     raise
@@ -299,8 +301,7 @@ class Trainer:
         self._snapshot = (self.task.state_dict(), ckpt.rng_snapshot())
         self._phase = "accumulate"
         self._accumulate(stream)
-        self.optimizer.step()
-        self._phase = "applied"
+        self.optimizer.step()  # its post-hook marks the phase "applied" the moment weights moved
         self._finish_step()
         self._phase = "eval"
         self._boundary(evaluate=self._eval_due())
