@@ -253,9 +253,13 @@ LAYOUTS: list[tuple[str, str]] = [
     ("backbone.layers", "backbone.embeddings"),  # Mamba, FalconMamba
 ]
 # Names of the modules that follow the blocks, on the blocks' parent module, in forward order:
-# the last one present produces HF's hidden_states[-1] (OPT: final_layer_norm, then project_out).
-# Extend it when a family's final norm has another name (the build-time check names the model).
-FINAL_NAMES: tuple[str, ...] = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm_f", "project_out")
+# the last one present produces HF's hidden_states[-1] (OPT: final_layer_norm, then project_out;
+# LFM2 calls its final norm embedding_norm). Extend it when a family's final norm has another
+# name (the build-time check in check_final_layer names the model).
+FINAL_NAMES: tuple[str, ...] = (
+    "norm", "final_norm", "final_layernorm", "final_layer_norm", "layer_norm", "layernorm", "ln_f", "norm_f",
+    "embedding_norm", "project_out",
+)
 
 
 def _get(module: nn.Module, path: str) -> Any:
@@ -276,7 +280,7 @@ def find_blocks(model: nn.Module) -> Blocks:
             finals = [m for m in (getattr(parent, n, None) for n in FINAL_NAMES) if isinstance(m, nn.Module)]
             return Blocks(blocks, finals[-1] if finals else None, _get(model, embed_path))
     known = ", ".join(path for path, _ in LAYOUTS)
-    raise ValueError(
+    raise ConfigError(
         f"hf_causal: cannot find the transformer blocks of {type(model).__name__} "
         f"(known layouts: {known}); add its layout to alignkit.adapters.hf_causal.LAYOUTS"
     )
@@ -298,7 +302,7 @@ def check_final_layer(model: nn.Module, parts: Blocks) -> None:
     final = parts.final_norm
     # no final module found: layer -1 is the last block's output (what _Layered._tap_index taps)
     tapped = len(parts.blocks) if final is None else -1
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         output, captured = run_tapped(
@@ -306,7 +310,8 @@ def check_final_layer(model: nn.Module, parts: Blocks) -> None:
             parts.blocks, final, [tapped],
         )
     finally:
-        model.train(was_training)
+        for module, training in modes:  # per module: a caller may have frozen parts in eval mode
+            module.training = training
     hidden = getattr(output, "hidden_states", None)
     got, want = captured.get(tapped), hidden[-1] if hidden else None
     if got is None or want is None or got.shape != want.shape or not torch.allclose(
@@ -332,7 +337,7 @@ class _Layered:
 
     def _init_layers(self, model: nn.Module, final_layer: str) -> None:
         if final_layer not in ("post_norm", "pre_norm"):
-            raise ValueError(f"final_layer={final_layer!r} is not post_norm or pre_norm")
+            raise ConfigError(f"final_layer={final_layer!r} is not post_norm or pre_norm")
         self._parts = find_blocks(model)
         if final_layer == "post_norm":
             check_final_layer(model, self._parts)
