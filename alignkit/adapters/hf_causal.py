@@ -36,12 +36,14 @@ from alignkit.core.registry import register_adapter
 from alignkit.core.taps import run_tapped
 
 __all__ = [
+    "FINAL_NAMES",
     "LAYOUTS",
     "Blocks",
     "HFCausalStudent",
     "HFCausalTeacher",
     "build_hf_student",
     "build_hf_teacher",
+    "check_final_layer",
     "find_blocks",
     "load_hf_causal_lm",
     "load_tokenizer",
@@ -253,15 +255,23 @@ class Blocks(NamedTuple):
     embedding: nn.Module
 
 
-# (blocks path, final-module paths in forward order -- the last one present wins, embedding path)
-# on the *CausalLM* module. Extend this list to support another family.
-LAYOUTS: list[tuple[str, tuple[str, ...], str]] = [
-    ("model.layers", ("model.norm",), "model.embed_tokens"),  # LLaMA, SmolLM2, Mistral, Qwen2, ...
-    ("model.decoder.layers", ("model.decoder.final_layer_norm", "model.decoder.project_out"),
-     "model.decoder.embed_tokens"),  # OPT
-    ("gpt_neox.layers", ("gpt_neox.final_layer_norm",), "gpt_neox.embed_in"),  # GPT-NeoX / Pythia
-    ("transformer.h", ("transformer.ln_f",), "transformer.wte"),  # GPT-2
+# (blocks path, embedding path) on the *CausalLM* module. Extend this list to support another family.
+LAYOUTS: list[tuple[str, str]] = [
+    ("model.layers", "model.embed_tokens"),  # LLaMA, SmolLM2, Mistral, Qwen2, Gemma, Phi, ...
+    ("model.decoder.layers", "model.decoder.embed_tokens"),  # OPT
+    ("gpt_neox.layers", "gpt_neox.embed_in"),  # GPT-NeoX / Pythia
+    ("transformer.h", "transformer.wte"),  # GPT-2, Bloom, Falcon, ...
+    ("transformer.blocks", "transformer.wte"),  # MPT
+    ("backbone.layers", "backbone.embeddings"),  # Mamba, FalconMamba
 ]
+# Names of the modules that follow the blocks, on the blocks' parent module, in forward order:
+# the last one present produces HF's hidden_states[-1] (OPT: final_layer_norm, then project_out;
+# LFM2 calls its final norm embedding_norm). Extend it when a family's final norm has another
+# name (the build-time check in check_final_layer names the model).
+FINAL_NAMES: tuple[str, ...] = (
+    "norm", "final_norm", "final_layernorm", "final_layer_norm", "layer_norm", "layernorm", "ln_f", "norm_f",
+    "embedding_norm", "project_out",
+)
 
 
 def _get(module: nn.Module, path: str) -> Any:
@@ -273,17 +283,58 @@ def _get(module: nn.Module, path: str) -> Any:
 
 
 def find_blocks(model: nn.Module) -> Blocks:
-    """(blocks, final_norm, embedding) of an HF causal LM, from the stable paths in ``LAYOUTS``."""
-    for blocks_path, final_paths, embed_path in LAYOUTS:
+    """(blocks, final_norm, embedding) of an HF causal LM: blocks and embedding from the stable
+    paths in ``LAYOUTS``, the final norm by name (``FINAL_NAMES``) next to the blocks."""
+    for blocks_path, embed_path in LAYOUTS:
         blocks = _get(model, blocks_path)
         if isinstance(blocks, nn.ModuleList):
-            finals = [m for m in (_get(model, p) for p in final_paths) if isinstance(m, nn.Module)]
+            parent = _get(model, blocks_path.rpartition(".")[0])
+            finals = [m for m in (getattr(parent, n, None) for n in FINAL_NAMES) if isinstance(m, nn.Module)]
             return Blocks(blocks, finals[-1] if finals else None, _get(model, embed_path))
-    known = ", ".join(path for path, _, _ in LAYOUTS)
+    known = ", ".join(path for path, _ in LAYOUTS)
     raise ConfigError(
         f"hf_causal: cannot find the transformer blocks of {type(model).__name__} "
         f"(known layouts: {known}); add its layout to alignkit.adapters.hf_causal.LAYOUTS"
     )
+
+
+@torch.no_grad()
+def check_final_layer(model: nn.Module, parts: Blocks) -> None:
+    """Raise ConfigError unless the tapped layer -1 (post_norm) equals the model's own
+    ``output_hidden_states[-1]`` -- so a final norm that ``find_blocks`` missed or misnamed
+    fails at build time instead of silently aligning to pre-norm features.
+
+    One forward of 4 tokens in eval mode (no dropout, no RNG drawn): even a 7B model on CPU
+    reads its weights once (seconds), against a run of thousands of steps. Models on the meta
+    device hold no values and are not checked."""
+    param = next(model.parameters(), None)
+    if param is None or param.is_meta:
+        return
+    ids = torch.arange(1, 5, device=param.device).unsqueeze(0)
+    final = parts.final_norm
+    # no final module found: layer -1 is the last block's output (what _Layered._tap_index taps)
+    tapped = len(parts.blocks) if final is None else -1
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        output, captured = run_tapped(
+            lambda: model(input_ids=ids, output_hidden_states=True, use_cache=False),
+            parts.blocks, final, [tapped],
+        )
+    finally:
+        for module, training in modes:  # per module: a caller may have frozen parts in eval mode
+            module.training = training
+    hidden = getattr(output, "hidden_states", None)
+    got, want = captured.get(tapped), hidden[-1] if hidden else None
+    if got is None or want is None or got.shape != want.shape or not torch.allclose(
+        got.float(), want.float(), rtol=1e-3, atol=1e-4
+    ):
+        where = "no final norm found" if final is None else f"final module {type(final).__name__}"
+        raise ConfigError(
+            f"final_layer=post_norm: layer -1 of {type(model).__name__} ({where}) is not the model's "
+            "output_hidden_states[-1]; add its final norm's name to alignkit.adapters.hf_causal.FINAL_NAMES "
+            "(or its layout to LAYOUTS), or set final_layer: pre_norm (layer -1 = the last block's output)"
+        )
 
 
 # --------------------------------------------------------------------------- adapters
@@ -300,6 +351,8 @@ class _Layered:
         if final_layer not in ("post_norm", "pre_norm"):
             raise ConfigError(f"final_layer={final_layer!r} is not post_norm or pre_norm")
         self._parts = find_blocks(model)
+        if final_layer == "post_norm":
+            check_final_layer(model, self._parts)
         self.final_layer = final_layer
         self.num_layers = len(self._parts.blocks)
         self.hidden_size = int(model.config.hidden_size)
