@@ -233,6 +233,7 @@ def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
         (folder / "trainer.json").write_text("{}")
     assert ckpt.latest_checkpoint(tmp_path).name == "step_1000000"
     staging = ckpt.staging_dir(tmp_path, 1_001_000)
+    (staging / "trainer.json").write_text("{}")
     ckpt.publish(staging, tmp_path, 1_001_000, keep=2)
     assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["step_1000000", "step_1001000"]
 

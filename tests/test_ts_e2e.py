@@ -71,3 +71,32 @@ def test_teacher_pretrained_on_several_datasets_guides_a_student_on_one(tmp_path
     assert saved["num_channels"] == 12 and saved["num_classes"] == 9 + 4  # joint label space, padded channels
     first = rows(tmp_path / "multi")[0]
     assert first["teacher_active"] and "cos/t-1-s1" in first  # a 6-channel student batch fed the 12-channel teacher
+
+
+def test_interrupted_teacher_pretraining_continues_with_the_run(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import alignkit.core.trainer as trainer_module
+
+    torch.set_num_threads(1)
+    finish = trainer_module.Trainer._finish_step
+
+    def sigterm_at_step_6_of_the_teacher(self):
+        finish(self)
+        if self.engine is None and self.step == 6 and not hasattr(self, "_fired"):
+            self._fired = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_finish_step", sigterm_at_step_6_of_the_teacher)
+    overrides = [*TINY, "task.teacher_pretrain.steps=12", "task.teacher_pretrain.save_every=4",
+                 "train.steps=2", "align.stop_step=2"]
+    assert main(["train", RECIPE, f"output_dir={tmp_path}", "run_name=ts", *overrides, "--no-progress"]) == 143
+    err = capsys.readouterr().err
+    assert "teacher pre-training SIGTERM at step 6" in err and f"--resume {tmp_path / 'ts'}" in err
+    teacher = next((tmp_path / "teachers").glob("timesnet-BasicMotions-*"))
+    assert (teacher / "checkpoints" / "step_000006").is_dir()  # kept, never deleted
+    assert main(["train", "--resume", str(tmp_path / "ts"), "--no-progress"]) == 0
+    assert "continuing the TimesNet teacher" in capsys.readouterr().out
+    assert [r["step"] for r in rows(teacher) if "ce" in r] == list(range(1, 13))
+    assert (teacher / "final" / "timesnet.json").is_file()

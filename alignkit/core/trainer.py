@@ -204,11 +204,14 @@ class Trainer:
             ckpt.save_rank_state(staging, self.dist.rank, data_state, rng)
             if self.dist.is_main:
                 self._save_main(staging)
-        except Exception as err:  # noqa: BLE001 -- reported to the user with its reason
+        except BaseException as err:  # noqa: BLE001 -- every rank must learn of it, or the others hang
             failure = err
-        if max_over_ranks(int(failure is not None), self.dist):
+        outcome = max_over_ranks(2 if isinstance(failure, KeyboardInterrupt) else int(failure is not None), self.dist)
+        if outcome:
             if self.dist.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
+            if outcome == 2:  # interrupted on some rank: every rank handles it as an interrupt
+                raise KeyboardInterrupt
             raise ckpt.write_error(failure or OSError("failed on another rank"), staging)
         barrier(self.dist)
         final = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
