@@ -270,6 +270,7 @@ def plot(path: Path, lives: list[dict[str, Any]], steps: int, eval_every: int) -
     ax.legend(handles=handles, fontsize=7, loc="upper right")
     ax.set_xlabel("step (each bar: one process, from the checkpoint it resumed to the step logged at its kill)")
     ax.set_ylabel("process")
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.invert_yaxis()
     ax.set_xlim(0, steps + 8)
     ax.set_title(f"Fault soak: {sum('signal' in l for l in lives)} kills")  # noqa: E741
