@@ -190,7 +190,9 @@ class Trainer:
                 continue
             if isinstance(record, dict) and record.get("step", math.inf) <= step:
                 kept.append(line)
-        path.write_text("".join(line + "\n" for line in kept))
+        staging = path.with_name(path.name + ".tmp")  # a kill mid-rewrite must not cut the log
+        staging.write_text("".join(line + "\n" for line in kept))
+        staging.replace(path)
 
     def save(self, data_state: dict[str, Any], rng: tuple[Any, ...]) -> Path:
         """Write a checkpoint of the current step; on a failed write (full disk, read-only
