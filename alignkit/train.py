@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from alignkit.core.checkpoint import latest_checkpoint
+from alignkit.core.config import resolve_grad_accum
 from alignkit.core.distributed import DistInfo, cleanup, init_distributed, resolve_device
 from alignkit.core.engine import build_engine
 from alignkit.core.trainer import Trainer
@@ -52,6 +53,7 @@ def run(cfg: ExperimentConfig, config_path: str | None = None, resume: str | Non
     info = init_distributed(cfg.train.device)
     try:
         device = resolve_device(cfg.train.device, info)
+        cfg.train.grad_accum = resolve_grad_accum(cfg.train, info.world_size)  # global batch -> per-process accumulation
         run_dir = prepare_run_dir(cfg, config_path, resume, info)
         if info.is_main:
             save_resolved(cfg, run_dir)

@@ -106,7 +106,7 @@ def test_layer_convention_matches_hf_hidden_states(family: str) -> None:
     with torch.no_grad():
         hf_loss = student.model(**batch).loss
     torch.testing.assert_close(out.loss, hf_loss)
-    assert out.logits.shape == (2, 10, VOCAB)
+    assert out.logits is None and out.get_logits().shape == (2, 10, VOCAB)  # computed on request only
     assert student.model.config.use_cache is False
 
 
@@ -146,10 +146,15 @@ def test_teacher_stops_after_deepest_layer(family: str) -> None:
     batch = make_batch()
     reference = hf_hidden_states(teacher.model, batch)
     counts = count_calls(teacher.model)
+    blocks = find_blocks(teacher.model).blocks
+    hooks = [len(b._forward_hooks) + len(b._forward_pre_hooks) for b in blocks]
     features = teacher.features(batch, [2, 1])
     torch.testing.assert_close(features[2], reference[2])
     torch.testing.assert_close(features[1], reference[1])
-    assert counts == {"block1": 1, "block2": 1}  # blocks 3.., the norm and the LM head never ran
+    # blocks 3.. and the LM head never ran (the model's final norm ran once on block 2's output)
+    assert counts == {"block1": 1, "block2": 1, "norm": 1}
+    assert find_blocks(teacher.model).blocks is blocks  # the full block list is back
+    assert [len(b._forward_hooks) + len(b._forward_pre_hooks) for b in blocks] == hooks  # taps: registered once
     assert not features[2].requires_grad
 
     counts.clear()
@@ -196,13 +201,13 @@ def test_student_save_pretrained_round_trip(tmp_path: Path) -> None:
     assert student.model.config.use_cache is False
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
-        expected = student(batch, []).logits
+        expected = student(batch, []).get_logits()
         got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got, expected)
     # and through the adapter's own loader
     again = build_hf_student(ModelConfig(source="checkpoint", name_or_path=str(tmp_path / "hf"))).eval()
     with torch.no_grad():
-        torch.testing.assert_close(again(batch, []).logits, expected)
+        torch.testing.assert_close(again(batch, []).get_logits(), expected)
 
 
 def test_registry_builds_hf_causal() -> None:
