@@ -296,3 +296,54 @@ def test_tiny_preset_tokenizer_loads_offline() -> None:
     cfg = ModelConfig(**yaml.safe_load((PRESETS / "llama-tiny.yaml").read_text()))
     tokenizer = load_tokenizer(cfg)
     assert len(tokenizer) == cfg.arch["vocab_size"] and tokenizer.pad_token is not None
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt_neox", "gpt2"])
+def test_config_models_are_built_on_meta_and_initialised_on_their_device(family: str) -> None:
+    """source=config: materialised from the meta device; the same seed gives the same weights
+    (every rank agrees), buffers (RoPE) match a model built the ordinary way, init looks like HF's."""
+    torch.manual_seed(5)
+    one = load_hf_causal_lm(ModelConfig(arch=dict(TINY_ARCH[family])))
+    torch.manual_seed(5)
+    two = load_hf_causal_lm(ModelConfig(arch=dict(TINY_ARCH[family])))
+    torch.manual_seed(6)
+    other = load_hf_causal_lm(ModelConfig(arch=dict(TINY_ARCH[family])))
+    state, again = one.state_dict(), two.state_dict()
+    assert all(not t.is_meta for t in state.values())
+    assert all(torch.equal(state[k], again[k]) for k in state)
+    first = next(name for name, _ in one.named_parameters())  # the token embedding
+    assert not torch.equal(state[first], other.state_dict()[first])  # another seed, other weights
+    reference = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**TINY_ARCH[family]))
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(dict(one.named_buffers())[name], buffer)
+    for name, param in reference.named_parameters():  # same init distribution (std 0.02 / ones / zeros)
+        mine = dict(one.named_parameters())[name]
+        assert abs(mine.float().std().nan_to_num() - param.float().std().nan_to_num()) < 0.01, name
+        assert abs(mine.float().mean() - param.float().mean()) < 0.01, name
+
+
+def test_student_taps_are_registered_once_and_logits_come_on_request() -> None:
+    student = build_hf_student(tiny_cfg())
+    blocks = find_blocks(student.model).blocks
+    hooks = lambda: sum(len(b._forward_hooks) + len(b._forward_pre_hooks) for b in blocks)  # noqa: E731
+    before = hooks()
+    batch = make_batch()
+    for layers in ([2], [], [0, -1], [2]):
+        out = student(batch, layers)
+        assert set(out.features) == set(layers) and hooks() == before
+    assert out.logits is None
+    logits = out.get_logits()
+    reference = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(logits, reference)
+    logits.sum().backward()  # KD through the logits reaches the weights
+    assert student.model.get_output_embeddings().weight.grad is not None
+
+
+def test_packed_batch_without_mask_gives_the_same_loss_as_an_all_ones_mask() -> None:
+    student = build_hf_student(tiny_cfg())
+    ids = make_batch()["input_ids"]
+    with torch.no_grad():
+        without = student({"input_ids": ids}, [1])
+        with_mask = student({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [1])
+    torch.testing.assert_close(without.loss, with_mask.loss)
+    torch.testing.assert_close(without.features[1], with_mask.features[1])

@@ -127,7 +127,8 @@ def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta
     """Build or load the ``AutoModelForCausalLM`` that ``cfg`` describes (see module docstring).
 
     ``meta=True`` allocates nothing (parameters on the meta device); for ``pretrained`` and
-    ``checkpoint`` sources it reads only the config. Training settings: ``use_cache=False``."""
+    ``checkpoint`` sources it reads only the config -- ``arch`` when the preset gives it (so
+    ``alignkit check`` works offline), else the model's own. Training settings: ``use_cache=False``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = _torch_dtype(cfg.dtype)
@@ -137,10 +138,10 @@ def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta
     remote = {"trust_remote_code": True} if cfg.trust_remote_code else {}
 
     if cfg.source == "config" or (meta and cfg.source in ("pretrained", "checkpoint")):
-        if cfg.source == "config":
+        if cfg.source == "config" or cfg.arch:
             arch = dict(cfg.arch)
             if "model_type" not in arch:
-                raise ValueError("source=config needs arch.model_type (e.g. llama, opt, gpt_neox)")
+                raise ValueError(f"source={cfg.source}: arch needs model_type (e.g. llama, opt, gpt_neox)")
             hf_config = AutoConfig.for_model(**arch)
         else:
             hf_config = AutoConfig.from_pretrained(_local_or_hub(cfg), **remote)
@@ -478,7 +479,8 @@ def build_hf_student(cfg: ModelConfig, device: str | torch.device = "cpu", **_: 
 
 
 def build_hf_teacher(cfg: ModelConfig, device: str | torch.device = "cpu", **_: Any) -> HFCausalTeacher:
-    return HFCausalTeacher(load_hf_causal_lm(cfg, device), final_layer=cfg.final_layer)
+    meta = torch.device(device).type == "meta"  # `alignkit check` (not for source=gguf)
+    return HFCausalTeacher(load_hf_causal_lm(cfg, "cpu" if meta else device, meta=meta), final_layer=cfg.final_layer)
 
 
 register_adapter("hf_causal", student=build_hf_student, teacher=build_hf_teacher)

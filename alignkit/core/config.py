@@ -96,6 +96,16 @@ class TrainConfig:
     num_processes: int = 1  # the process count `alignkit check` estimates memory for (a hint)
 
 
+PARALLEL = ("", "auto", "ddp", "fsdp")
+
+
+def resolve_parallel(cfg: TrainConfig) -> str:
+    """``ddp`` or ``fsdp`` ("" and ``auto`` mean ``ddp``, which wraps nothing in one process)."""
+    if cfg.parallel not in PARALLEL:
+        raise ConfigError(f"train.parallel={cfg.parallel!r} must be ddp, fsdp or auto")
+    return cfg.parallel if cfg.parallel in ("ddp", "fsdp") else "ddp"
+
+
 def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
     """Micro-batches per optimizer step on each process. With ``global_batch_size`` set, the
     accumulation follows the process count so a recipe means the same training on any number
