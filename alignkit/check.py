@@ -45,7 +45,9 @@ def _memory(cfg: ExperimentConfig, student: Any, processes: int, grad_accum: int
         processes=processes, grad_accum=grad_accum, teacher_params=teacher[0], teacher_width=teacher[1],
         teacher_bytes_per_param=teacher[2], logit_kd=cfg.align.method in ("rkd", "salt"),
     )
-    shape = transformer_shape(student.model, student._parts.blocks)
+    from alignkit.adapters.hf_causal import find_blocks
+
+    shape = transformer_shape(student.model, find_blocks(student.model).blocks)
     table = {}
     for mode, (parallel, ckpt) in MODES.items():
         run.activation_checkpointing = ckpt

@@ -229,6 +229,8 @@ class TimesNetClassifier(nn.Module):
 
         def forward() -> Tensor:
             h = self.encode(x, mask)
+            if stop_early:  # a teacher's features: no head
+                return h
             m = mask[..., None].to(h.dtype)
             h = self.dropout(F.gelu(h)) * m
             pooled = h.sum(1) / m.sum(1).clamp(min=1)
@@ -236,7 +238,7 @@ class TimesNetClassifier(nn.Module):
 
         logits, captured = self._taps.run(forward, list(layers), stop_early=stop_early)
         features = {layer: _pad_time(t, full) for layer, t in captured.items()}
-        return logits, features, mask  # type: ignore[return-value]
+        return (None if stop_early else logits), features, mask
 
     def forward(self, batch: Batch, layers: Sequence[int] = ()) -> StudentOutput:  # type: ignore[override]
         logits, features, _ = self._run(batch, layers, stop_early=False)
