@@ -347,3 +347,17 @@ def test_packed_batch_without_mask_gives_the_same_loss_as_an_all_ones_mask() -> 
         with_mask = student({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [1])
     torch.testing.assert_close(without.loss, with_mask.loss)
     torch.testing.assert_close(without.features[1], with_mask.features[1])
+
+
+def test_compiled_student_does_not_recompile_across_forwards() -> None:
+    """Taps registered once: a torch.compile'd student (eager backend: tracing only, fast) runs
+    tapped forwards and backwards without recompiling."""
+    student = build_hf_student(ModelConfig(arch=dict(TINY_ARCH["llama"], num_hidden_layers=2)))
+    compiled = torch.compile(student, backend="eager")
+    ids = make_batch()["input_ids"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            out = compiled({"input_ids": ids, "labels": ids}, [1])
+            out.loss.backward()
+            assert 1 in out.features
+    torch._dynamo.reset()

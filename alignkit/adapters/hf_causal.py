@@ -347,7 +347,7 @@ def _inputs(batch: Batch, device: torch.device, prefix: str = "") -> dict[str, T
 
 
 class HFCausalStudent(nn.Module, _Layered):
-    """A causal LM being trained: returns its token-mean NLL, tapped features and logits."""
+    """A causal LM being trained: returns its token-mean NLL, tapped features and (on request) logits."""
 
     def __init__(self, model: nn.Module, final_layer: str = "post_norm") -> None:
         super().__init__()
