@@ -361,3 +361,13 @@ def test_compiled_student_does_not_recompile_across_forwards() -> None:
             out.loss.backward()
             assert 1 in out.features
     torch._dynamo.reset()
+
+
+def test_full_logits_path_for_unusual_heads_gives_the_same_loss() -> None:
+    student = build_hf_student(tiny_cfg())
+    batch = make_batch()
+    chunked = student(batch, [2])
+    student._chunked_loss = False  # what a head with a bias or logit scaling takes
+    full = student(batch, [2])
+    torch.testing.assert_close(full.loss, chunked.loss)
+    torch.testing.assert_close(full.logits, chunked.get_logits())
