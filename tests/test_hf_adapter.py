@@ -371,3 +371,13 @@ def test_full_logits_path_for_unusual_heads_gives_the_same_loss() -> None:
     full = student(batch, [2])
     torch.testing.assert_close(full.loss, chunked.loss)
     torch.testing.assert_close(full.logits, chunked.get_logits())
+
+
+def test_tapped_features_carry_gradients_under_activation_checkpointing() -> None:
+    student = build_hf_student(tiny_cfg(options={"gradient_checkpointing": True}))
+    student.train()
+    out = student(make_batch(), [1])
+    out.features[1].pow(2).mean().backward()  # the alignment term alone
+    blocks = find_blocks(student.model).blocks
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in blocks[0].parameters())
+    assert all(p.grad is None for p in blocks[1].parameters())  # block 2 is downstream of layer 1
