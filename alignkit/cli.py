@@ -51,13 +51,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from alignkit.check import check_experiment
+    from alignkit.check import check_experiment, memory_table
     from alignkit.experiment import load_experiment
 
     cfg = load_experiment(args.config, args.overrides)
     if args.print_config:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    print(json.dumps(check_experiment(cfg), indent=2))
+    report = check_experiment(cfg)
+    print(json.dumps(report, indent=2))
+    print(memory_table(report), file=sys.stderr)  # for people; stdout stays JSON for scripts
     return 0
 
 

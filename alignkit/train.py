@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from alignkit.core.distributed import DistInfo, max_over_ranks, cleanup, init_distributed, resolve_device
+from alignkit.core.config import resolve_grad_accum
+from alignkit.core.distributed import DistInfo, cleanup, init_distributed, max_over_ranks, resolve_device
 from alignkit.core.engine import build_engine
 from alignkit.core.errors import AlignkitError, Interrupted, RunDirError
 from alignkit.core.folder_lock import FolderLock
@@ -62,6 +63,7 @@ def run(cfg: ExperimentConfig, config_path: str | None = None, resume: str | Non
     info = init_distributed(cfg.train.device)
     try:
         device = resolve_device(cfg.train.device, info)
+        cfg.train.grad_accum = resolve_grad_accum(cfg.train, info.world_size)  # global batch -> per-process accumulation
         run_dir = run_dir_for(cfg, config_path, resume, info)
         if resume and is_finished(run_dir, cfg):
             print(f"{run_dir} is finished (results.json); nothing to do. To train longer: "

@@ -97,7 +97,7 @@ def test_packing_order_eos_and_shapes(tmp_path):
     assert got == expected[:12]
     batch = next(iter(data.train_batches(2)))
     assert batch["input_ids"].shape == (2, 4) and batch["input_ids"].dtype == torch.long
-    assert torch.equal(batch["attention_mask"], torch.ones(2, 4, dtype=torch.long))
+    assert "attention_mask" not in batch  # packed: every position is real, no mask for the models to check
     assert torch.equal(batch["labels"], batch["input_ids"])
     assert "teacher_index" not in batch
 

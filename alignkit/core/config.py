@@ -148,6 +148,36 @@ class TrainConfig:
     select_mode: str = checked("max", one_of("max", "min"))
     ema_decay: float = checked(0.0, between(0, 1, high_open=True))  # > 0: evaluate, select and export an EMA of the weights
     select_tiebreak: str = ""  # e.g. "val_loss": lower wins among evals equal on select_metric
+    # Scale (see `alignkit check`): data/model parallelism, memory, and the global batch
+    parallel: str = checked("", one_of("", "auto", "ddp", "fsdp"))  # "" / auto = ddp when > 1 process
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    global_batch_size: int = checked(0, at_least(0))  # sequences per optimizer step over all processes; 0 = micro x accum x world
+    num_processes: int = checked(1, at_least(1))  # the process count `alignkit check` estimates memory for (a hint)
+
+
+PARALLEL = ("", "auto", "ddp", "fsdp")
+
+
+def resolve_parallel(cfg: TrainConfig) -> str:
+    """``ddp`` or ``fsdp`` ("" and ``auto`` mean ``ddp``, which wraps nothing in one process)."""
+    if cfg.parallel not in PARALLEL:
+        raise ConfigError(f"train.parallel={cfg.parallel!r} must be ddp, fsdp or auto")
+    return cfg.parallel if cfg.parallel in ("ddp", "fsdp") else "ddp"
+
+
+def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on each process. With ``global_batch_size`` set, the
+    accumulation follows the process count so a recipe means the same training on any number
+    of GPUs; otherwise ``grad_accum`` as given."""
+    if cfg.global_batch_size <= 0:
+        return cfg.grad_accum
+    per_pass = cfg.micro_batch_size * world_size
+    if cfg.global_batch_size % per_pass:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.global_batch_size} is not a multiple of train.micro_batch_size x "
+            f"processes = {cfg.micro_batch_size} x {world_size} = {per_pass}"
+        )
+    return cfg.global_batch_size // per_pass
 
 
 def _read_yaml(path: Path, key: str) -> DictConfig:

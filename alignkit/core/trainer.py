@@ -365,7 +365,7 @@ class Trainer:
                 (total / cfg.grad_accum).backward()
             for key, value in {"loss": total.detach(), self.loss_name: out.loss.detach(), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + value.float() / cfg.grad_accum
-            tokens += batch["attention_mask"].sum()
+            tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
         self._step_stats = (sums, tokens, grad_norm, lr)
 

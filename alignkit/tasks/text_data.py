@@ -14,8 +14,9 @@ sequences is held out.
 
 Packing: documents are tokenized without special tokens, each followed by the tokenizer's EOS,
 concatenated into one stream and cut into ``seq_len`` chunks; the tail that does not fill a
-chunk is dropped. Batches: ``input_ids`` [B, S] long, ``attention_mask`` [B, S] ones,
-``labels`` = ``input_ids`` (Hugging Face shifts internally).
+chunk is dropped. Batches: ``input_ids`` [B, S] long and ``labels`` = ``input_ids`` (the
+student shifts); no ``attention_mask``: every position of a packed sequence is real, and an
+all-ones mask would make the models check it on the host at every forward.
 
 Tokenizer mismatch (the paper's LET-dagger, see DESIGN.md "Tokenizers"): when a teacher
 tokenizer different from the student's is given, the packed stream keeps each token's character
@@ -489,7 +490,7 @@ class TextData:
     # -- batch assembly ------------------------------------------------------------------------
     def _make_batch(self, split: _Split, indices: list[int]) -> dict[str, torch.Tensor]:
         ids = torch.from_numpy(np.stack([split.tokens(i) for i in indices]).astype(np.int64))
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        batch = {"input_ids": ids, "labels": ids.clone()}  # packed: no padding, no mask
         if self.teacher is not None:
             batch.update(self._teacher_fields(split, indices))
         return batch
