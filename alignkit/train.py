@@ -18,6 +18,7 @@ import torch.distributed as dist
 from alignkit.core.checkpoint import latest_checkpoint
 from alignkit.core.distributed import DistInfo, cleanup, init_distributed, resolve_device
 from alignkit.core.engine import build_engine
+from alignkit.core.parallel import shard_teacher
 from alignkit.core.trainer import Trainer
 from alignkit.experiment import ExperimentConfig, save_resolved
 from alignkit.tasks import build_task
@@ -65,6 +66,8 @@ def run(cfg: ExperimentConfig, config_path: str | None = None, resume: str | Non
         teachers = task.build_teachers() if cfg.align.method != "none" else {}
         task.build_data()
         engine = build_engine(cfg.align, student, teachers)
+        if teachers and cfg.teacher.options.get("shard"):  # a large frozen teacher: shard it like the student
+            shard_teacher(teachers["default"], device)
         seed_everything(cfg.train.seed + info.rank)  # per-rank streams (dropout) from here on
         trainer = Trainer(cfg.train, student, engine, task, run_dir, device, info, progress=progress)
         if checkpoint is not None:

@@ -2,7 +2,9 @@
 loaded with ``weights_only=True``), step/tokens/data position (JSON), per-rank RNG state.
 
 Layout: ``RUN_DIR/checkpoints/step_000100/{state.safetensors, optimizer.pt, trainer.json,
-rng_rank0.json, data_rank0.json, model/}``; ``model/`` is the task's export (Hugging Face format
+rng_rank0.json, data_rank0.json, model/}``; under ``train.parallel=fsdp`` the weights and optimizer
+are instead ``sharded/`` (``torch.distributed.checkpoint``: each rank writes its own shards, no
+gather) and there is no ``model/``. ``model/`` is the task's export (Hugging Face format
 for text) that users open directly. The trainer adds ``best.safetensors`` (the weights selected by
 ``train.select_metric`` so far) and ``ema.safetensors`` when those are on. A checkpoint is written to a temporary folder and renamed,
 so an interruption never leaves a half-written one behind.
@@ -17,8 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_model, save_model
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 
 def rng_snapshot() -> tuple[Any, ...]:
@@ -78,7 +82,7 @@ def save_rank_state(directory: Path, rank: int, data_state: dict[str, Any], rng:
 def save_main_state(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any]) -> None:
     save_model(module, str(directory / "state.safetensors"))
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-    (directory / "trainer.json").write_text(json.dumps(trainer, indent=2))
+    save_trainer_state(directory, trainer)
 
 
 def publish(staging: Path, run_dir: Path, step: int, keep: int) -> Path:
@@ -98,6 +102,11 @@ def load_checkpoint(
     """Restore module, optimizer and this rank's RNG; return (trainer state, data state)."""
     load_model(module, str(directory / "state.safetensors"), device=str(device))
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
+    return load_run_state(directory, rank)
+
+
+def load_run_state(directory: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore this rank's RNG; return (trainer state, this rank's data state)."""
     rng_file = directory / f"rng_rank{rank}.json"
     data_file = directory / f"data_rank{rank}.json"
     if not rng_file.is_file():
@@ -105,3 +114,30 @@ def load_checkpoint(
     set_rng_state(json.loads(rng_file.read_text()))
     trainer = json.loads((directory / "trainer.json").read_text())
     return trainer, json.loads(data_file.read_text())
+
+
+SHARDED = "sharded"
+
+
+def save_trainer_state(directory: Path, trainer: dict[str, Any]) -> None:
+    (directory / "trainer.json").write_text(json.dumps(trainer, indent=2))
+
+
+def save_sharded(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """FSDP: weights and optimizer state with ``torch.distributed.checkpoint``; a collective
+    (every rank writes its own shards into ``directory/sharded``)."""
+    model_state, optim_state = get_state_dict(module, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / SHARDED))
+
+
+def load_sharded(
+    directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """FSDP counterpart of :func:`load_checkpoint` (a collective; same number of processes)."""
+    if not (directory / SHARDED).is_dir():
+        raise FileNotFoundError(f"{directory / SHARDED} missing: this checkpoint was not written with train.parallel=fsdp")
+    model_state, optim_state = get_state_dict(module, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(directory / SHARDED))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return load_run_state(directory, rank)

@@ -89,6 +89,10 @@ class TrainConfig:
     select_mode: str = "max"
     ema_decay: float = 0.0  # > 0: evaluate, select and export an EMA of the weights
     select_tiebreak: str = ""  # e.g. "val_loss": lower wins among evals equal on select_metric
+    parallel: str = "auto"  # auto (ddp for > 1 process) | none | ddp | fsdp (FSDP2: sharded weights, grads, optimizer)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    compile: bool = False  # torch.compile each block
+    global_batch_size: int = 0  # sequences per optimizer step over all processes; 0 = micro_batch_size x grad_accum x processes
 
 
 def _read_yaml(path: Path, key: str) -> DictConfig:

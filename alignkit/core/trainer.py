@@ -18,10 +18,11 @@ from typing import Any, Iterator, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from alignkit.core import checkpoint as ckpt
+from alignkit.core import parallel
 from alignkit.core.adapter import Batch, StudentOutput
 from alignkit.core.config import TrainConfig
 from alignkit.core.distributed import DistInfo, all_reduce_mean, barrier
@@ -98,12 +99,11 @@ class Trainer:
         self.cfg, self.task, self.run_dir, self.device, self.dist = cfg, task, Path(run_dir), device, dist
         self.module = StepModule(student, engine).to(device)
         self.student, self.engine = self.module.student, engine
-        self.model: nn.Module = self.module
-        if dist.world_size > 1:
-            has_projection_params = engine is not None and any(True for _ in engine.parameters())
-            self.model = DistributedDataParallel(self.module, find_unused_parameters=has_projection_params)
+        self.model, self.parallel = parallel.wrap_model(self.module, cfg, dist)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(_param_groups(self.module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+        self.optimizer = torch.optim.AdamW(_param_groups(self.module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                                           fused=device.type == "cuda")
+        self._pending_tokens = 0  # this rank's tokens since the last host sync
         self.lr_at = warmup_cosine(cfg.lr, cfg.steps, int(cfg.warmup_ratio * cfg.steps), cfg.min_lr_ratio)
         self.step, self.tokens = 0, 0
         self.ema = WeightAverage(self.student, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -116,7 +116,10 @@ class Trainer:
 
     # --- resume / checkpoints ---------------------------------------------------------------
     def resume(self, directory: Path) -> None:
-        state, data_state = ckpt.load_checkpoint(directory, self.module, self.optimizer, self.dist.rank, self.device)
+        if self.parallel == "fsdp":
+            state, data_state = ckpt.load_sharded(directory, self.module, self.optimizer, self.dist.rank)
+        else:
+            state, data_state = ckpt.load_checkpoint(directory, self.module, self.optimizer, self.dist.rank, self.device)
         self.step, self.tokens = state["step"], state["tokens"]
         if state.get("best_value") is not None:
             tiebreak = state.get("best_tiebreak")
@@ -141,14 +144,20 @@ class Trainer:
             staging = ckpt.staging_dir(self.run_dir, self.step)
         barrier(self.dist)
         ckpt.save_rank_state(staging, self.dist.rank, data_state, rng)
+        self._reduce([])  # self.tokens up to date
+        if self.parallel == "fsdp":  # every rank writes its shards; no gathered model/ export
+            ckpt.save_sharded(staging, self.module, self.optimizer)
         if self.dist.is_main:
             best = self.best[0] if self.best else (None, None)
             trainer_state = {"step": self.step, "tokens": self.tokens, "best_value": best[0],
                              "best_tiebreak": None if best[1] in (None, math.inf) else best[1]}
-            ckpt.save_main_state(staging, self.module, self.optimizer, trainer_state)
+            if self.parallel == "fsdp":
+                ckpt.save_trainer_state(staging, trainer_state)
+            else:
+                ckpt.save_main_state(staging, self.module, self.optimizer, trainer_state)
+                self.task.export(self.student, staging / "model")
             if self.best is not None:  # the selected weights, so a resumed run exports the same model
                 save_file({k: v.contiguous() for k, v in self.best[1].items()}, str(staging / BEST_FILE))
-            self.task.export(self.student, staging / "model")
             if self.ema is not None:
                 self.ema.save(staging)
         barrier(self.dist)
@@ -204,21 +213,22 @@ class Trainer:
         while self.step < cfg.steps:
             data_state, rng = self.task.state_dict(), ckpt.rng_snapshot()
             try:
-                record = self._train_step(stream)
+                raw = self._train_step(stream)
             except KeyboardInterrupt:
                 if self.dist.world_size == 1:
                     path = self.save(data_state, rng)
                     bar.write(f"interrupted: saved {path}; continue with --resume {self.run_dir}")
                 raise
-            window_tokens += record.pop("step_tokens")
             done = self.step == cfg.steps
-            if self.step % cfg.log_every == 0 or done:
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or done:  # the only host syncs of the loop
+                record = self._synced(raw)
+                window_tokens += record.pop("step_tokens")
                 elapsed = time.perf_counter() - window_start
                 record.update(tokens_per_s=window_tokens / max(elapsed, 1e-9), peak_mem_mb=peak_memory_mb(self.device))
                 self._log(record)
                 window_start, window_tokens = time.perf_counter(), 0
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lam=f"{record.get('lambda', 0.0):.3g}")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lam=f"{record.get('lambda', 0.0):.3g}")
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or done:
                 eval_results = self.evaluate()
                 window_start, window_tokens = time.perf_counter(), 0  # throughput: training time only
@@ -231,29 +241,31 @@ class Trainer:
         if self.best is not None:
             self.student.load_state_dict(self.best[1])
             eval_results = {**eval_results, f"best_{self.cfg.select_metric}": self.best[0][0]}
-        if self.dist.is_main:
-            self.task.export(self.student, self.run_dir / "final")
+        with parallel.gathered(self.student, self.dist):  # fsdp: full weights on the main rank
+            if self.dist.is_main:
+                self.task.export(self.student, self.run_dir / "final")
         barrier(self.dist)
         return eval_results
 
     def _train_step(self, stream: Iterator[Batch]) -> dict[str, Any]:
+        """One optimizer step; metrics stay on the device (no host sync) until :meth:`_synced`."""
         cfg, step = self.cfg, self.step
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sums: dict[str, Tensor] = {}
-        tokens = torch.zeros((), device=self.device)
+        tokens = 0
         for micro in range(cfg.grad_accum):
-            batch = to_device(next(stream), self.device)
-            last = micro == cfg.grad_accum - 1
-            sync = self.model.no_sync() if isinstance(self.model, DistributedDataParallel) and not last else nullcontext()
-            with sync:
+            host_batch = next(stream)
+            batch = to_device(host_batch, self.device)
+            with parallel.grad_sync(self.model, micro == cfg.grad_accum - 1):
                 with self.autocast:
                     total, out, metrics = self.model(batch, step)
                 (total / cfg.grad_accum).backward()
             for key, value in {"loss": total.detach(), self.loss_name: out.loss.detach(), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + value.float() / cfg.grad_accum
-            tokens += batch["attention_mask"].sum()
+            tokens += int(host_batch["attention_mask"].sum())  # a host tensor: no device sync
+            del total, out, metrics  # no logits alive into the next micro-batch
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -262,11 +274,25 @@ class Trainer:
         teacher_active = self.engine is not None and self.engine.active(step)
         if self.engine is not None:
             self.engine.after_step(step)
-        keys = sorted(sums)
-        reduced = all_reduce_mean(torch.stack([sums[k] for k in keys] + [tokens * self.dist.world_size]), self.dist)
-        values = reduced.tolist()
-        self.step += 1
-        self.tokens += int(values[-1])
-        record = {"step": self.step, **dict(zip(keys, values)), "lr": lr, "grad_norm": float(grad_norm)}
-        record.update(tokens=self.tokens, step_tokens=int(values[-1]), teacher_active=teacher_active)
+        self.step, self._pending_tokens = self.step + 1, self._pending_tokens + tokens
+        return {"step": self.step, "sums": sums, "lr": lr, "grad_norm": grad_norm, "teacher_active": teacher_active}
+
+    def _synced(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """The log record of a step, its metrics averaged over ranks."""
+        keys = sorted(raw["sums"])
+        grad_norm = raw["grad_norm"]
+        if isinstance(grad_norm, DTensor):  # fsdp
+            grad_norm = grad_norm.full_tensor()
+        values, window = self._reduce([raw["sums"][k] for k in keys] + [grad_norm])
+        record = {"step": raw["step"], **dict(zip(keys, values[:-1])), "lr": raw["lr"], "grad_norm": values[-1]}
+        record.update(tokens=self.tokens, step_tokens=window, teacher_active=raw["teacher_active"])
         return record
+
+    def _reduce(self, values: list[Tensor]) -> tuple[list[float], int]:
+        """Means of ``values`` over ranks, in one collective and one host sync; also adds the
+        tokens of all ranks since the last call to ``self.tokens``. Returns (means, those tokens)."""
+        tokens = torch.tensor(float(self._pending_tokens * self.dist.world_size), device=self.device)
+        reduced = all_reduce_mean(torch.stack([v.double() for v in values] + [tokens.double()]), self.dist).tolist()
+        window = int(reduced[-1])
+        self.tokens, self._pending_tokens = self.tokens + window, 0
+        return reduced[:-1], window
