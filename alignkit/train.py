@@ -49,6 +49,20 @@ def prepare_run_dir(cfg: ExperimentConfig, config_path: str | None, resume: str 
     return run_dir
 
 
+def build_trainer(cfg: ExperimentConfig, run_dir: Path, info: DistInfo, device: torch.device, progress: bool = True) -> Trainer:
+    """Task, student, teachers, data and engine, wired into a trainer (benchmarks call this too)."""
+    seed_everything(cfg.train.seed)  # same on every rank: randomly built models must agree
+    task = build_task(cfg, info, device)
+    student = task.build_student()
+    teachers = task.build_teachers() if cfg.align.method != "none" else {}
+    task.build_data()
+    engine = build_engine(cfg.align, student, teachers)
+    if teachers and cfg.teacher.options.get("shard"):  # a large frozen teacher: shard it like the student
+        shard_teacher(teachers["default"], device)
+    seed_everything(cfg.train.seed + info.rank)  # per-rank streams (dropout) from here on
+    return Trainer(cfg.train, student, engine, task, run_dir, device, info, progress=progress)
+
+
 def run(cfg: ExperimentConfig, config_path: str | None = None, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
     info = init_distributed(cfg.train.device)
     try:
@@ -56,25 +70,16 @@ def run(cfg: ExperimentConfig, config_path: str | None = None, resume: str | Non
         run_dir = prepare_run_dir(cfg, config_path, resume, info)
         if info.is_main:
             save_resolved(cfg, run_dir)
-        seed_everything(cfg.train.seed)  # same on every rank: randomly built models must agree
         checkpoint = latest_checkpoint(run_dir) if resume else None
         if resume and checkpoint is None:
             raise FileNotFoundError(f"--resume {resume}: no checkpoint in {run_dir / 'checkpoints'}")
 
-        task = build_task(cfg, info, device)
-        student = task.build_student()
-        teachers = task.build_teachers() if cfg.align.method != "none" else {}
-        task.build_data()
-        engine = build_engine(cfg.align, student, teachers)
-        if teachers and cfg.teacher.options.get("shard"):  # a large frozen teacher: shard it like the student
-            shard_teacher(teachers["default"], device)
-        seed_everything(cfg.train.seed + info.rank)  # per-rank streams (dropout) from here on
-        trainer = Trainer(cfg.train, student, engine, task, run_dir, device, info, progress=progress)
+        trainer = build_trainer(cfg, run_dir, info, device, progress)
         if checkpoint is not None:
             trainer.resume(checkpoint)
         results = trainer.fit()
         if info.is_main:
-            results.update(task.report(trainer.student, run_dir))
+            results.update(trainer.task.report(trainer.student, run_dir))
             results["run_dir"] = str(run_dir)
             (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
         return results
