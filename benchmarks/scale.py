@@ -25,6 +25,7 @@ import argparse
 import ctypes
 import multiprocessing as mp
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -59,6 +60,7 @@ class PeakMemory:
         self.cuda = device == "cuda"
         self.torch = torch
         self.peak = 0
+        self.lock = threading.Lock()  # a reset must not be overwritten by a sample taken before it
         if not self.cuda:
             self.page = os.sysconf("SC_PAGE_SIZE")
             threading.Thread(target=self._sample, daemon=True).start()
@@ -69,14 +71,16 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while True:
-            self.peak = max(self.peak, self._rss())
+            with self.lock:
+                self.peak = max(self.peak, self._rss())
             time.sleep(0.002)
 
     def reset(self) -> None:
         if self.cuda:
             self.torch.cuda.reset_peak_memory_stats()
         else:
-            self.peak = self._rss()
+            with self.lock:
+                self.peak = self._rss()
 
     def mb(self) -> float:
         if self.cuda:
@@ -126,6 +130,8 @@ def worker(name: str, overrides: list[str], run_dir: str, threads: int, conn: An
     cfg = load_experiment(None, overrides)
     device = resolve_device(cfg.train.device, DistInfo())
     memory = PeakMemory(device.type)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    Path(run_dir).mkdir(parents=True)  # metrics.jsonl of the run
     trainer = build_trainer(cfg, Path(run_dir), DistInfo(), device, progress=False)
     student = trainer.student
     embedding = student.model.get_input_embeddings().weight.numel()
@@ -211,6 +217,7 @@ def run_group(names: list[str], args: argparse.Namespace) -> dict[str, dict[str,
                                                        args.threads, child), daemon=True)
         process.start()
         workers[name] = (process, parent)
+    started = time.time()
     for name, (_, conn) in workers.items():
         results[name] = {**conn.recv(), "seconds": {"aligned": 0.0, "after_stop": 0.0}}
 
@@ -224,7 +231,7 @@ def run_group(names: list[str], args: argparse.Namespace) -> dict[str, dict[str,
                 if phase:
                     results[name]["seconds"][phase] += seconds
             done += n
-            print(f"  {phase or 'warm-up'}: {done}/{steps} steps", flush=True)
+            print(f"  {phase or 'warm-up'}: {done}/{steps} steps ({time.time() - started:.0f} s)", flush=True)
 
     tokens_per_step = args.micro_batch * args.seq_len
 
