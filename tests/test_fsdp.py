@@ -1,6 +1,7 @@
 """train.parallel=fsdp (FSDP2) with 2 gloo processes on CPU: same losses as one process with the
-same global batch, sharded checkpoints that resume exactly (also with a sharded teacher), and a final/ folder that
-``from_pretrained`` opens with the same weights as the one-process run."""
+same global batch, sharded checkpoints that resume exactly (also with a sharded teacher), and a
+final/ folder that ``from_pretrained`` opens with the same weights as the one-process run. Also:
+the parallel settings' errors, and metrics synchronised only on logging steps."""
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ from alignkit.cli import main
 from alignkit.core.config import ConfigError, TrainConfig
 from alignkit.core.distributed import DistInfo
 from alignkit.core.parallel import resolve_parallel
+from alignkit.core.trainer import Trainer
+from toys import ToyStudent, ToyTask
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = str(REPO / "configs" / "debug.yaml")
@@ -83,3 +86,20 @@ def test_parallel_setting_errors_name_the_key(settings, world, message):
 def test_auto_is_ddp_for_several_processes_and_nothing_for_one():
     assert resolve_parallel(TrainConfig(), DistInfo(0, 2, 0)) == "ddp"
     assert resolve_parallel(TrainConfig(), DistInfo()) == "none"
+
+
+def test_metrics_sync_only_on_logging_steps_and_tokens_stay_exact(tmp_path, monkeypatch):
+    import alignkit.core.trainer as trainer_module
+
+    syncs = []
+    reduce = trainer_module.all_reduce_mean
+    monkeypatch.setattr(trainer_module, "all_reduce_mean", lambda values, dist: syncs.append(1) or reduce(values, dist))
+    cfg = TrainConfig(steps=8, micro_batch_size=4, grad_accum=2, lr=1e-2, eval_every=0, log_every=3, save_every=4)
+    Trainer(cfg, ToyStudent(), None, ToyTask(seq_len=12), tmp_path, torch.device("cpu"), progress=False).fit()
+    assert len(syncs) == 3 + 2  # logging steps 3, 6, 8 and the checkpoints at 4 and 8, not every step
+    logged = [r for r in rows(tmp_path) if "loss" in r]
+    assert [r["step"] for r in logged] == [3, 6, 8]  # and the last step
+    assert [r["tokens"] for r in logged] == [r["step"] * 4 * 2 * 12 for r in logged]
+    assert all(isinstance(r["grad_norm"], float) and isinstance(r["loss"], float) for r in logged)
+    saved = json.loads((tmp_path / "checkpoints" / "step_000004" / "trainer.json").read_text())
+    assert saved["tokens"] == 4 * 4 * 2 * 12  # a checkpoint between logging steps counts every token
