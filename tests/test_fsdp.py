@@ -103,3 +103,9 @@ def test_metrics_sync_only_on_logging_steps_and_tokens_stay_exact(tmp_path, monk
     assert all(isinstance(r["grad_norm"], float) and isinstance(r["loss"], float) for r in logged)
     saved = json.loads((tmp_path / "checkpoints" / "step_000004" / "trainer.json").read_text())
     assert saved["tokens"] == 4 * 4 * 2 * 12  # a checkpoint between logging steps counts every token
+
+
+def test_block_settings_need_a_student_with_blocks(tmp_path):
+    cfg = TrainConfig(steps=1, activation_checkpointing=True)
+    with pytest.raises(ConfigError, match="train.activation_checkpointing: ToyStudent exposes no transformer blocks"):
+        Trainer(cfg, ToyStudent(), None, ToyTask(), tmp_path, torch.device("cpu"), progress=False)

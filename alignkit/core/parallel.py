@@ -57,8 +57,11 @@ def wrap_model(module: nn.Module, cfg: TrainConfig, dist: DistInfo) -> tuple[nn.
     ``student`` attribute (the trainer's step module) and is changed in place."""
     parallel = resolve_parallel(cfg, dist)
     student = module.student
-    if cfg.activation_checkpointing or cfg.compile or parallel == "fsdp":
-        blocks = blocks_of(student, "train.activation_checkpointing/compile/parallel")
+    wanted = [key for key, on in [("train.parallel=fsdp", parallel == "fsdp"),
+                                  ("train.activation_checkpointing", cfg.activation_checkpointing),
+                                  ("train.compile", cfg.compile)] if on]
+    if wanted:
+        blocks = blocks_of(student, wanted[0])
         for index, block in enumerate(blocks):
             if cfg.activation_checkpointing:
                 # non-reentrant checkpoint; the wrapper strips its prefix from state-dict keys
