@@ -26,6 +26,7 @@ from alignkit.core.distributed import DistInfo, cleanup, init_distributed, max_o
 from alignkit.core.engine import build_engine
 from alignkit.core.errors import AlignkitError, Interrupted, RunDirError
 from alignkit.core.folder_lock import FolderLock
+from alignkit.core.parallel import shard_teacher
 from alignkit.core.trainer import Trainer
 from alignkit.experiment import ExperimentConfig
 from alignkit.run_folder import is_finished, open_new, open_resumed
@@ -96,11 +97,9 @@ def _open_folder(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
         print(f"{run_dir} has no checkpoint yet: starting the run over", file=sys.stderr)
 
 
-def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, info: DistInfo, device: torch.device,
-           progress: bool) -> dict[str, Any]:
-    _warn_remote_code(cfg)
+def build_trainer(cfg: ExperimentConfig, run_dir: Path, info: DistInfo, device: torch.device, progress: bool = True) -> Trainer:
+    """Task, student, teachers, data and engine, wired into a trainer (benchmarks call this too)."""
     seed_everything(cfg.train.seed)  # same on every rank: randomly built models must agree
-
     task = build_task(cfg, info, device)
     student = task.build_student()
     try:
@@ -110,13 +109,21 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, info: DistInfo, d
                           err.exit_code - 128) from None
     task.build_data()
     engine = build_engine(cfg.align, student, teachers)
+    if teachers and cfg.teacher.options.get("shard"):  # a large frozen teacher: shard it like the student
+        shard_teacher(teachers["default"], device)
     seed_everything(cfg.train.seed + info.rank)  # per-rank streams (dropout) from here on
-    trainer = Trainer(cfg.train, student, engine, task, run_dir, device, info, progress=progress)
+    return Trainer(cfg.train, student, engine, task, run_dir, device, info, progress=progress)
+
+
+def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, info: DistInfo, device: torch.device,
+           progress: bool) -> dict[str, Any]:
+    _warn_remote_code(cfg)
+    trainer = build_trainer(cfg, run_dir, info, device, progress)
     if resume:
         trainer.resume_latest()
     results = trainer.fit()
     if info.is_main:
-        results.update(task.report(trainer.student, run_dir))
+        results.update(trainer.task.report(trainer.student, run_dir))
         results["run_dir"] = str(run_dir)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return results

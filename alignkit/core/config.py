@@ -149,20 +149,13 @@ class TrainConfig:
     ema_decay: float = checked(0.0, between(0, 1, high_open=True))  # > 0: evaluate, select and export an EMA of the weights
     select_tiebreak: str = ""  # e.g. "val_loss": lower wins among evals equal on select_metric
     # Scale (see `alignkit check`): data/model parallelism, memory, and the global batch
-    parallel: str = checked("", one_of("", "auto", "ddp", "fsdp"))  # "" / auto = ddp when > 1 process
+    # auto = ddp for > 1 process; fsdp = FSDP2 (sharded weights, grads, optimizer)
+    parallel: str = checked("auto", one_of("auto", "none", "ddp", "fsdp"))
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    compile: bool = False  # torch.compile each block
     global_batch_size: int = checked(0, at_least(0))  # sequences per optimizer step over all processes; 0 = micro x accum x world
     num_processes: int = checked(1, at_least(1))  # the process count `alignkit check` estimates memory for (a hint)
 
-
-PARALLEL = ("", "auto", "ddp", "fsdp")
-
-
-def resolve_parallel(cfg: TrainConfig) -> str:
-    """``ddp`` or ``fsdp`` ("" and ``auto`` mean ``ddp``, which wraps nothing in one process)."""
-    if cfg.parallel not in PARALLEL:
-        raise ConfigError(f"train.parallel={cfg.parallel!r} must be ddp, fsdp or auto")
-    return cfg.parallel if cfg.parallel in ("ddp", "fsdp") else "ddp"
 
 
 def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
