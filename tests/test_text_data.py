@@ -213,10 +213,12 @@ def test_jsonl_source_and_errors(tmp_path):
     assert data.train_sequence(0).tolist() == ids_of(tok, "doc0 w1") + [eos] + ids_of(tok, "doc1 w2 w3") + [eos]
 
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "doc0 w1"}\n{not json}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
-        build_text_data(files_cfg(bad), tok, seq_len=2)
-    with pytest.raises(ValueError, match=r"d\.jsonl:1.*'text'"):
+    bad.write_text('{"text": "doc0 w1"}\n{not json}\n{"text": 3}\n{"text": "doc1 w2"}\n')
+    with pytest.warns(UserWarning, match=r"bad\.jsonl:2: invalid JSON") as caught:
+        data = build_text_data(files_cfg(bad, eval_fraction=0.0), tok, seq_len=6)
+    assert any(r"bad.jsonl:3: a int in the 'text' field" in str(w.message) for w in caught)
+    assert data.train_sequence(0).tolist() == ids_of(tok, "doc0 w1") + [eos] + ids_of(tok, "doc1 w2") + [eos]
+    with pytest.warns(UserWarning, match=r"d\.jsonl:1: no 'text' field"), pytest.raises(ValueError, match=r"d\.jsonl: no text"):
         build_text_data(files_cfg(p), tok, seq_len=2)
 
 
