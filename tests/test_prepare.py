@@ -1,0 +1,147 @@
+"""`alignkit prepare`: token shards from a Pile-format .jsonl.zst match direct tokenization, an
+interrupted preparation continues to the same files, bad lines are reported and skipped, and
+training from the shards is the same run as training from the text."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+
+from alignkit.cli import main
+from alignkit.tasks import token_shards
+from alignkit.tasks.text_data import TextDataConfig, build_text_data, is_heldout
+from alignkit.tasks.token_shards import prepare
+from test_text_data import ids_of, make_docs, word_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG = str(REPO / "configs" / "debug.yaml")
+
+
+def write_pile(path: Path, docs: list[str], bad: dict[int, bytes] | None = None) -> Path:
+    """The Pile's format: one JSON object per line with `text` and `meta.pile_set_name`;
+    ``bad`` replaces the given lines with raw bytes."""
+    lines = [json.dumps({"text": d, "meta": {"pile_set_name": "Pile-CC"}}).encode() for d in docs]
+    for i, raw in (bad or {}).items():
+        lines[i] = raw
+    path.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines) + b"\n"))
+    return path
+
+
+def shard_tokens(out: Path, split: str) -> list[int]:
+    files = sorted(out.glob(f"{split}_*.npy"))
+    return np.concatenate([np.load(f) for f in files]).tolist() if files else []
+
+
+def test_prepare_matches_direct_tokenization_and_reads_back(tmp_path):
+    tok = word_tokenizer()
+    eos = tok.token_to_id("<eos>")
+    docs = make_docs(120)
+    cfg = TextDataConfig(source="files", train_path=str(write_pile(tmp_path / "00.jsonl.zst", docs)), eval_fraction=0.1)
+    manifest = prepare(cfg, tok, tmp_path / "tok", shard_tokens=50, progress=False, tokenizer_name="words")
+    want = {False: [], True: []}
+    for d in docs:
+        want[is_heldout(d, 0.1)] += ids_of(tok, d) + [eos]
+    assert want[True] and shard_tokens(tmp_path / "tok", "train") == want[False]
+    assert shard_tokens(tmp_path / "tok", "eval") == want[True]
+    splits = manifest["splits"]
+    assert splits["train"]["tokens"] == len(want[False]) and splits["train"]["shards"] == -(-len(want[False]) // 50)
+    assert splits["train"]["documents"] + splits["eval"]["documents"] == 120
+    on_disk = json.loads((tmp_path / "tok" / "manifest.json").read_text())
+    assert on_disk["settings"]["dtype"] == "uint16" and on_disk["settings"]["tokenizer"]["name"] == "words"
+    assert not (tmp_path / "tok" / "progress.json").exists()
+
+    # source=tokens with the prepared dir: the same stream, its own eval split, tokenizer checked
+    tokens = TextDataConfig(source="tokens", train_path=str(tmp_path / "tok"), eval_batches=100)
+    data = build_text_data(tokens, tok, seq_len=7)
+    assert np.concatenate([data.train_sequence(i) for i in range(data.num_train_sequences)]).tolist() == want[False][: data.num_train_sequences * 7]
+    assert [t for b in data.eval_batches(1) for t in b["input_ids"][0].tolist()] == want[True][: len(want[True]) // 7 * 7]
+    other = word_tokenizer()
+    other.add_tokens(["extra"])
+    with pytest.raises(ValueError, match=r"prepared with tokenizer words .*run alignkit prepare again"):
+        build_text_data(tokens, other, seq_len=7)
+    # a second run of a finished preparation changes nothing; other settings are refused
+    assert prepare(cfg, tok, tmp_path / "tok", shard_tokens=50, progress=False, tokenizer_name="words") == manifest
+    with pytest.raises(FileExistsError, match="other settings"):
+        prepare(cfg, tok, tmp_path / "tok", shard_tokens=60, progress=False, tokenizer_name="words")
+
+
+def test_interrupted_prepare_continues_to_the_same_result(tmp_path, monkeypatch):
+    tok = word_tokenizer()
+    path = write_pile(tmp_path / "00.jsonl.zst", make_docs(200) * 3)
+    cfg = TextDataConfig(source="files", train_path=str(path), eval_fraction=0.1)
+    monkeypatch.setattr(token_shards, "_ENCODE_CHUNK_DOCS", 40)  # many checkpoints
+    prepare(cfg, tok, tmp_path / "full", shard_tokens=64, progress=False)
+
+    write = token_shards._ShardWriter._write
+    calls = {"n": 0}
+
+    def dying_write(self, ids):
+        calls["n"] += 1
+        if calls["n"] == 9:  # mid-chunk: shards after the last checkpoint exist
+            raise KeyboardInterrupt
+        write(self, ids)
+
+    monkeypatch.setattr(token_shards._ShardWriter, "_write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg, tok, tmp_path / "cut", shard_tokens=64, progress=False)
+    progress = json.loads((tmp_path / "cut" / "progress.json").read_text())
+    assert 0 < progress["docs"] < 600 and not (tmp_path / "cut" / "manifest.json").exists()
+    monkeypatch.setattr(token_shards._ShardWriter, "_write", write)
+    prepare(cfg, tok, tmp_path / "cut", shard_tokens=64, progress=False)
+    full = sorted(p.name for p in (tmp_path / "full").iterdir())
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == full
+    for name in full:
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    # the worker pool gives the same files
+    prepare(cfg, tok, tmp_path / "pool", shard_tokens=64, progress=False, workers=2)
+    for name in full:
+        assert (tmp_path / "pool" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+
+
+def test_corrupt_line_and_non_utf8_document_are_reported_and_skipped(tmp_path):
+    tok = word_tokenizer()
+    eos = tok.token_to_id("<eos>")
+    docs = make_docs(6)
+    bad = {2: b'{"text": "doc2 w1", "meta": ', 4: b'{"text": "doc4 caf\xe9"}'}
+    path = write_pile(tmp_path / "00.jsonl.zst", docs, bad)
+    cfg = TextDataConfig(source="files", train_path=str(path), eval_fraction=0.0)
+    with pytest.warns(UserWarning) as caught:
+        prepare(cfg, tok, tmp_path / "tok", progress=False)
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith(f"{path}:3: invalid JSON") for m in messages), messages
+    assert any(m.startswith(f"{path}:5: not valid UTF-8") for m in messages), messages
+    unk = tok.token_to_id("<unk>")
+    with_replacement = ids_of(tok, docs[0]) + [eos] + ids_of(tok, docs[1]) + [eos] + ids_of(tok, docs[3]) + [eos]
+    got = shard_tokens(tmp_path / "tok", "train")
+    assert got[: len(with_replacement)] == with_replacement
+    assert got[len(with_replacement) :] == [tok.token_to_id("doc4"), unk, eos] + ids_of(tok, docs[5]) + [eos]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r.get("loss", r.get("eval_loss")) for r in rows]
+
+
+def test_training_from_shards_equals_training_from_the_text(tmp_path):
+    rng = random.Random(0)
+    words = "the of and to in is was for on that with as by at from his an were are which".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 80))) + "." for _ in range(300)]
+    corpus = write_pile(tmp_path / "00.jsonl.zst", docs)
+    from alignkit.adapters.hf_causal import load_tokenizer
+    from alignkit.experiment import load_experiment
+
+    # SmolLM2's tokenizer saved once as a folder: loading it is fast, converting the GGUF is not
+    load_tokenizer(load_experiment(DEBUG, []).student).save_pretrained(tmp_path / "smollm2")
+    tokenizer = [f"student.tokenizer={tmp_path / 'smollm2'}", f"teacher.tokenizer={tmp_path / 'smollm2'}"]
+    text = ["task.text.source=files", f"task.text.train_path={corpus}", *tokenizer]
+    common = [f"output_dir={tmp_path}", "train.steps=4", "train.eval_every=2", "--no-progress"]
+    assert main(["prepare", DEBUG, *text, "--out", str(tmp_path / "tok"), "--workers", "1", "--no-progress"]) == 0
+    assert main(["train", DEBUG, *text, "run_name=text", *common]) == 0
+    tokens = ["task.text.source=tokens", f"task.text.train_path={tmp_path / 'tok'}", *tokenizer]
+    assert main(["train", DEBUG, *tokens, "run_name=tokens", *common]) == 0
+    losses = _losses(tmp_path / "text")
+    assert len(losses) == 6 and losses == _losses(tmp_path / "tokens")
