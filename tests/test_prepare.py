@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from alignkit.cli import main
 from alignkit.tasks import token_shards
 from alignkit.tasks.text_data import TextDataConfig, build_text_data, is_heldout
 from alignkit.tasks.token_shards import prepare
-from test_text_data import ids_of, make_docs, word_tokenizer
+from test_text_data import bpe_tokenizer, ids_of, make_docs, word_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = str(REPO / "configs" / "debug.yaml")
@@ -126,17 +127,24 @@ def _losses(run_dir: Path) -> list[float]:
     return [r.get("loss", r.get("eval_loss")) for r in rows]
 
 
-def test_training_from_shards_equals_training_from_the_text(tmp_path):
+@pytest.fixture(scope="module")
+def corpus_and_tokenizer(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A Pile-format corpus and overrides pointing the debug recipe at a small BPE tokenizer
+    trained on it (a folder loads in milliseconds; converting SmolLM2's GGUF takes seconds)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tmp = tmp_path_factory.mktemp("corpus")
     rng = random.Random(0)
     words = "the of and to in is was for on that with as by at from his an were are which".split()
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 80))) + "." for _ in range(300)]
-    corpus = write_pile(tmp_path / "00.jsonl.zst", docs)
-    from alignkit.adapters.hf_causal import load_tokenizer
-    from alignkit.experiment import load_experiment
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe_tokenizer(docs[:50], vocab_size=300), eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(tmp / "bpe")
+    return write_pile(tmp / "00.jsonl.zst", docs), [f"{m}.tokenizer={tmp / 'bpe'}" for m in ("student", "teacher")]
 
-    # SmolLM2's tokenizer saved once as a folder: loading it is fast, converting the GGUF is not
-    load_tokenizer(load_experiment(DEBUG, []).student).save_pretrained(tmp_path / "smollm2")
-    tokenizer = [f"student.tokenizer={tmp_path / 'smollm2'}", f"teacher.tokenizer={tmp_path / 'smollm2'}"]
+
+def test_training_from_shards_equals_training_from_the_text(tmp_path, corpus_and_tokenizer):
+    corpus, tokenizer = corpus_and_tokenizer
     text = ["task.text.source=files", f"task.text.train_path={corpus}", *tokenizer]
     common = [f"output_dir={tmp_path}", "train.steps=4", "train.eval_every=2", "--no-progress"]
     assert main(["prepare", DEBUG, *text, "--out", str(tmp_path / "tok"), "--workers", "1", "--no-progress"]) == 0
@@ -145,3 +153,15 @@ def test_training_from_shards_equals_training_from_the_text(tmp_path):
     assert main(["train", DEBUG, *tokens, "run_name=tokens", *common]) == 0
     losses = _losses(tmp_path / "text")
     assert len(losses) == 6 and losses == _losses(tmp_path / "tokens")
+
+
+def test_streamed_training_resumes_exactly(tmp_path, corpus_and_tokenizer):
+    corpus, tokenizer = corpus_and_tokenizer
+    stream = ["task.text.source=files", f"task.text.train_path={corpus}", "task.text.streaming=true", *tokenizer,
+              f"output_dir={tmp_path}", "train.steps=4", "train.save_every=2", "train.eval_every=2", "--no-progress"]
+    assert main(["train", DEBUG, *stream[:-1], "run_name=full", "--no-progress"]) == 0
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_000004")  # as if it had died after step 2
+    assert main(["train", DEBUG, *stream[:-1], "run_name=cut", "--no-progress", "--resume", str(tmp_path / "cut")]) == 0
+    losses = _losses(tmp_path / "full")
+    assert len(losses) == 6 and losses == _losses(tmp_path / "cut")

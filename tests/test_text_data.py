@@ -589,3 +589,16 @@ def test_streaming_eval_and_errors(tmp_path):
     empty.write_text('{"text": "doc0"}\n')
     with pytest.raises(ValueError, match="no training documents for rank 1"):
         next(build_text_data(stream_cfg(empty, eval_fraction=0.0), tok, seq_len=2, rank=1, world_size=2).train_batches(1))
+
+
+def test_streaming_hf_source_reads_a_local_dataset_folder(tmp_path):
+    pytest.importorskip("datasets")
+    tok = word_tokenizer()
+    docs = make_docs(30)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "00.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    hf = TextDataConfig(source="hf", hf_name=str(tmp_path / "hf"), streaming=True, eval_fraction=0.0)
+    files = stream_cfg(tmp_path / "hf" / "00.jsonl", eval_fraction=0.0)
+    a, b = build_text_data(hf, tok, seq_len=6).train_batches(2), build_text_data(files, tok, seq_len=6).train_batches(2)
+    for _ in range(20):
+        assert torch.equal(next(a)["input_ids"], next(b)["input_ids"])

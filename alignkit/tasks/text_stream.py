@@ -17,6 +17,7 @@ uninterrupted run would have produced.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import queue
 import threading
@@ -92,6 +93,12 @@ class StreamingTextData(TextData):
             target=self._produce, args=(int(micro_batch_size), dict(self._pos), ready, stop), daemon=True
         )
         producer.start()
+
+        def close() -> None:  # also at exit, so the thread is not torn down mid-batch
+            stop.set()
+            producer.join()
+
+        atexit.register(close)
         try:
             while True:
                 batch, pos = ready.get()
@@ -100,7 +107,8 @@ class StreamingTextData(TextData):
                 self._pos = pos
                 yield batch
         finally:
-            stop.set()
+            close()
+            atexit.unregister(close)
 
     def _close(self) -> None:
         if self._stop is not None:
