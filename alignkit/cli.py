@@ -58,9 +58,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg = load_experiment(args.config, args.overrides)
     teacher = load_tokenizer(cfg.teacher) if cfg.align.method != "none" else None
+    name = lambda m: m.tokenizer or m.name_or_path  # noqa: E731
     manifest = prepare(cfg.task.text, load_tokenizer(cfg.student), args.out, workers=args.workers,
-                       tokenizer_name=cfg.student.tokenizer or cfg.student.name_or_path, teacher_tokenizer=teacher,
-                       shard_tokens=args.shard_tokens, progress=not args.no_progress)
+                       tokenizer_name=name(cfg.student), teacher_tokenizer=teacher, teacher_name=name(cfg.teacher),
+                       seq_len=cfg.task.seq_len, shard_tokens=args.shard_tokens, progress=not args.no_progress)
     print(json.dumps(manifest["splits"], indent=2))
     return 0
 

@@ -1,5 +1,5 @@
 """Data at scale: `alignkit prepare` throughput (tokens/s) with 1 and 2 worker processes, and
-peak memory (sampled RSS of the whole process tree) of prepare, of training from a streamed
+peak memory (sampled PSS of the whole process tree) of prepare, of training from a streamed
 source and of training from the same text tokenized in memory.
 
 The corpus is WikiText-2 (``valid.txt`` + ``test.txt``; give its folder) repeated ``--repeat``
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -43,12 +44,14 @@ def write_corpus(data: Path, repeat: int, path: Path) -> int:
     return sum(len(d) for d in docs) * repeat
 
 
-def run_sampled(command: list[str]) -> tuple[float, float, str]:
-    """Run ``command``; return (wall seconds, peak summed RSS of it and its children in MB, stdout)."""
+def run_sampled(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Run ``command``; return (wall seconds, peak memory in MB, stdout). Memory: the sum of the
+    proportional set size (PSS) of it and its children, so pages a forked worker shares with its
+    parent count once."""
     import psutil
 
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, **(env or {})})
     peak = 0.0
     done = threading.Event()
 
@@ -57,7 +60,7 @@ def run_sampled(command: list[str]) -> tuple[float, float, str]:
         parent = psutil.Process(proc.pid)
         while not done.is_set():
             try:
-                rss = sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)])
+                rss = sum(p.memory_full_info().pss for p in [parent, *parent.children(recursive=True)])
                 peak = max(peak, rss / 2**20)
             except psutil.Error:
                 pass
@@ -108,23 +111,26 @@ def main() -> None:
     load_tokenizer(load_experiment(DEBUG, []).student).save_pretrained(work / "smollm2")
     results: dict = {"corpus": {"source": "WikiText-2 valid+test", "repeat": args.repeat, "chars": chars,
                                 "zst_mb": corpus.stat().st_size / 2**20}, "prepare": {}, "train": {}}
-    for workers in (1, 2):
-        cmd = [sys.executable, __file__, "--child-prepare", str(corpus), str(work / "smollm2"), str(work / f"tok{workers}"), str(workers)]
-        wall, peak, out = run_sampled(cmd)
+    # workers=1 encodes in-process, where the Rust tokenizer itself may use every core; "1 thread"
+    # pins it to one, the cost of one worker process
+    for name, workers, env in (("1_worker_1_thread", 1, {"RAYON_NUM_THREADS": "1"}), ("1_worker", 1, {}),
+                               ("2_workers", 2, {})):
+        cmd = [sys.executable, __file__, "--child-prepare", str(corpus), str(work / "smollm2"), str(work / name), str(workers)]
+        wall, peak, out = run_sampled(cmd, env)
         timing = json.loads(out.strip().splitlines()[-1])
-        results["prepare"][f"workers_{workers}"] = {**timing, "tokens_per_s": timing["tokens"] / timing["seconds"],
-                                                    "wall_s": wall, "peak_rss_mb": peak}
-        print(f"prepare, {workers} worker(s): {timing['tokens']} tokens in {timing['seconds']:.1f} s = "
-              f"{timing['tokens'] / timing['seconds']:,.0f} tokens/s, peak RSS {peak:.0f} MB", flush=True)
+        results["prepare"][name] = {**timing, "tokens_per_s": timing["tokens"] / timing["seconds"],
+                                    "wall_s": wall, "peak_pss_mb": peak}
+        print(f"prepare, {name}: {timing['tokens']} tokens in {timing['seconds']:.1f} s = "
+              f"{timing['tokens'] / timing['seconds']:,.0f} tokens/s, peak PSS {peak:.0f} MB", flush=True)
     common = [f"task.text.train_path={corpus}", "task.text.source=files", f"student.tokenizer={work / 'smollm2'}",
               f"teacher.tokenizer={work / 'smollm2'}", f"output_dir={work / 'runs'}", f"train.steps={args.steps}",
-              "train.eval_every=0", "--no-progress"]
+              "train.eval_every=0"]
     for mode, overrides in (("in_memory", ["task.text.streaming=false"]), ("streaming", ["task.text.streaming=true"]),
-                            ("prepared_tokens", ["task.text.source=tokens", f"task.text.train_path={work / 'tok2'}"])):
-        cmd = [sys.executable, "-m", "alignkit", "train", DEBUG, *common, *overrides, f"run_name={mode}"]
+                            ("prepared_tokens", ["task.text.source=tokens", f"task.text.train_path={work / '2_workers'}"])):
+        cmd = [sys.executable, "-m", "alignkit", "train", DEBUG, *common, *overrides, f"run_name={mode}", "--no-progress"]
         wall, peak, _ = run_sampled(cmd)
-        results["train"][mode] = {"wall_s": wall, "peak_rss_mb": peak}
-        print(f"train {args.steps} steps, {mode}: {wall:.1f} s, peak RSS {peak:.0f} MB", flush=True)
+        results["train"][mode] = {"wall_s": wall, "peak_pss_mb": peak}
+        print(f"train {args.steps} steps, {mode}: {wall:.1f} s, peak PSS {peak:.0f} MB", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "data_scale.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results)
@@ -141,8 +147,8 @@ def plot(results: dict) -> None:
     a.bar(list(prep), [v["tokens_per_s"] for v in prep.values()])
     a.set_title("alignkit prepare: tokens/s")
     rows = {**{f"prepare {k}": v for k, v in prep.items()}, **{f"train {k}": v for k, v in results["train"].items()}}
-    b.barh(list(rows), [v["peak_rss_mb"] for v in rows.values()])
-    b.set_title("peak RSS (MB, process tree)")
+    b.barh(list(rows), [v["peak_pss_mb"] for v in rows.values()])
+    b.set_title("peak memory (PSS, MB, process tree)")
     fig.tight_layout()
     fig.savefig(RESULTS / "data_scale.png", dpi=120)
 

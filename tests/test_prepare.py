@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zstandard
 
 from alignkit.cli import main
 from alignkit.tasks import token_shards
 from alignkit.tasks.text_data import TextDataConfig, build_text_data, is_heldout
 from alignkit.tasks.token_shards import prepare
-from test_text_data import bpe_tokenizer, ids_of, make_docs, word_tokenizer
+from test_text_data import bpe_tokenizer, ids_of, make_docs, word_tokenizer, wordpiece_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = str(REPO / "configs" / "debug.yaml")
@@ -62,7 +63,7 @@ def test_prepare_matches_direct_tokenization_and_reads_back(tmp_path):
     assert [t for b in data.eval_batches(1) for t in b["input_ids"][0].tolist()] == want[True][: len(want[True]) // 7 * 7]
     other = word_tokenizer()
     other.add_tokens(["extra"])
-    with pytest.raises(ValueError, match=r"prepared with tokenizer words .*run alignkit prepare again"):
+    with pytest.raises(ValueError, match=r"prepared with student tokenizer words .*run alignkit prepare again"):
         build_text_data(tokens, other, seq_len=7)
     # a second run of a finished preparation changes nothing; other settings are refused
     assert prepare(cfg, tok, tmp_path / "tok", shard_tokens=50, progress=False, tokenizer_name="words") == manifest
@@ -70,37 +71,64 @@ def test_prepare_matches_direct_tokenization_and_reads_back(tmp_path):
         prepare(cfg, tok, tmp_path / "tok", shard_tokens=60, progress=False, tokenizer_name="words")
 
 
-def test_interrupted_prepare_continues_to_the_same_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mismatch", [False, True], ids=["same-tokenizer", "let-dagger"])
+def test_interrupted_prepare_continues_to_the_same_result(tmp_path, monkeypatch, mismatch):
     tok = word_tokenizer()
-    path = write_pile(tmp_path / "00.jsonl.zst", make_docs(200) * 3)
+    docs = make_docs(200) * 3
+    teacher = {"teacher_tokenizer": wordpiece_tokenizer(docs[:50], vocab_size=150), "seq_len": 10} if mismatch else {}
+    path = write_pile(tmp_path / "00.jsonl.zst", docs)
     cfg = TextDataConfig(source="files", train_path=str(path), eval_fraction=0.1)
     monkeypatch.setattr(token_shards, "_ENCODE_CHUNK_DOCS", 40)  # many checkpoints
-    prepare(cfg, tok, tmp_path / "full", shard_tokens=64, progress=False)
+    prepare(cfg, tok, tmp_path / "full", shard_tokens=64, progress=False, **teacher)
 
     write = token_shards._ShardWriter._write
     calls = {"n": 0}
 
     def dying_write(self, ids):
         calls["n"] += 1
-        if calls["n"] == 9:  # mid-chunk: shards after the last checkpoint exist
+        if calls["n"] == 9 * (3 if mismatch else 1):  # mid-chunk: shards after the last checkpoint exist
             raise KeyboardInterrupt
         write(self, ids)
 
     monkeypatch.setattr(token_shards._ShardWriter, "_write", dying_write)
     with pytest.raises(KeyboardInterrupt):
-        prepare(cfg, tok, tmp_path / "cut", shard_tokens=64, progress=False)
+        prepare(cfg, tok, tmp_path / "cut", shard_tokens=64, progress=False, **teacher)
     progress = json.loads((tmp_path / "cut" / "progress.json").read_text())
     assert 0 < progress["docs"] < 600 and not (tmp_path / "cut" / "manifest.json").exists()
     monkeypatch.setattr(token_shards._ShardWriter, "_write", write)
-    prepare(cfg, tok, tmp_path / "cut", shard_tokens=64, progress=False)
+    prepare(cfg, tok, tmp_path / "cut", shard_tokens=64, progress=False, **teacher)
     full = sorted(p.name for p in (tmp_path / "full").iterdir())
-    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == full
+    assert len(full) > 10 and sorted(p.name for p in (tmp_path / "cut").iterdir()) == full
     for name in full:
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
     # the worker pool gives the same files
-    prepare(cfg, tok, tmp_path / "pool", shard_tokens=64, progress=False, workers=2)
+    prepare(cfg, tok, tmp_path / "pool", shard_tokens=64, progress=False, workers=2, **teacher)
     for name in full:
         assert (tmp_path / "pool" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+
+
+def test_let_dagger_shards_serve_the_teacher_fields_of_the_text_path(tmp_path):
+    words = "the quick brown fox jumps over lazy dog pack my box with five dozen liquor jugs sphinx vow".split()
+    rng = random.Random(1)
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(80)]
+    student, teacher = bpe_tokenizer(texts, vocab_size=300), wordpiece_tokenizer(texts, vocab_size=120)
+    cfg = TextDataConfig(source="files", train_path=str(write_pile(tmp_path / "00.jsonl.zst", texts)), eval_fraction=0.2)
+    manifest = prepare(cfg, student, tmp_path / "tok", teacher_tokenizer=teacher, seq_len=12, progress=False)
+    assert manifest["settings"]["teacher"]["teacher_seq_len"] == 18
+    tokens = TextDataConfig(source="tokens", train_path=str(tmp_path / "tok"))
+    text_data = build_text_data(cfg, student, seq_len=12, teacher_tokenizer=teacher)
+    token_data = build_text_data(tokens, student, seq_len=12, teacher_tokenizer=teacher)
+    assert token_data.aligns_teacher and token_data.num_train_sequences == text_data.num_train_sequences
+    a, b = text_data.train_batches(3), token_data.train_batches(3)
+    for _ in range(2 * text_data.num_train_sequences // 3):  # two epochs, shuffled the same way
+        want, got = next(a), next(b)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    for want, got in zip(text_data.eval_batches(2), token_data.eval_batches(2), strict=True):
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="teacher fields for task.seq_len=12, not 8"):
+        build_text_data(tokens, student, seq_len=8, teacher_tokenizer=teacher)
+    with pytest.raises(ValueError, match="prepared with teacher tokenizer"):
+        build_text_data(tokens, student, seq_len=12, teacher_tokenizer=wordpiece_tokenizer(texts, vocab_size=100))
 
 
 def test_corrupt_line_and_non_utf8_document_are_reported_and_skipped(tmp_path):

@@ -498,7 +498,8 @@ class TextData:
         ids = torch.from_numpy(np.stack([split.tokens(i) for i in indices]).astype(np.int64))
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
         if self.teacher is not None:
-            batch.update(self._teacher_fields(split, indices))
+            stored = getattr(split, "teacher_fields", None)  # prepared shards carry them precomputed
+            batch.update(stored(indices) if stored is not None else self._teacher_fields(split, indices))
         return batch
 
     def _teacher_fields(self, split: _Split, indices: list[int]) -> dict[str, torch.Tensor]:

@@ -139,14 +139,13 @@ class StreamingTextData(TextData):
     def _batches(self, micro: int, pos: dict[str, int]) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, int]]]:
         need = micro * self.seq_len
         spans = self.teacher is not None
-        epoch, next_doc, skip = pos["epoch"], pos["doc"], pos["skip"]
+        epoch, next_doc = pos["epoch"], pos["doc"]
         first = next_doc  # where this pass over the source started (0 after a wrap)
         docs = self._rank_documents(next_doc)
-        pieces: deque = deque()  # [doc index, ids, starts, ends, text] per buffered document
-        buffered = -skip
+        buffer = PackedBuffer(self.student.eos_id, spans, skip=pos["skip"])
         epoch_tokens = 0
         while True:
-            while buffered < need:
+            while len(buffer) < need:
                 chunk = list(itertools.islice(docs, self.chunk_docs))
                 if not chunk:
                     if epoch_tokens == 0 and first == 0:
@@ -157,48 +156,68 @@ class StreamingTextData(TextData):
                     continue
                 for (t, text), (ids, offsets) in zip(chunk, self.student.encode([c[1] for c in chunk], spans)):
                     next_doc = t + 1
-                    if ids:
-                        span = np.asarray(offsets, dtype=np.int64).reshape(-1, 2) if spans else None
-                        pieces.append((epoch, t, np.asarray(list(ids) + [self.student.eos_id], dtype=np.int64),
-                                       span, text if spans else None))
-                        buffered += len(ids) + 1
-                        epoch_tokens += len(ids) + 1
-            rows: list[tuple[int, int, int]] = []  # (piece, lo, hi) slices making up the batch
-            taken = 0
-            k = 0
-            while taken < need:
-                length = len(pieces[k][2])
-                lo = skip if k == 0 else 0
-                hi = min(length, lo + need - taken)
-                rows.append((k, lo, hi))
-                taken += hi - lo
-                k += 1
-            batch = self._assemble(micro, [(pieces[k], lo, hi) for k, lo, hi in rows])
-            k, lo, hi = rows[-1]
-            for _ in range(k):
-                pieces.popleft()
-            skip = hi
-            if skip == len(pieces[0][2]):
-                pieces.popleft()
-                skip = 0
-            buffered -= need
-            head = (pieces[0][0], pieces[0][1]) if pieces else (epoch, next_doc)
-            yield batch, {"epoch": head[0], "doc": head[1], "skip": skip}
+                    epoch_tokens += buffer.add((epoch, t), ids, offsets, text)
+            batch = self._make_batch(buffer.cut(need, self.seq_len), list(range(micro)))
+            head = buffer.head()
+            yield batch, {"epoch": head[0][0], "doc": head[0][1], "skip": head[1]} if head else \
+                {"epoch": epoch, "doc": next_doc, "skip": 0}
 
-    def _assemble(self, micro: int, parts: list[tuple[tuple, int, int]]) -> dict[str, torch.Tensor]:
-        ids = np.concatenate([piece[2][lo:hi] for piece, lo, hi in parts])
+
+class PackedBuffer:
+    """Documents packed into one EOS-separated token stream and cut from the front. With
+    ``spans``, each token keeps its character span and its document's text, which is what
+    :meth:`TextData._teacher_fields` needs to build the teacher's side of a batch."""
+
+    def __init__(self, eos_id: int, spans: bool, skip: int = 0) -> None:
+        self.eos_id, self.spans = eos_id, spans
+        self.pieces: deque = deque()  # (key, ids + EOS, spans [n, 2] or None, text or None)
+        self.skip = skip  # tokens of the first piece already cut
+        self.buffered = -skip
+
+    def __len__(self) -> int:
+        return self.buffered
+
+    def add(self, key: Any, ids: list[int], offsets: Any, text: str) -> int:
+        """Append one document (``key`` identifies it in :meth:`head`); returns its token count."""
+        if not ids:
+            return 0
+        span = np.asarray(offsets, dtype=np.int64).reshape(-1, 2) if self.spans else None
+        self.pieces.append((key, np.asarray(list(ids) + [self.eos_id], dtype=np.int64), span,
+                            text if self.spans else None))
+        self.buffered += len(ids) + 1
+        return len(ids) + 1
+
+    def head(self) -> tuple[Any, int] | None:
+        """(key of the document holding the next token, tokens of it already cut), or None."""
+        return (self.pieces[0][0], self.skip) if self.pieces else None
+
+    def cut(self, n: int, seq_len: int) -> _Split:
+        """The next ``n`` tokens (a multiple of ``seq_len``) as a split of ``n / seq_len`` rows."""
+        parts: list[tuple[tuple, int, int]] = []
+        taken = 0
+        while taken < n:
+            piece = self.pieces[0]
+            hi = min(len(piece[1]), self.skip + n - taken)
+            parts.append((piece, self.skip, hi))
+            taken += hi - self.skip
+            self.skip = hi
+            if hi == len(piece[1]):
+                self.pieces.popleft()
+                self.skip = 0
+        self.buffered -= n
+        ids = np.concatenate([piece[1][lo:hi] for piece, lo, hi in parts])
         packer = None
-        if self.teacher is not None:
+        if self.spans:
             # What _teacher_fields reads from a packer: per token its document (-1: EOS) and span.
             doc, start, end = [], [], []
             for local, (piece, lo, hi) in enumerate(parts):
-                span = np.vstack([piece[3], np.zeros((1, 2), dtype=np.int64)])[lo:hi]
+                span = np.vstack([piece[2], np.zeros((1, 2), dtype=np.int64)])[lo:hi]
                 d = np.full(hi - lo, local, dtype=np.int32)
-                if hi == len(piece[2]):
+                if hi == len(piece[1]):
                     d[-1] = -1
                 doc.append(d)
                 start.append(span[:, 0])
                 end.append(span[:, 1])
             arrays = (ids, np.concatenate(doc), np.concatenate(start), np.concatenate(end))
-            packer = SimpleNamespace(arrays=lambda: arrays, texts=[piece[4] for piece, _, _ in parts])
-        return self._make_batch(_Split(_Stream([ids]), self.seq_len, packer), list(range(micro)))  # type: ignore[arg-type]
+            packer = SimpleNamespace(arrays=lambda: arrays, texts=[piece[3] for piece, _, _ in parts])
+        return _Split(_Stream([ids]), seq_len, packer)  # type: ignore[arg-type]
