@@ -2,9 +2,13 @@
 :mod:`alignkit.tasks.text_sources`).
 
 Sources (``TextDataConfig.source``): ``builtin`` (the stdlib's ``.py`` sources, offline),
-``files`` (local ``.txt`` / ``.jsonl`` / ``.parquet``), ``hf`` (Hugging Face ``datasets``) and
-``tokens`` (pre-tokenized ``.npy`` / ``.bin`` shards); formats, path rules and bad-data handling
-(missing paths, empty files, non-UTF-8 bytes) are described in :mod:`alignkit.tasks.text_sources`.
+``files`` (local ``.txt`` / ``.jsonl`` / ``.jsonl.zst`` / ``.parquet``), ``hf`` (Hugging Face
+``datasets``) and ``tokens`` (a folder written by ``alignkit prepare``, or ``.npy`` / ``.bin``
+shards: :mod:`alignkit.tasks.token_shards`); formats, path rules and bad-data handling (missing
+paths, empty files, non-UTF-8 bytes, corrupt lines) are described in
+:mod:`alignkit.tasks.text_sources`. ``files`` / ``hf`` with ``streaming: true`` are tokenized on
+the fly in bounded memory by :mod:`alignkit.tasks.text_stream`; otherwise (and for ``builtin``)
+the train split is tokenized in memory here.
 
 Held-out split: ``eval_path`` if given (``hf_eval_split`` for hf), else a deterministic
 ``eval_fraction`` of the documents chosen by a hash of the document's text (of its path for

@@ -36,7 +36,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import sysconfig
 import warnings
 from pathlib import Path

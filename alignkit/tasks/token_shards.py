@@ -8,8 +8,11 @@ text, without tokenizing anything:
 
 ``train_00000.npy, ...``  the train stream, ``shard_tokens`` tokens per shard (the last shorter)
 ``eval_00000.npy, ...``   the held-out split (hash-selected documents, or the eval source)
-``manifest.json``         written last: tokenizer name and fingerprint, dtype, EOS id, shard
-                          size, token / document / shard counts per split, source settings
+``<split>-teacher_{ids,index,count}_00000.npy, ...``  only when the teacher's tokenizer
+                          differs (LET-dagger): the teacher's fields of every ``seq_len``-token
+                          sequence, so training reads no text (see :class:`_TeacherRows`)
+``manifest.json``         written last: tokenizer name and fingerprint (and the teacher's), dtype,
+                          EOS id, shard size, token / document / shard counts per stream, source
 ``progress.json``         only while unfinished: source position (documents read), shards and
                           the partial tails (``<split>.tail.<k>.npy``) at the last checkpoint
 
