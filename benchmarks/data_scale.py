@@ -124,7 +124,7 @@ def main() -> None:
               f"{timing['tokens'] / timing['seconds']:,.0f} tokens/s, peak PSS {peak:.0f} MB", flush=True)
     common = [f"task.text.train_path={corpus}", "task.text.source=files", f"student.tokenizer={work / 'smollm2'}",
               f"teacher.tokenizer={work / 'smollm2'}", f"output_dir={work / 'runs'}", f"train.steps={args.steps}",
-              "train.eval_every=0"]
+              "train.eval_every=0", "task.text.max_train_docs=0"]
     for mode, overrides in (("in_memory", ["task.text.streaming=false"]), ("streaming", ["task.text.streaming=true"]),
                             ("prepared_tokens", ["task.text.source=tokens", f"task.text.train_path={work / '2_workers'}"])):
         cmd = [sys.executable, "-m", "alignkit", "train", DEBUG, *common, *overrides, f"run_name={mode}", "--no-progress"]

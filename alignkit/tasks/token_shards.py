@@ -25,6 +25,7 @@ with the same files as an uninterrupted run.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -72,6 +73,7 @@ def tokenizer_fingerprint(encoder: _Encoder) -> str:
 
 def _documents(cfg: TextDataConfig) -> Iterator[tuple[bool, str]]:
     """``(held out?, text)`` in a fixed order: the train source (hash split), then the eval source."""
+    cfg = dataclasses.replace(cfg, streaming=True)  # hf: never download a whole split first
     holdout = needs_holdout(cfg)
     for held, _, text in holdout_stream(source_documents(cfg), cfg, holdout):
         yield held, text
