@@ -145,7 +145,7 @@ class StreamingTextData(TextData):
         buffer = PackedBuffer(self.student.eos_id, spans, skip=pos["skip"])
         epoch_tokens = 0
         while True:
-            while len(buffer) < need:
+            while buffer.available() < need:
                 chunk = list(itertools.islice(docs, self.chunk_docs))
                 if not chunk:
                     if epoch_tokens == 0 and first == 0:
@@ -174,7 +174,8 @@ class PackedBuffer:
         self.skip = skip  # tokens of the first piece already cut
         self.buffered = -skip
 
-    def __len__(self) -> int:
+    def available(self) -> int:
+        """Tokens not yet cut (negative until the document holding a resumed position arrives)."""
         return self.buffered
 
     def add(self, key: Any, ids: list[int], offsets: Any, text: str) -> int:

@@ -212,7 +212,7 @@ class _TeacherRows:
             n = len(offsets) + 1
             self.buffer.add(None, ids[start : start + n - 1].tolist(), offsets, texts[i])
             start += n
-        rows = len(self.buffer) // self.data.seq_len
+        rows = self.buffer.available() // self.data.seq_len
         if rows:
             fields = self.data._teacher_fields(self.buffer.cut(rows * self.data.seq_len, self.data.seq_len), list(range(rows)))
             for key, name in (("ids", "teacher_input_ids"), ("index", "teacher_index")):
