@@ -183,13 +183,20 @@ def test_training_from_shards_equals_training_from_the_text(tmp_path, corpus_and
     assert len(losses) == 6 and losses == _losses(tmp_path / "tokens")
 
 
-def test_streamed_training_resumes_exactly(tmp_path, corpus_and_tokenizer):
+def test_pile_recipe_streams_and_resumes_exactly(tmp_path, corpus_and_tokenizer):
+    """tasks/pile.yaml (hf, streaming) on a local folder in the Pile's layout: trains, resumes exactly."""
+    pytest.importorskip("datasets")
     corpus, tokenizer = corpus_and_tokenizer
-    stream = ["task.text.source=files", f"task.text.train_path={corpus}", "task.text.streaming=true", *tokenizer,
-              f"output_dir={tmp_path}", "train.steps=4", "train.save_every=2", "train.eval_every=2", "--no-progress"]
-    assert main(["train", DEBUG, *stream[:-1], "run_name=full", "--no-progress"]) == 0
+    (tmp_path / "pile").mkdir()
+    shutil.copy(corpus, tmp_path / "pile" / "train.jsonl.zst")
+    shutil.copy(corpus, tmp_path / "pile" / "test.jsonl.zst")
+    stream = ["task.preset=pile", f"task.text.hf_name={tmp_path / 'pile'}", "task.seq_len=32", "task.text.eval_batches=1",
+              *tokenizer, f"output_dir={tmp_path}", "train.steps=4", "train.save_every=2", "train.eval_every=2"]
+    assert main(["train", DEBUG, *stream, "run_name=full", "--no-progress"]) == 0
     shutil.copytree(tmp_path / "full", tmp_path / "cut")
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_000004")  # as if it had died after step 2
-    assert main(["train", DEBUG, *stream[:-1], "run_name=cut", "--no-progress", "--resume", str(tmp_path / "cut")]) == 0
+    assert main(["train", DEBUG, *stream, "run_name=cut", "--no-progress", "--resume", str(tmp_path / "cut")]) == 0
     losses = _losses(tmp_path / "full")
     assert len(losses) == 6 and losses == _losses(tmp_path / "cut")
+    position = json.loads((tmp_path / "full" / "checkpoints" / "step_000002" / "data_rank0.json").read_text())
+    assert position["doc"] > 0 and position["seq_len"] == 32  # a stream position, not a shuffled order
