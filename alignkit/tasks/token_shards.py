@@ -72,19 +72,20 @@ def tokenizer_fingerprint(encoder: _Encoder) -> str:
 
 
 def _documents(cfg: TextDataConfig) -> Iterator[tuple[bool, str]]:
-    """``(held out?, text)`` in a fixed order: the train source (hash split), then the eval source."""
+    """``(held out?, text)`` in a fixed order: the train source (hash split), then the eval
+    source. Local paths are resolved now (a missing one fails before anything is written)."""
     cfg = dataclasses.replace(cfg, streaming=True)  # hf: never download a whole split first
     holdout = needs_holdout(cfg)
-    for held, _, text in holdout_stream(source_documents(cfg), cfg, holdout):
-        yield held, text
-    if not holdout:
-        yield from ((True, text) for _, text in source_documents(cfg, "eval"))
+    train = ((held, text) for held, _, text in holdout_stream(source_documents(cfg), cfg, holdout))
+    if holdout:
+        return train
+    return itertools.chain(train, ((True, text) for _, text in source_documents(cfg, "eval")))
 
 
-def _chunks(cfg: TextDataConfig, start: int) -> Iterator[tuple[int, list[bool], list[str]]]:
+def _chunks(documents: Iterator[tuple[bool, str]], start: int) -> Iterator[tuple[int, list[bool], list[str]]]:
     """``(source position after the chunk, held-out flags, texts)``, skipping ``start`` documents."""
     pos, flags, texts, chars = start, [], [], 0
-    for held, text in itertools.islice(_documents(cfg), start, None):
+    for held, text in itertools.islice(documents, start, None):
         flags.append(held)
         texts.append(text)
         pos, chars = pos + 1, chars + len(text)
@@ -328,6 +329,7 @@ def prepare(
         if manifest["settings"] != settings:
             raise FileExistsError(f"--out {out}: holds a finished preparation with other settings; choose another folder")
         return manifest
+    documents = _documents(cfg)
     streams = _streams(encoder, teacher, teacher_settings["teacher_seq_len"] if teacher_settings else 0)
     state, tails = _resume_state(out, settings, streams)
     writers = {n: _ShardWriter(out, n, shard_tokens, state["streams"][n], tails[n]) for n in streams}
@@ -343,7 +345,7 @@ def prepare(
     bar = tqdm(desc=f"prepare {out.name}", unit="tok", unit_scale=True, initial=done, disable=not progress, dynamic_ncols=True)
     k = state["checkpoint"]
     try:
-        for pos, texts, results in _encoded(_chunks(cfg, state["docs"]), tokenizer, workers, teacher is not None):
+        for pos, texts, results in _encoded(_chunks(documents, state["docs"]), tokenizer, workers, teacher is not None):
             written = 0
             for split, (ids, docs) in zip(SPLITS, results):
                 written += writers[split].add(ids, len(docs))
