@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from alignkit.core.adapter import resolve_layer
-from alignkit.core.config import ConfigError, ModelConfig, resolve_grad_accum, resolve_parallel
+from alignkit.core.config import ConfigError, ModelConfig, resolve_grad_accum
 from alignkit.core.registry import build_student, build_teacher
 from alignkit.experiment import ExperimentConfig
 from alignkit.memory import GB, GPU_BYTES, RunSetting, estimate_memory, gguf_size, transformer_shape
@@ -52,7 +52,7 @@ def _memory(cfg: ExperimentConfig, student: Any, processes: int, grad_accum: int
     for mode, (parallel, ckpt) in MODES.items():
         run.activation_checkpointing = ckpt
         table[mode] = {k: round(v / GB, 1) for k, v in estimate_memory(shape, run, parallel).items()}
-    chosen = resolve_parallel(cfg.train) + ("+ckpt" if cfg.train.activation_checkpointing else "")
+    chosen = ("fsdp" if cfg.train.parallel == "fsdp" else "ddp") + ("+ckpt" if cfg.train.activation_checkpointing else "")
     peak = table[chosen]["peak"]
     fits = peak * GB <= GPU_BYTES
     fitting = [mode for mode in MODES if table[mode]["peak"] * GB <= GPU_BYTES]
