@@ -13,6 +13,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from alignkit.tasks.text_data import (
+    PREFETCH,
     TextDataConfig,
     build_text_data,
     builtin_documents,
@@ -602,3 +603,25 @@ def test_streaming_hf_source_reads_a_local_dataset_folder(tmp_path):
     a, b = build_text_data(hf, tok, seq_len=6).train_batches(2), build_text_data(files, tok, seq_len=6).train_batches(2)
     for _ in range(20):
         assert torch.equal(next(a)["input_ids"], next(b)["input_ids"])
+
+
+def test_mismatch_batches_are_prefetched_resume_exactly_and_stop_with_the_teacher(tmp_path):
+    docs = [f"{w} quick jumps over {v} box" for w, v in zip(["fox", "dog", "vow", "jug"] * 8, ["lazy", "daft"] * 16)]
+    student = bpe_tokenizer(docs, vocab_size=300)
+    teacher = wordpiece_tokenizer(docs, vocab_size=120)
+    p = write_txt(tmp_path / "many.txt", docs)
+    build = lambda: build_text_data(files_cfg(p, eval_fraction=0.0), student, seq_len=8, teacher_tokenizer=teacher)  # noqa: E731
+    full = [b for _, b in zip(range(7), build().train_batches(2))]
+    data = build()
+    it = data.train_batches(2)
+    for _ in range(3):
+        next(it)  # the worker has built batches beyond these; the state is what was served
+    state = data.state_dict()
+    resumed = build()
+    resumed.load_state_dict(state)
+    rest = [b for _, b in zip(range(4), resumed.train_batches(2))]
+    for a, b in zip(full[3:], rest):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed.release_teacher()  # after stop_step: the teacher's side is no longer built
+    later = [b for _, b in zip(range(PREFETCH + 2), resumed.train_batches(2))]
+    assert "teacher_input_ids" not in later[-1]

@@ -169,6 +169,7 @@ class Trainer:
             self.ema.load(directory)
         if self.engine is not None and self.engine.release_step is not None and self.step >= self.engine.release_step:
             self.engine.release()
+            self._teacher_released()
         self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
@@ -382,8 +383,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.update()
         teacher_active = self.engine is not None and self.engine.active(step)
-        if self.engine is not None:
-            self.engine.after_step(step)
+        if self.engine is not None and self.engine.after_step(step):
+            self._teacher_released()
         self.step += 1
         self._pending_tokens += tokens
         self._window[1] += tokens * self.dist.world_size
@@ -400,6 +401,11 @@ class Trainer:
             self._log(record)
             self._window = [time.perf_counter(), 0]
             self._bar.set_postfix(loss=f"{record['loss']:.3f}", lam=f"{record.get('lambda', 0.0):.3g}")
+
+    def _teacher_released(self) -> None:
+        release = getattr(self.task, "release_teacher", None)  # optional in the Task protocol
+        if release is not None:
+            release()
 
     def _reduce(self, values: list[Tensor]) -> list[float]:
         """Means of ``values`` over ranks, in one collective and one host sync; also adds the

@@ -34,6 +34,8 @@ from __future__ import annotations
 import bisect
 import json
 import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -58,6 +60,7 @@ _PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>")
 _PROGRESS_MIN_CHARS = 2_000_000  # show a tqdm bar only when tokenization takes noticeable time
 _ENCODE_CHUNK_CHARS = 1_000_000
 _ENCODE_CHUNK_DOCS = 1024
+PREFETCH = 2  # teacher-side batches built ahead of the step under a tokenizer mismatch
 
 
 @dataclass
@@ -400,6 +403,7 @@ class TextData:
         self.max_eval_batches = max_eval_batches
         self.student = student
         self.teacher = teacher
+        self.teacher_needed = True  # False once the teacher is freed
         self.teacher_seq_len = teacher_seq_len
         self._epoch = 0
         self._offset = 0  # sequences of this epoch's global order already consumed
@@ -415,6 +419,10 @@ class TextData:
     def num_train_tokens(self) -> int:
         """Tokens served per epoch before the global-batch remainder (num_sequences x seq_len)."""
         return self.num_train_sequences * self.seq_len
+
+    def release_teacher(self) -> None:
+        """The teacher was freed (``align.stop_step``): stop building its side of the batches."""
+        self.teacher_needed = False
 
     @property
     def aligns_teacher(self) -> bool:
@@ -444,15 +452,29 @@ class TextData:
                 f"train split has {n} sequences of {self.seq_len} tokens; one global batch needs "
                 f"{g} (micro batch {b} x world size {self.world_size}): use more data or smaller batches"
             )
-        while True:
-            if self._offset + g > n:
-                self._epoch += 1
-                self._offset = 0
-            order = self._order(self._epoch)
-            lo = self._offset + self.rank * b
-            idx = order[lo : lo + b]
-            self._offset += g
-            yield self._make_batch(self.train, [int(i) for i in idx])
+
+        def upcoming(epoch: int, offset: int) -> Iterator[tuple[list[int], tuple[int, int]]]:
+            """Batch indices with the position after each (self's position = what was served)."""
+            while True:
+                if offset + g > n:
+                    epoch, offset = epoch + 1, 0
+                lo = offset + self.rank * b
+                offset += g
+                yield [int(i) for i in self._order(epoch)[lo : lo + b]], (epoch, offset)
+
+        if self.teacher is None:
+            for idx, (self._epoch, self._offset) in upcoming(self._epoch, self._offset):
+                yield self._make_batch(self.train, idx)
+            return
+        # under a tokenizer mismatch the teacher's re-tokenization of each batch runs in a
+        # worker thread, PREFETCH batches ahead, so the training step does not wait for it
+        with ThreadPoolExecutor(1, thread_name_prefix="teacher-tokens") as pool:
+            ahead: deque[tuple[Future, tuple[int, int]]] = deque()
+            for idx, position in upcoming(self._epoch, self._offset):
+                ahead.append((pool.submit(self._make_batch, self.train, idx), position))
+                if len(ahead) > PREFETCH:
+                    future, (self._epoch, self._offset) = ahead.popleft()
+                    yield future.result()
 
     def state_dict(self) -> dict[str, int]:
         return {
@@ -504,7 +526,7 @@ class TextData:
     def _make_batch(self, split: _Split, indices: list[int]) -> dict[str, torch.Tensor]:
         ids = torch.from_numpy(np.stack([split.tokens(i) for i in indices]).astype(np.int64))
         batch = {"input_ids": ids, "labels": ids.clone()}  # packed: no padding, no mask
-        if self.teacher is not None:
+        if self.teacher is not None and self.teacher_needed:
             stored = getattr(split, "teacher_fields", None)  # prepared shards carry them precomputed
             batch.update(stored(indices) if stored is not None else self._teacher_fields(split, indices))
         return batch
