@@ -1,9 +1,10 @@
-"""Command line: ``alignkit train|check CONFIG [key=value ...]`` (also ``python -m alignkit``).
+"""Command line: ``alignkit train|check|prepare CONFIG [key=value ...]`` (also ``python -m alignkit``).
 
   alignkit train configs/quickstart.yaml                  # run a recipe
   alignkit train configs/quickstart.yaml train.steps=50   # override any key
   alignkit train --resume runs/quickstart-2026... [train.steps=2000]  # exact resume
   alignkit check configs/paper/llama-1.4b_smollm2-135m.yaml  # validate; build student on meta
+  alignkit prepare configs/quickstart.yaml --out data/tok    # token shards for source=tokens
   alignkit eval runs/quickstart-2026...                      # lm-eval, paper's nine tasks, 1-shot
 
 Downstream adapters register themselves when imported: list their modules in
@@ -51,13 +52,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from alignkit.check import check_experiment
+    from alignkit.check import check_experiment, memory_table
     from alignkit.experiment import load_experiment
 
     cfg = load_experiment(args.config, args.overrides)
     if args.print_config:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    print(json.dumps(check_experiment(cfg), indent=2))
+    report = check_experiment(cfg)
+    print(json.dumps(report, indent=2))
+    print(memory_table(report), file=sys.stderr)  # for people; stdout stays JSON for scripts
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from alignkit.adapters.hf_causal import load_tokenizer
+    from alignkit.experiment import load_experiment
+    from alignkit.tasks.token_shards import prepare
+
+    cfg = load_experiment(args.config, args.overrides)
+    teacher = load_tokenizer(cfg.teacher) if cfg.align.method != "none" else None
+    name = lambda m: m.tokenizer or m.name_or_path  # noqa: E731
+    manifest = prepare(cfg.task.text, load_tokenizer(cfg.student), args.out, workers=args.workers,
+                       tokenizer_name=name(cfg.student), teacher_tokenizer=teacher, teacher_name=name(cfg.teacher),
+                       seq_len=cfg.task.seq_len, shard_tokens=args.shard_tokens, progress=not args.no_progress)
+    print(json.dumps(manifest["splits"], indent=2))
     return 0
 
 
@@ -85,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("overrides", nargs="*")
     check.add_argument("--print-config", action="store_true", help="print the resolved config")
     check.set_defaults(func=_cmd_check)
+    prep = sub.add_parser("prepare", help="tokenize the recipe's text source into token shards (task.text.source=tokens)")
+    prep.add_argument("config")
+    prep.add_argument("overrides", nargs="*")
+    prep.add_argument("--out", required=True, help="output folder; rerun with the same settings to continue")
+    prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizer processes")
+    prep.add_argument("--shard-tokens", type=int, default=1 << 25, help="tokens per shard (bounds memory)")
+    prep.add_argument("--no-progress", action="store_true")
+    prep.set_defaults(func=_cmd_prepare)
     ev = sub.add_parser("eval", help="downstream evaluation with lm-evaluation-harness (paper's nine tasks, 1-shot)")
     ev.add_argument("model", help="run dir, checkpoint dir, or HF model folder")
     ev.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (default: the paper's nine)")
@@ -115,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"alignkit: {'stopped' if isinstance(err, Interrupted) else 'error'}: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("alignkit: stopped at once, nothing saved (the last checkpoint is kept)", file=sys.stderr)
+        print("alignkit: interrupted; what was saved before is kept (rerun or --resume to continue)", file=sys.stderr)
         return 130
 
 

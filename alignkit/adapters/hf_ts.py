@@ -47,7 +47,7 @@ from alignkit.core.errors import ConfigError, DataError
 from alignkit.adapters.hf_causal import _Layered, find_blocks, load_hf_causal_lm
 from alignkit.core.adapter import Batch, StudentOutput, resolve_layer
 from alignkit.core.registry import register_adapter
-from alignkit.core.taps import run_tapped
+from alignkit.core.taps import LayerTaps
 
 __all__ = ["FREEZE_MODES", "HFTimeSeriesClassifier", "build_hf_ts_student"]
 
@@ -102,6 +102,7 @@ class HFTimeSeriesClassifier(nn.Module, _Layered):
         del causal_lm
         self.backbone = backbone
         self._parts = parts  # a NamedTuple, not a Module: no duplicate entries in the state dict
+        self._taps = LayerTaps(parts.blocks, parts.final_norm, root=backbone)
         self.final_layer = final_layer
         self.num_layers = len(parts.blocks)
         self.hidden_size = int(backbone.config.hidden_size)
@@ -149,9 +150,9 @@ class HFTimeSeriesClassifier(nn.Module, _Layered):
         m = mask[..., None].to(x.dtype)
         embeds = self.input_embedding(x * m)
         backbone_dtype = self.backbone.get_input_embeddings().weight.dtype
-        output, captured = run_tapped(
+        output, captured = self._taps.run(
             lambda: self.backbone(inputs_embeds=embeds.to(backbone_dtype), attention_mask=mask, use_cache=False),
-            self._parts.blocks, self._parts.final_norm, self._tap_layers(layers), stop_early=False,
+            self._tap_layers(layers),
         )
         hidden = output.last_hidden_state.to(x.dtype)  # type: ignore[union-attr]
         if self.pooling == "last":  # real steps come first: the last one is at length - 1

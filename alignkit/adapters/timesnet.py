@@ -47,7 +47,7 @@ from alignkit.core.errors import ConfigError, DataError, MissingFile
 from alignkit.adapters.hf_causal import resolve_path
 from alignkit.core.adapter import Batch, StudentOutput, resolve_layer
 from alignkit.core.registry import register_adapter
-from alignkit.core.taps import run_tapped
+from alignkit.core.taps import LayerTaps
 
 __all__ = ["DEFAULTS", "TimesBlock", "TimesNetClassifier", "TimesNetTeacher", "save_timesnet",
            "load_timesnet", "build_timesnet_student", "build_timesnet_teacher"]
@@ -186,6 +186,7 @@ class TimesNetClassifier(nn.Module):
         self.norm = MaskedLayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(d_model, num_classes)
+        self._taps = LayerTaps(self.blocks, self.norm, root=self)  # hooks registered once
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "TimesNetClassifier":
@@ -226,19 +227,19 @@ class TimesNetClassifier(nn.Module):
         full = x.shape[1]
         longest = max(int(mask.sum(1).max()), 1) if mask.numel() else 1
         x, mask = x[:, :longest], mask[:, :longest]
-        logits_holder: list[Tensor] = []
 
         def forward() -> Tensor:
             h = self.encode(x, mask)
+            if stop_early:  # a teacher's features: no head
+                return h
             m = mask[..., None].to(h.dtype)
             h = self.dropout(F.gelu(h)) * m
             pooled = h.sum(1) / m.sum(1).clamp(min=1)
-            logits_holder.append(self.head(pooled))
-            return logits_holder[0]
+            return self.head(pooled)
 
-        _, captured = run_tapped(forward, self.blocks, self.norm, list(layers), stop_early=stop_early)
+        logits, captured = self._taps.run(forward, list(layers), stop_early=stop_early)
         features = {layer: _pad_time(t, full) for layer, t in captured.items()}
-        return (logits_holder[0] if logits_holder else None), features, mask
+        return (None if stop_early else logits), features, mask
 
     def forward(self, batch: Batch, layers: Sequence[int] = ()) -> StudentOutput:  # type: ignore[override]
         logits, features, _ = self._run(batch, layers, stop_early=False)

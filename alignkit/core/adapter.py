@@ -7,15 +7,17 @@ Layer index convention (used everywhere in alignkit):
            model's final norm (an adapter may offer the pre-norm variant via its config).
 Negative indices other than -1 count from the end of the blocks (``-2`` = block L-1).
 
-A *batch* is a dict of tensors. Every batch carries ``attention_mask`` [B, S] (1 = real
-position) so objectives can average over real positions for any modality. A batch may carry
+A *batch* is a dict of tensors. ``attention_mask`` [B, S] (1 = real position) lets objectives
+average over real positions for any modality; a batch without one has only real positions
+(packed text: the data producer omits the all-ones mask, so no model needs a host-side check
+of it on every forward). A batch may carry
 ``teacher_index`` [B, S] (long, -1 = unmatched): the teacher position paired with each student
 position when the two models see different token sequences (tokenizer mismatch).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, runtime_checkable
+from typing import Callable, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -27,12 +29,21 @@ Batch = Mapping[str, Tensor]
 
 @dataclass
 class StudentOutput:
-    """What a student's forward returns: its own task loss, the tapped features, and logits."""
+    """What a student's forward returns: its own task loss, the tapped features, and logits.
+
+    A student whose loss does not need full logits (a chunked cross-entropy) leaves ``logits``
+    None and gives ``logits_fn``, which computes them only when a term asks (logit KD)."""
 
     loss: Tensor
     features: dict[int, Tensor] = field(default_factory=dict)
     logits: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    logits_fn: Callable[[], Tensor] | None = None
+
+    def get_logits(self) -> Tensor | None:
+        if self.logits is None and self.logits_fn is not None:
+            self.logits = self.logits_fn()
+        return self.logits
 
 
 @runtime_checkable
@@ -87,9 +98,11 @@ def align_teacher(teacher: Tensor, batch: Batch) -> Tensor:
 
 
 def alignment_mask(batch: Batch) -> Tensor:
-    """Positions that count in an alignment objective: real and (if mapped) matched."""
-    mask = batch["attention_mask"].bool()
-    index = batch.get("teacher_index") if hasattr(batch, "get") else None
+    """Positions that count in an alignment objective: real and (if mapped) matched; None when
+    every position counts (no mask, no unmatched teacher position)."""
+    mask = batch.get("attention_mask")
+    index = batch.get("teacher_index")
     if index is not None:
-        mask = mask & (index >= 0)
-    return mask
+        matched = index >= 0
+        mask = matched if mask is None else mask.bool() & matched
+    return None if mask is None else mask.bool()

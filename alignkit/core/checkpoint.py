@@ -2,7 +2,9 @@
 loaded with ``weights_only=True``), step/tokens/data position (JSON), per-rank RNG state.
 
 Layout: ``RUN_DIR/checkpoints/step_000100/{state.safetensors, optimizer.pt, trainer.json,
-rng_rank0.json, data_rank0.json, model/}``; ``model/`` is the task's export (Hugging Face format
+rng_rank0.json, data_rank0.json, model/}``; under ``train.parallel=fsdp`` the weights and optimizer
+are instead ``sharded/`` (``torch.distributed.checkpoint``: each rank writes its own shards, no
+gather) and there is no ``model/``. ``model/`` is the task's export (Hugging Face format
 for text) that users open directly. The trainer adds ``best.safetensors`` (the weights selected by
 ``train.select_metric`` so far) and ``ema.safetensors`` when those are on. A checkpoint is written to a temporary folder and renamed,
 so an interruption never leaves a half-written one behind. Checkpoints are ordered by their
@@ -22,8 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_model, save_model
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from alignkit.core.errors import CheckpointError
 
@@ -129,7 +133,21 @@ def save_rank_state(directory: Path, rank: int, data_state: dict[str, Any], rng:
 def save_main_state(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any]) -> None:
     save_model(module, str(directory / "state.safetensors"))
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    save_trainer_state(directory, trainer)
+
+
+def save_trainer_state(directory: Path, trainer: dict[str, Any]) -> None:
     (directory / "trainer.json").write_text(json.dumps(trainer, indent=2))
+
+
+SHARDED = "sharded"
+
+
+def save_sharded(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """FSDP: weights and optimizer state with ``torch.distributed.checkpoint``; a collective
+    (every rank writes its own shards into ``directory/sharded``)."""
+    model_state, optim_state = get_state_dict(module, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / SHARDED))
 
 
 def publish(staging: Path, run_dir: Path, step: int, keep: int) -> Path:
@@ -152,25 +170,38 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is corrupt ({err})") from None
 
 
+def _load_weights(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    if (directory / SHARDED).is_dir():  # FSDP: a collective, every rank reads its shards
+        model_state, optim_state = get_state_dict(module, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        try:
+            dcp.load(state, checkpoint_id=str(directory / SHARDED))
+        except Exception as err:  # noqa: BLE001 -- DCP wraps file errors in its own types
+            raise CheckpointError(f"{directory / SHARDED} is unreadable ({first_line(err)})") from None
+        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return
+    state_file, optimizer_file = directory / "state.safetensors", directory / "optimizer.pt"
+    try:
+        load_model(module, str(state_file), device=str(device))
+    except Exception as err:  # noqa: BLE001 -- safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{state_file} is unreadable ({first_line(err)})") from None
+    try:
+        optimizer.load_state_dict(torch.load(optimizer_file, map_location=device, weights_only=True))
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{optimizer_file} is unreadable ({first_line(err)})") from None
+
+
 def load_checkpoint(
     directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int, device: torch.device
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore module, optimizer and this rank's RNG; return (trainer state, data state).
-    Any unreadable part raises :class:`CheckpointError` naming the file."""
+    """Restore module, optimizer (from ``sharded/`` under FSDP) and this rank's RNG; return
+    (trainer state, data state). Any unreadable part raises :class:`CheckpointError` naming the file."""
     rng_file = directory / f"rng_rank{rank}.json"
     if not rng_file.is_file():
         raise CheckpointError(f"{rng_file} missing: resume with the same number of processes as the run")
     trainer = _read_json(directory / "trainer.json")
     data_state, rng = _read_json(directory / f"data_rank{rank}.json"), _read_json(rng_file)
-    state_file, optimizer_file = directory / "state.safetensors", directory / "optimizer.pt"
-    try:
-        load_model(module, str(state_file), device=str(device))
-    except Exception as err:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{state_file} is unreadable ({first_line(err)})") from None
-    try:
-        optimizer.load_state_dict(torch.load(optimizer_file, map_location=device, weights_only=True))
-    except Exception as err:
-        raise CheckpointError(f"{optimizer_file} is unreadable ({first_line(err)})") from None
+    _load_weights(directory, module, optimizer, device)
     try:
         set_rng_state(rng)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:

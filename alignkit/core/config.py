@@ -148,6 +148,29 @@ class TrainConfig:
     select_mode: str = checked("max", one_of("max", "min"))
     ema_decay: float = checked(0.0, between(0, 1, high_open=True))  # > 0: evaluate, select and export an EMA of the weights
     select_tiebreak: str = ""  # e.g. "val_loss": lower wins among evals equal on select_metric
+    # Scale (see `alignkit check`): data/model parallelism, memory, and the global batch
+    # auto = ddp for > 1 process; fsdp = FSDP2 (sharded weights, grads, optimizer)
+    parallel: str = checked("auto", one_of("auto", "none", "ddp", "fsdp"))
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    compile: bool = False  # torch.compile each block
+    global_batch_size: int = checked(0, at_least(0))  # sequences per optimizer step over all processes; 0 = micro x accum x world
+    num_processes: int = checked(1, at_least(1))  # the process count `alignkit check` estimates memory for (a hint)
+
+
+
+def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on each process. With ``global_batch_size`` set, the
+    accumulation follows the process count so a recipe means the same training on any number
+    of GPUs; otherwise ``grad_accum`` as given."""
+    if cfg.global_batch_size <= 0:
+        return cfg.grad_accum
+    per_pass = cfg.micro_batch_size * world_size
+    if cfg.global_batch_size % per_pass:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.global_batch_size} is not a multiple of train.micro_batch_size x "
+            f"processes = {cfg.micro_batch_size} x {world_size} = {per_pass}"
+        )
+    return cfg.global_batch_size // per_pass
 
 
 def _read_yaml(path: Path, key: str) -> DictConfig:

@@ -102,9 +102,10 @@ class AlignmentEngine(nn.Module):
             metrics[f"align/{pair.name}"] = value.detach()
             metrics[f"cos/{pair.name}"] = cosine_similarity(student.detach(), teacher, mask)
         if kd_w > 0:
-            if out.logits is None:
+            logits = out.get_logits()
+            if logits is None:
                 raise RuntimeError("align.method needs student logits but the student returned none")
-            value = kd(out.logits, teacher_logits, batch["attention_mask"].bool(), self.kd_temperature)
+            value = kd(logits, teacher_logits, alignment_mask(batch), self.kd_temperature)
             total = total + kd_w * value
             metrics["kd"] = value.detach()
             metrics["kd_weight"] = zero + kd_w

@@ -28,10 +28,11 @@ from typing import Any, Iterator, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from alignkit.core import checkpoint as ckpt
+from alignkit.core import parallel
 from alignkit.core.adapter import Batch, StudentOutput
 from alignkit.core.config import TrainConfig
 from alignkit.core.distributed import DistInfo, all_reduce_mean, max_over_ranks, barrier
@@ -110,12 +111,11 @@ class Trainer:
         self.cfg, self.task, self.run_dir, self.device, self.dist = cfg, task, Path(run_dir), device, dist
         self.module = StepModule(student, engine).to(device)
         self.student, self.engine = self.module.student, engine
-        self.model: nn.Module = self.module
-        if dist.world_size > 1:
-            has_projection_params = engine is not None and any(True for _ in engine.parameters())
-            self.model = DistributedDataParallel(self.module, find_unused_parameters=has_projection_params)
+        self.model, self.parallel = parallel.wrap_model(self.module, cfg, dist)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(_param_groups(self.module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+        self.optimizer = torch.optim.AdamW(_param_groups(self.module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                                           fused=device.type == "cuda")
+        self._pending_tokens = 0  # this rank's tokens since the last host sync
         self.lr_at = warmup_cosine(cfg.lr, cfg.steps, int(cfg.warmup_ratio * cfg.steps), cfg.min_lr_ratio)
         self.step, self.tokens = 0, 0
         self.ema = WeightAverage(self.student, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -125,10 +125,6 @@ class Trainer:
         self.autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bfloat16" else nullcontext()
         )
-        known = getattr(task, "eval_metrics", None)  # fail now, not at the first eval
-        for key in ("select_metric", "select_tiebreak"):
-            if known is not None and getattr(cfg, key) and getattr(cfg, key) not in known:
-                raise ConfigError(f"train.{key}={getattr(cfg, key)!r} is not an eval metric of this task ({', '.join(known)})")
         self.optimizer.register_step_post_hook(lambda *_: setattr(self, "_phase", "applied"))
         self.signals = StopRequests()
         self.resume_hint = f"alignkit train --resume {self.run_dir}"  # printed when interrupted ("" = none)
@@ -173,6 +169,7 @@ class Trainer:
             self.ema.load(directory)
         if self.engine is not None and self.engine.release_step is not None and self.step >= self.engine.release_step:
             self.engine.release()
+            self._teacher_released()
         self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
@@ -199,11 +196,14 @@ class Trainer:
         folder) remove the partial one and raise :class:`CheckpointError` on every rank."""
         staging = self.run_dir / "checkpoints" / f".tmp_step_{self.step:06d}"
         failure: BaseException | None = None
+        self._reduce([])  # self.tokens up to date
         try:
             if self.dist.is_main:
                 staging = ckpt.staging_dir(self.run_dir, self.step)
             barrier(self.dist)
             ckpt.save_rank_state(staging, self.dist.rank, data_state, rng)
+            if self.parallel == "fsdp":  # every rank writes its shards; no gathered model/ export
+                ckpt.save_sharded(staging, self.module, self.optimizer)
             if self.dist.is_main:
                 self._save_main(staging)
         except BaseException as err:  # noqa: BLE001 -- every rank must learn of it, or the others hang
@@ -228,10 +228,13 @@ class Trainer:
         trainer_state = {"step": self.step, "tokens": self.tokens, "best_value": best[0],
                          "best_tiebreak": None if best[1] in (None, math.inf) else best[1],
                          "eval_pending": self.eval_pending, "last_eval": self.last_eval}
-        ckpt.save_main_state(staging, self.module, self.optimizer, trainer_state)
+        if self.parallel == "fsdp":
+            ckpt.save_trainer_state(staging, trainer_state)
+        else:
+            ckpt.save_main_state(staging, self.module, self.optimizer, trainer_state)
+            self.task.export(self.student, staging / "model")
         if self.best is not None:  # the selected weights, so a resumed run exports the same model
             save_file({k: v.contiguous() for k, v in self.best[1].items()}, str(staging / BEST_FILE))
-        self.task.export(self.student, staging / "model")
         if self.ema is not None:
             self.ema.save(staging)
 
@@ -297,8 +300,9 @@ class Trainer:
         if self.best is not None:
             self.student.load_state_dict(self.best[1])
             results[f"best_{self.cfg.select_metric}"] = self.best[0][0]
-        if self.dist.is_main:
-            self.task.export(self.student, self.run_dir / "final")
+        with parallel.gathered(self.student, self.dist):  # fsdp: full weights on the main rank
+            if self.dist.is_main:
+                self.task.export(self.student, self.run_dir / "final")
         barrier(self.dist)
         return results
 
@@ -350,24 +354,26 @@ class Trainer:
         self._stop(signal.SIGINT, path)
 
     def _accumulate(self, stream: Iterator[Batch]) -> None:
-        """Forward and backward over the step's micro-batches, then clip."""
+        """Forward and backward over the step's micro-batches, then clip; metrics stay on the
+        device (the host syncs only on logging steps and saves)."""
         cfg, step = self.cfg, self.step
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sums: dict[str, Tensor] = {}
-        tokens = torch.zeros((), device=self.device)
+        tokens = 0
         for micro in range(cfg.grad_accum):
-            batch = to_device(next(stream), self.device)
-            last = micro == cfg.grad_accum - 1
-            sync = self.model.no_sync() if isinstance(self.model, DistributedDataParallel) and not last else nullcontext()
-            with sync:
+            host_batch = next(stream)
+            batch = to_device(host_batch, self.device)
+            with parallel.grad_sync(self.model, micro == cfg.grad_accum - 1):
                 with self.autocast:
                     total, out, metrics = self.model(batch, step)
                 (total / cfg.grad_accum).backward()
             for key, value in {"loss": total.detach(), self.loss_name: out.loss.detach(), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + value.float() / cfg.grad_accum
-            tokens += batch["attention_mask"].sum()
+            mask = host_batch.get("attention_mask")  # host tensors: counting them needs no device sync
+            tokens += int(mask.sum()) if mask is not None else host_batch["input_ids"].numel()
+            del total, out, metrics  # no logits alive into the next micro-batch
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
         self._step_stats = (sums, tokens, grad_norm, lr)
 
@@ -379,20 +385,34 @@ class Trainer:
         if self.ema is not None:
             self.ema.update()
         teacher_active = self.engine is not None and self.engine.active(step)
-        if self.engine is not None:
-            self.engine.after_step(step)
-        keys = sorted(sums)
-        reduced = all_reduce_mean(torch.stack([sums[k] for k in keys] + [tokens * self.dist.world_size]), self.dist)
-        values = reduced.tolist()
+        if self.engine is not None and self.engine.after_step(step):
+            self._teacher_released()
         self.step += 1
-        self.tokens += int(values[-1])
-        record = {"step": self.step, **dict(zip(keys, values)), "lr": lr, "grad_norm": float(grad_norm)}
-        record.update(tokens=self.tokens, teacher_active=teacher_active)
-        self._window[1] += int(values[-1])
-        if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+        self._pending_tokens += tokens
+        self._window[1] += tokens * self.dist.world_size
+        self._bar.update(1)
+        if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:  # the loop's only host syncs
+            keys = sorted(sums)
+            if isinstance(grad_norm, DTensor):  # fsdp
+                grad_norm = grad_norm.full_tensor()
+            values = self._reduce([sums[k] for k in keys] + [grad_norm])
+            record = {"step": self.step, **dict(zip(keys, values[:-1])), "lr": lr, "grad_norm": values[-1],
+                      "tokens": self.tokens, "teacher_active": teacher_active}
             elapsed = time.perf_counter() - self._window[0]
             record.update(tokens_per_s=self._window[1] / max(elapsed, 1e-9), peak_mem_mb=peak_memory_mb(self.device))
             self._log(record)
             self._window = [time.perf_counter(), 0]
-        self._bar.update(1)
-        self._bar.set_postfix(loss=f"{record['loss']:.3f}", lam=f"{record.get('lambda', 0.0):.3g}")
+            self._bar.set_postfix(loss=f"{record['loss']:.3f}", lam=f"{record.get('lambda', 0.0):.3g}")
+
+    def _teacher_released(self) -> None:
+        release = getattr(self.task, "release_teacher", None)  # optional in the Task protocol
+        if release is not None:
+            release()
+
+    def _reduce(self, values: list[Tensor]) -> list[float]:
+        """Means of ``values`` over ranks, in one collective and one host sync; also adds the
+        tokens of all ranks since the last call to ``self.tokens``."""
+        tokens = torch.tensor(float(self._pending_tokens * self.dist.world_size), device=self.device)
+        reduced = all_reduce_mean(torch.stack([v.double() for v in values] + [tokens.double()]), self.dist).tolist()
+        self.tokens, self._pending_tokens = self.tokens + int(reduced[-1]), 0
+        return reduced[:-1]

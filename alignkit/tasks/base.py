@@ -45,6 +45,9 @@ class TaskBase:
     def evaluate(self, student: nn.Module, device: torch.device) -> dict[str, float]:
         raise NotImplementedError
 
+    def release_teacher(self) -> None:
+        """The trainer freed the teachers (``align.stop_step``): drop teacher-only data work."""
+
     def export(self, student: nn.Module, directory: Path) -> None:
         raise NotImplementedError
 

@@ -2,9 +2,13 @@
 :mod:`alignkit.tasks.text_sources`).
 
 Sources (``TextDataConfig.source``): ``builtin`` (the stdlib's ``.py`` sources, offline),
-``files`` (local ``.txt`` / ``.jsonl`` / ``.parquet``), ``hf`` (Hugging Face ``datasets``) and
-``tokens`` (pre-tokenized ``.npy`` / ``.bin`` shards); formats, path rules and bad-data handling
-(missing paths, empty files, non-UTF-8 bytes) are described in :mod:`alignkit.tasks.text_sources`.
+``files`` (local ``.txt`` / ``.jsonl`` / ``.jsonl.zst`` / ``.parquet``), ``hf`` (Hugging Face
+``datasets``) and ``tokens`` (a folder written by ``alignkit prepare``, or ``.npy`` / ``.bin``
+shards: :mod:`alignkit.tasks.token_shards`); formats, path rules and bad-data handling (missing
+paths, empty files, non-UTF-8 bytes, corrupt lines) are described in
+:mod:`alignkit.tasks.text_sources`. ``files`` / ``hf`` with ``streaming: true`` are tokenized on
+the fly in bounded memory by :mod:`alignkit.tasks.text_stream`; otherwise (and for ``builtin``)
+the train split is tokenized in memory here.
 
 Held-out split: ``eval_path`` if given (``hf_eval_split`` for hf), else a deterministic
 ``eval_fraction`` of the documents chosen by a hash of the document's text (of its path for
@@ -14,8 +18,9 @@ sequences is held out.
 
 Packing: documents are tokenized without special tokens, each followed by the tokenizer's EOS,
 concatenated into one stream and cut into ``seq_len`` chunks; the tail that does not fill a
-chunk is dropped. Batches: ``input_ids`` [B, S] long, ``attention_mask`` [B, S] ones,
-``labels`` = ``input_ids`` (Hugging Face shifts internally).
+chunk is dropped. Batches: ``input_ids`` [B, S] long and ``labels`` = ``input_ids`` (the
+student shifts); no ``attention_mask``: every position of a packed sequence is real, and an
+all-ones mask would make the models check it on the host at every forward.
 
 Tokenizer mismatch (the paper's LET-dagger, see DESIGN.md "Tokenizers"): when a teacher
 tokenizer different from the student's is given, the packed stream keeps each token's character
@@ -29,6 +34,8 @@ from __future__ import annotations
 import bisect
 import json
 import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -39,14 +46,12 @@ from alignkit.core.config import above, at_least, between, checked, one_of
 from alignkit.core.errors import DataError
 from alignkit.tasks.text_sources import (
     BUILTIN_MAX_BYTES,
-    TEXT_SUFFIXES,
     _doc_hash,
-    _hf_documents,
-    _load_token_shards,
     builtin_documents,
     is_heldout,
     read_documents,
     resolve_paths,
+    source_documents,
 )
 
 SOURCES = ("builtin", "files", "hf", "tokens")
@@ -55,6 +60,7 @@ _PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>")
 _PROGRESS_MIN_CHARS = 2_000_000  # show a tqdm bar only when tokenization takes noticeable time
 _ENCODE_CHUNK_CHARS = 1_000_000
 _ENCODE_CHUNK_DOCS = 1024
+PREFETCH = 2  # teacher-side batches built ahead of the step under a tokenizer mismatch
 
 
 @dataclass
@@ -71,7 +77,7 @@ class TextDataConfig:
     hf_config: str = ""
     hf_split: str = "train"
     hf_eval_split: str = ""
-    streaming: bool = True
+    streaming: bool = False  # files / hf: tokenize on the fly in bounded memory (text_stream)
     token_dtype: str = checked("uint16", one_of("uint8", "uint16", "int16", "uint32", "int32", "int64"))  # dtype of raw .bin shards
     eval_batches: int = checked(20, at_least(1))  # max eval batches (per rank, = global eval batches)
     max_train_docs: int = checked(0, at_least(0))  # 0 = all
@@ -174,29 +180,40 @@ class _Encoder:
         return [(list(ids), None) for ids in out]
 
 
-def _split_documents(
+def holdout_stream(
     keyed: Iterable[tuple[str, str]], cfg: TextDataConfig, need_eval: bool
-) -> tuple[list[str], list[str]]:
-    """Hash-split (key, text) pairs into train / eval, stopping at max_train_docs train docs."""
-    train: list[tuple[float, str]] = []
-    heldout: list[tuple[float, str]] = []
+) -> Iterator[tuple[bool, float, str]]:
+    """``(held out?, hash, text)`` per document in source order: the hash split, stopping after
+    ``max_train_docs`` train documents. Streams: nothing is kept."""
     holdout = need_eval and cfg.eval_fraction > 0
     # With a train cap, keep scanning (at most cap more docs) until the held-out share is what
     # an uncapped split would give, so a capped run still gets a proportionate eval set.
     want_eval = max(1, math.ceil(cfg.eval_fraction * cfg.max_train_docs)) if holdout else 0
-    extra = 0
+    n_train = n_eval = extra = 0
     for key, text in keyed:
-        capped = bool(cfg.max_train_docs) and len(train) >= cfg.max_train_docs
+        capped = bool(cfg.max_train_docs) and n_train >= cfg.max_train_docs
         if capped:
-            if len(heldout) >= want_eval or extra >= cfg.max_train_docs:
-                break
+            if n_eval >= want_eval or extra >= cfg.max_train_docs:
+                return
             extra += 1
         h = _doc_hash(key)
         if holdout and h < cfg.eval_fraction:
-            heldout.append((h, text))
+            n_eval += 1
+            yield True, h, text
         elif not capped:
-            train.append((h, text))
-    if holdout and not heldout and len(train) >= 2:
+            n_train += 1
+            yield False, h, text
+
+
+def _split_documents(
+    keyed: Iterable[tuple[str, str]], cfg: TextDataConfig, need_eval: bool
+) -> tuple[list[str], list[str]]:
+    """Hash-split (key, text) pairs into train / eval lists (the in-memory path)."""
+    train: list[tuple[float, str]] = []
+    heldout: list[tuple[float, str]] = []
+    for held, h, text in holdout_stream(keyed, cfg, need_eval):
+        (heldout if held else train).append((h, text))
+    if need_eval and cfg.eval_fraction > 0 and not heldout and len(train) >= 2:
         # A tiny corpus where no hash fell under the fraction: hold out the lowest-hash doc.
         i = min(range(len(train)), key=lambda k: train[k][0])
         heldout.append(train.pop(i))
@@ -386,6 +403,7 @@ class TextData:
         self.max_eval_batches = max_eval_batches
         self.student = student
         self.teacher = teacher
+        self.teacher_needed = True  # False once the teacher is freed
         self.teacher_seq_len = teacher_seq_len
         self._epoch = 0
         self._offset = 0  # sequences of this epoch's global order already consumed
@@ -401,6 +419,10 @@ class TextData:
     def num_train_tokens(self) -> int:
         """Tokens served per epoch before the global-batch remainder (num_sequences x seq_len)."""
         return self.num_train_sequences * self.seq_len
+
+    def release_teacher(self) -> None:
+        """The teacher was freed (``align.stop_step``): stop building its side of the batches."""
+        self.teacher_needed = False
 
     @property
     def aligns_teacher(self) -> bool:
@@ -430,15 +452,29 @@ class TextData:
                 f"train split has {n} sequences of {self.seq_len} tokens; one global batch needs "
                 f"{g} (micro batch {b} x world size {self.world_size}): use more data or smaller batches"
             )
-        while True:
-            if self._offset + g > n:
-                self._epoch += 1
-                self._offset = 0
-            order = self._order(self._epoch)
-            lo = self._offset + self.rank * b
-            idx = order[lo : lo + b]
-            self._offset += g
-            yield self._make_batch(self.train, [int(i) for i in idx])
+
+        def upcoming(epoch: int, offset: int) -> Iterator[tuple[list[int], tuple[int, int]]]:
+            """Batch indices with the position after each (self's position = what was served)."""
+            while True:
+                if offset + g > n:
+                    epoch, offset = epoch + 1, 0
+                lo = offset + self.rank * b
+                offset += g
+                yield [int(i) for i in self._order(epoch)[lo : lo + b]], (epoch, offset)
+
+        if self.teacher is None:
+            for idx, (self._epoch, self._offset) in upcoming(self._epoch, self._offset):
+                yield self._make_batch(self.train, idx)
+            return
+        # under a tokenizer mismatch the teacher's re-tokenization of each batch runs in a
+        # worker thread, PREFETCH batches ahead, so the training step does not wait for it
+        with ThreadPoolExecutor(1, thread_name_prefix="teacher-tokens") as pool:
+            ahead: deque[tuple[Future, tuple[int, int]]] = deque()
+            for idx, position in upcoming(self._epoch, self._offset):
+                ahead.append((pool.submit(self._make_batch, self.train, idx), position))
+                if len(ahead) > PREFETCH:
+                    future, (self._epoch, self._offset) = ahead.popleft()
+                    yield future.result()
 
     def state_dict(self) -> dict[str, int]:
         return {
@@ -489,9 +525,10 @@ class TextData:
     # -- batch assembly ------------------------------------------------------------------------
     def _make_batch(self, split: _Split, indices: list[int]) -> dict[str, torch.Tensor]:
         ids = torch.from_numpy(np.stack([split.tokens(i) for i in indices]).astype(np.int64))
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-        if self.teacher is not None:
-            batch.update(self._teacher_fields(split, indices))
+        batch = {"input_ids": ids, "labels": ids.clone()}  # packed: no padding, no mask
+        if self.teacher is not None and self.teacher_needed:
+            stored = getattr(split, "teacher_fields", None)  # prepared shards carry them precomputed
+            batch.update(stored(indices) if stored is not None else self._teacher_fields(split, indices))
         return batch
 
     def _teacher_fields(self, split: _Split, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -564,6 +601,31 @@ def _same_tokenizer(a: _Encoder, b: _Encoder) -> bool:
     return a.tok is b.tok or a.fingerprint() == b.fingerprint()
 
 
+def needs_holdout(cfg: TextDataConfig) -> bool:
+    """True when the eval split is carved from the train source by document hash."""
+    return not cfg.eval_path and not (cfg.source == "hf" and cfg.hf_eval_split)
+
+
+def eval_documents(cfg: TextDataConfig) -> Iterator[str]:
+    """The held-out documents, streamed: the hash-selected ones of the train source, or the
+    separate eval source (eval_path / hf_eval_split)."""
+    if needs_holdout(cfg):
+        return (t for held, _, t in holdout_stream(source_documents(cfg), cfg, True) if held)
+    return (t for _, t in source_documents(cfg, "eval"))
+
+
+def teacher_encoder(student: _Encoder, teacher_tokenizer: Any) -> _Encoder | None:
+    """The teacher's encoder when its tokenizer differs from the student's, else None."""
+    if teacher_tokenizer is None:
+        return None
+    candidate = _Encoder(teacher_tokenizer, "teacher tokenizer")
+    if _same_tokenizer(student, candidate):
+        return None
+    if student.backend is None:
+        student.encode(["x"], offsets=True)  # raises the clear "needs a fast tokenizer"
+    return candidate
+
+
 def build_text_data(
     cfg: TextDataConfig,
     tokenizer: Any,
@@ -577,6 +639,7 @@ def build_text_data(
     ``tokenizer``: a Hugging Face tokenizer or a raw ``tokenizers.Tokenizer`` (may be None for
     ``source='tokens'``). ``teacher_tokenizer``: when given and different from ``tokenizer``,
     batches also carry ``teacher_input_ids``, ``teacher_attention_mask`` and ``teacher_index``.
+    ``streaming`` files / hf sources go to :mod:`alignkit.tasks.text_stream` (bounded memory).
     """
     if cfg.source not in SOURCES:
         raise DataError(f"task.text.source={cfg.source!r} must be one of {SOURCES}")
@@ -587,71 +650,31 @@ def build_text_data(
     common = dict(rank=rank, world_size=world_size, seed=cfg.seed, max_eval_batches=cfg.eval_batches)
 
     if cfg.source == "tokens":
-        if teacher_tokenizer is not None and tokenizer is not None:
-            if not _same_tokenizer(_Encoder(tokenizer), _Encoder(teacher_tokenizer, "teacher tokenizer")):
-                raise DataError(
-                    "task.text.source='tokens' has no text, so a teacher with a different tokenizer "
-                    "cannot be aligned: use a text source or a teacher with the student's tokenizer"
-                )
-        stream = _Stream(_load_token_shards(cfg.train_path, "train_path", cfg.token_dtype))
-        if tokenizer is not None:
-            vocab = _Encoder(tokenizer).vocab_size
-            probe = stream.get(0, min(len(stream), 1_000_000))
-            if probe.size and int(probe.max()) >= vocab:
-                raise DataError(
-                    f"task.text.train_path={cfg.train_path!r}: token id {int(probe.max())} >= tokenizer "
-                    f"vocab size {vocab} (wrong task.text.token_dtype or tokenizer?)"
-                )
-        if cfg.eval_path:
-            eval_split: _Split | None = _Split(
-                _Stream(_load_token_shards(cfg.eval_path, "eval_path", cfg.token_dtype)), seq_len
-            )
-            train_split = _Split(stream, seq_len)
-        else:
-            n_total = len(stream) // seq_len
-            n_eval = math.ceil(cfg.eval_fraction * n_total) if cfg.eval_fraction > 0 and n_total >= 2 else 0
-            cut = (n_total - n_eval) * seq_len
-            train_split = _Split(stream.view(0, cut) if n_eval else stream, seq_len)
-            eval_split = _Split(stream.view(cut, n_total * seq_len), seq_len) if n_eval else None
-        if train_split.num_sequences == 0:
-            raise DataError(
-                f"task.text.train_path={cfg.train_path!r}: found {len(train_split.stream)} tokens, but one "
-                f"sequence needs seq_len={seq_len}"
-            )
-        return TextData(train_split, eval_split, seq_len, **common)
+        from alignkit.tasks.token_shards import build_token_data
+
+        return build_token_data(cfg, tokenizer, teacher_tokenizer, seq_len, **common)
 
     if tokenizer is None:
         raise DataError(f"task.text.source={cfg.source!r} needs a tokenizer")
     student = _Encoder(tokenizer, "student tokenizer")
-    teacher = None
-    if teacher_tokenizer is not None:
-        candidate = _Encoder(teacher_tokenizer, "teacher tokenizer")
-        if not _same_tokenizer(student, candidate):
-            teacher = candidate
-            if student.backend is None:
-                student.encode(["x"], offsets=True)  # raises the clear "needs a fast tokenizer"
+    teacher = teacher_encoder(student, teacher_tokenizer)
     keep_spans = teacher is not None
-
-    # Documents (train list; eval iterable, tokenized lazily).
-    eval_docs: Iterable[str] | None = None
-    need_holdout = not cfg.eval_path and not (cfg.source == "hf" and cfg.hf_eval_split)
-    if cfg.source == "builtin":
-        keyed: Iterable[tuple[str, str]] = builtin_documents()
-    elif cfg.source == "files":
-        paths = resolve_paths(cfg.train_path, "train_path", TEXT_SUFFIXES)
-        keyed = ((t, t) for t in read_documents(paths, cfg.text_field))
-    else:
-        keyed = ((t, t) for t in _hf_documents(cfg, cfg.hf_split))
-    train_docs, heldout = _split_documents(keyed, cfg, need_eval=need_holdout)
-    if need_holdout:
-        eval_docs = heldout if heldout else None
-    elif cfg.source == "hf" and cfg.hf_eval_split:
-        eval_docs = _hf_documents(cfg, cfg.hf_eval_split)
-    else:
-        eval_paths = resolve_paths(cfg.eval_path, "eval_path", TEXT_SUFFIXES)
-        eval_docs = read_documents(eval_paths, cfg.text_field)
+    teacher_len = max(1, math.ceil(cfg.teacher_seq_ratio * seq_len)) if teacher is not None else 0
     where = {"builtin": "builtin corpus", "files": f"task.text.train_path={cfg.train_path!r}",
              "hf": f"{cfg.hf_name}[{cfg.hf_split}]"}[cfg.source]
+    if cfg.streaming and cfg.source != "builtin":
+        from alignkit.tasks.text_stream import StreamingTextData
+
+        eval_split = None
+        if cfg.eval_fraction > 0 or not needs_holdout(cfg):
+            eval_split = _LazyEvalSplit(eval_documents(cfg), _Packer(student, keep_spans), seq_len)
+        return StreamingTextData(cfg, where, eval_split, seq_len, student=student, teacher=teacher,
+                                 teacher_seq_len=teacher_len, **common)
+
+    # In memory: the train list is tokenized at once; the eval iterable lazily.
+    need_holdout = needs_holdout(cfg)
+    train_docs, heldout = _split_documents(source_documents(cfg), cfg, need_eval=need_holdout)
+    eval_docs: Iterable[str] | None = (heldout or None) if need_holdout else eval_documents(cfg)
     if not train_docs:
         raise DataError(f"{where}: no training documents (all held out or empty)")
 
@@ -677,7 +700,6 @@ def build_text_data(
         del train_docs
     train_split = _Split(_Stream([ids]), seq_len, packer)
     eval_split = _LazyEvalSplit(eval_docs, _Packer(student, keep_spans), seq_len) if eval_docs is not None else None
-    teacher_len = max(1, math.ceil(cfg.teacher_seq_ratio * seq_len)) if teacher is not None else 0
     return TextData(
         train_split, eval_split, seq_len, student=student, teacher=teacher,
         teacher_seq_len=teacher_len, **common,

@@ -62,6 +62,9 @@ class TextPretrainTask(TaskBase):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.data.load_state_dict(state)
 
+    def release_teacher(self) -> None:
+        self.data.release_teacher()
+
     def evaluate(self, student: nn.Module, device: torch.device) -> dict[str, float]:
         """Token-weighted mean NLL over the held-out split (sharded over ranks, then summed)."""
         sums = torch.zeros(2, dtype=torch.float64, device=device)

@@ -7,13 +7,15 @@ Sources (``TextDataConfig.source``):
 ``builtin``  the running Python's standard-library ``.py`` sources (no download): a sorted,
              deterministic file list (site-packages, tests and caches excluded), one file per
              document, capped at ``BUILTIN_MAX_BYTES``; held-out split by a hash of the path.
-``files``    local ``.txt`` / ``.jsonl`` / ``.parquet`` (a file, a directory or a glob).
+``files``    local ``.txt`` / ``.jsonl`` / ``.jsonl.zst`` / ``.parquet`` (a file, a directory or
+             a glob), read as a stream (never a whole file in memory).
              ``.txt``: one document per block of lines separated by blank (whitespace-only)
              lines -- for WikiText that makes each paragraph and each `` = Heading = `` line a
              document, which is harmless for packing and gives the held-out split many units.
-             ``.jsonl``: one document per line, ``text_field``. ``.parquet``: ``text_field``
+             ``.jsonl``: one document per line, ``text_field``; ``.jsonl.zst``: the same,
+             zstandard-compressed (the Pile's format). ``.parquet``: ``text_field``
              column (needs pyarrow).
-``hf``       Hugging Face ``datasets`` (``pip install alignkit[hub]``), streaming by default.
+``hf``       Hugging Face ``datasets`` (``pip install alignkit[hub]``), ``streaming`` as configured.
 ``tokens``   pre-tokenized shards: ``.npy`` (``np.load(mmap_mode="r")``) or raw ``.bin``
              (``np.memmap``, ``token_dtype``), read in file order as one token stream that is
              assumed to already contain document separators.
@@ -23,16 +25,17 @@ text; the path for builtin) falls under ``eval_fraction`` -- independent of seed
 
 Bad data: a missing path raises FileNotFoundError naming the path and the config key; an
 empty file (or one with no text) raises ValueError naming the file; **non-UTF-8 bytes are
-decoded with U+FFFD replacement and a warning naming the file is issued once per file** (one
-stray byte in a large crawl should not kill a run, but it should not pass silently either).
+decoded with U+FFFD replacement, and a corrupt ``.jsonl`` line (invalid JSON, no text field) is
+skipped, each with a warning naming the file and line** (the first few per file): one stray
+byte in a large crawl should not kill a run, but it should not pass silently either.
 """
 from __future__ import annotations
 
 import glob as _glob
 import hashlib
+import io
 import json
 import os
-import re
 import sysconfig
 import warnings
 from pathlib import Path
@@ -45,11 +48,11 @@ from alignkit.core.errors import DataError, MissingFile, MissingPackage
 if TYPE_CHECKING:
     from alignkit.tasks.text_data import TextDataConfig
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst", ".parquet")
 TOKEN_SUFFIXES = (".npy", ".bin")
 BUILTIN_MAX_BYTES = 20_000_000  # ~20 MB of stdlib source: a few seconds of fast tokenization
 _BUILTIN_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib"}
-_warned_non_utf8: set[str] = set()
+_MAX_LINE_WARNINGS = 10  # per file and read; a broken crawl should not flood the log
 
 
 def _doc_hash(key: str) -> float:
@@ -73,7 +76,7 @@ def resolve_paths(spec: str, key: str, suffixes: Sequence[str]) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(tuple(suffixes)))
         if not files:
             raise MissingFile(
                 f"task.text.{key}={spec!r}: directory holds no {'/'.join(suffixes)} files"
@@ -85,55 +88,83 @@ def resolve_paths(spec: str, key: str, suffixes: Sequence[str]) -> list[Path]:
     return matches
 
 
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        text = raw.decode("utf-8", errors="replace")
-        if str(path) not in _warned_non_utf8:
-            _warned_non_utf8.add(str(path))
-            warnings.warn(
-                f"{path}: not valid UTF-8 ({err.reason} at byte {err.start}); undecodable bytes "
-                "were replaced with U+FFFD",
-                UserWarning,
-                stacklevel=3,
-            )
-    if not text.strip():
+def _lines(path: Path) -> Iterator[bytes]:
+    """The raw lines of a file (``.zst``: decompressed as a stream), never the whole file."""
+    with open(path, "rb") as raw:
+        if path.name.endswith(".zst"):
+            try:
+                import zstandard
+            except ImportError:
+                raise MissingPackage(f"reading {path} needs zstandard: pip install zstandard") from None
+            yield from io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+        else:
+            yield from raw
+
+
+def _bad_line(path: Path, lineno: int, what: str, counts: list[int]) -> None:
+    """Warn about one bad line (the first few per file; then once that more are skipped)."""
+    counts[0] += 1
+    if counts[0] <= _MAX_LINE_WARNINGS:
+        more = f" (further bad lines of {path} are not reported)" if counts[0] == _MAX_LINE_WARNINGS else ""
+        warnings.warn(f"{path}:{lineno}: {what}{more}", UserWarning, stacklevel=4)
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str, list[int]]]:
+    """(line number, text, bad-line counter) per line; non-UTF-8 bytes become U+FFFD with a
+    warning naming the file and line."""
+    counts = [0]
+    for lineno, raw in enumerate(_lines(path), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            line = raw.decode("utf-8", errors="replace")
+            _bad_line(path, lineno, f"not valid UTF-8 ({err.reason} at byte {err.start}); undecodable "
+                      "bytes were replaced with U+FFFD", counts)
+        yield lineno, line, counts
+
+
+def _txt_documents(path: Path) -> Iterator[str]:
+    block: list[str] = []
+    found = False
+    for _, line, _ in _decoded_lines(path):
+        if line.strip():
+            block.append(line)
+        elif block:
+            found = True
+            yield "".join(block).strip()
+            block = []
+    if block:
+        found = True
+        yield "".join(block).strip()
+    if not found:
         raise DataError(f"{path}: file is empty (no text)")
-    return text
 
 
-_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
-
-
-def _txt_documents(path: Path) -> list[str]:
-    docs = [block.strip() for block in _BLANK_LINES.split(_read_text(path))]
-    return [d for d in docs if d]
-
-
-def _jsonl_documents(path: Path, field: str) -> list[str]:
-    docs = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    """One document per line (``.jsonl`` or the Pile's ``.jsonl.zst``); a corrupt line is
+    reported (file and line) and skipped, the rest is kept."""
+    found = False
+    for lineno, line, counts in _decoded_lines(path):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or field not in record:
-            raise DataError(f"{path}:{lineno}: no {field!r} field (task.text.text_field)")
-        value = record[field]
+            _bad_line(path, lineno, f"invalid JSON ({err.msg}); line skipped", counts)
+            continue
+        value = record.get(field) if isinstance(record, dict) else None
         if not isinstance(value, str):
-            raise DataError(f"{path}:{lineno}: field {field!r} is {type(value).__name__}, not a string")
+            what = "no" if value is None else f"a {type(value).__name__} in the"
+            _bad_line(path, lineno, f"{what} {field!r} field (task.text.text_field); line skipped", counts)
+            continue
         if value.strip():
-            docs.append(value)
-    if not docs:
+            found = True
+            yield value
+    if not found:
         raise DataError(f"{path}: no text in field {field!r}")
-    return docs
 
 
-def _parquet_documents(path: Path, field: str) -> list[str]:
+def _parquet_documents(path: Path, field: str) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -142,25 +173,43 @@ def _parquet_documents(path: Path, field: str) -> list[str]:
         ) from None
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty (no text)")
-    schema = pq.read_schema(path)
-    if field not in schema.names:
-        raise DataError(f"{path}: no column {field!r} (task.text.text_field); columns: {schema.names}")
-    values = pq.read_table(path, columns=[field]).column(field).to_pylist()
-    docs = [v for v in values if isinstance(v, str) and v.strip()]
-    if not docs:
+    parquet = pq.ParquetFile(path)
+    if field not in parquet.schema_arrow.names:
+        raise DataError(f"{path}: no column {field!r} (task.text.text_field); columns: {parquet.schema_arrow.names}")
+    found = False
+    for batch in parquet.iter_batches(batch_size=1024, columns=[field]):
+        for value in batch.column(0).to_pylist():
+            if isinstance(value, str) and value.strip():
+                found = True
+                yield value
+    if not found:
         raise DataError(f"{path}: no text in column {field!r}")
-    return docs
 
 
 def read_documents(paths: Iterable[Path], text_field: str = "text") -> Iterator[str]:
-    """Documents of local text files in order (format chosen by suffix; unknown = .txt)."""
+    """Documents of local text files in order, streamed (format chosen by suffix; unknown = .txt)."""
     for path in paths:
-        if path.suffix == ".jsonl":
+        if path.name.endswith((".jsonl", ".jsonl.zst")):
             yield from _jsonl_documents(path, text_field)
         elif path.suffix == ".parquet":
             yield from _parquet_documents(path, text_field)
         else:
             yield from _txt_documents(path)
+
+
+def source_documents(cfg: TextDataConfig, split: str = "train") -> Iterator[tuple[str, str]]:
+    """``(held-out key, text)`` of every document of ``cfg``'s source in order, streamed.
+    ``split``: ``train`` (train_path / hf_split) or ``eval`` (eval_path / hf_eval_split). Local
+    paths are resolved now, so a missing one is reported before any training starts."""
+    if cfg.source == "builtin":
+        return iter(builtin_documents())
+    if cfg.source == "files":
+        key = "train_path" if split == "train" else "eval_path"
+        paths = resolve_paths(getattr(cfg, key), key, TEXT_SUFFIXES)
+        return ((t, t) for t in read_documents(paths, cfg.text_field))
+    if cfg.source == "hf":
+        return ((t, t) for t in _hf_documents(cfg, cfg.hf_split if split == "train" else cfg.hf_eval_split))
+    raise DataError(f"task.text.source={cfg.source!r} has no documents")
 
 
 def builtin_documents(max_bytes: int = BUILTIN_MAX_BYTES) -> list[tuple[str, str]]:
@@ -234,6 +283,7 @@ __all__ = [
     "BUILTIN_MAX_BYTES",
     "resolve_paths",
     "read_documents",
+    "source_documents",
     "builtin_documents",
     "is_heldout",
 ]

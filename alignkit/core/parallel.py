@@ -1,0 +1,133 @@
+"""How the student is spread over processes: nothing, DDP, or FSDP2 (``train.parallel``).
+
+``wrap_model`` takes the trainer's step module (student + engine), applies per-block activation
+checkpointing and ``torch.compile`` when asked, then wraps it: DDP replicates it; FSDP2
+(``torch.distributed.fsdp.fully_shard``) shards each transformer block, then the student (embedding,
+final norm, head), then the step module (learned projections), with bf16 parameters in compute
+under ``train.precision=bfloat16`` and fp32 gradient reduction. The student stays callable on its
+own (evaluation and export call it directly). ``shard_teacher`` shards a frozen teacher the same way.
+Blocks come from the adapter's ``_parts.blocks`` (the Hugging Face adapters set it).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Any, ContextManager, Iterator
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from alignkit.core.config import ConfigError, TrainConfig
+from alignkit.core.distributed import DistInfo
+
+PARALLEL = ("auto", "none", "ddp", "fsdp")
+
+
+def resolve_parallel(cfg: TrainConfig, dist: DistInfo) -> str:
+    """``auto``: ddp with more than one process, none for one."""
+    if cfg.parallel not in PARALLEL:
+        raise ConfigError(f"train.parallel={cfg.parallel!r} is unknown (choose from {', '.join(PARALLEL)})")
+    if cfg.parallel == "auto":
+        return "ddp" if dist.world_size > 1 else "none"
+    if cfg.parallel == "none" and dist.world_size > 1:
+        raise ConfigError(f"train.parallel=none cannot run on {dist.world_size} processes (use ddp or fsdp)")
+    if cfg.parallel == "fsdp" and (cfg.select_metric or cfg.ema_decay > 0):
+        raise ConfigError("train.parallel=fsdp does not support train.select_metric or train.ema_decay (use ddp)")
+    return cfg.parallel
+
+
+def blocks_of(model: Any, key: str) -> nn.ModuleList:
+    """The transformer blocks of an adapter (``_parts.blocks``); ``key`` names the setting that needs them."""
+    blocks = getattr(getattr(model, "_parts", None), "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise ConfigError(f"{key}: {type(model).__name__} exposes no transformer blocks (_parts.blocks)")
+    return blocks
+
+
+def _mixed_precision(cfg: TrainConfig) -> MixedPrecisionPolicy:
+    param_dtype = torch.bfloat16 if cfg.precision == "bfloat16" else None
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+
+def wrap_model(module: nn.Module, cfg: TrainConfig, dist: DistInfo) -> tuple[nn.Module, str]:
+    """(the module to call in training, the resolved ``train.parallel``). ``module`` has a
+    ``student`` attribute (the trainer's step module) and is changed in place."""
+    parallel = resolve_parallel(cfg, dist)
+    student = module.student
+    wanted = [key for key, on in [("train.parallel=fsdp", parallel == "fsdp"),
+                                  ("train.activation_checkpointing", cfg.activation_checkpointing),
+                                  ("train.compile", cfg.compile)] if on]
+    if wanted:
+        blocks = blocks_of(student, wanted[0])
+        for index, block in enumerate(blocks):
+            if cfg.activation_checkpointing:
+                # non-reentrant checkpoint; the wrapper strips its prefix from state-dict keys
+                block = blocks[index] = checkpoint_wrapper(block)
+            if cfg.compile:
+                block.compile()
+    if parallel == "ddp":
+        has_projection_params = module.engine is not None and any(True for _ in module.engine.parameters())
+        return DistributedDataParallel(module, find_unused_parameters=has_projection_params), parallel
+    if parallel == "fsdp":
+        ensure_process_group(next(module.parameters()).device)
+        policy = _mixed_precision(cfg)
+        for block in blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(student, mp_policy=policy)  # embedding, final norm, head
+        fully_shard(module, mp_policy=policy)  # learned projections of the engine
+    return module, parallel
+
+
+def shard_teacher(teacher: Any, device: torch.device) -> None:
+    """Shard a frozen teacher's weights over the processes (``teacher.options.shard: true``):
+    each block, then the base model it is tapped through (embedding, final norm). The LM head,
+    used only by logit KD, stays whole."""
+    ensure_process_group(device)
+    for block in blocks_of(teacher, "teacher.options.shard"):
+        fully_shard(block)
+    fully_shard(teacher.model.base_model)
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """FSDP needs a process group even for one process (e.g. one GPU): make a local one."""
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+
+
+def grad_sync(model: nn.Module, enabled: bool) -> ContextManager[None]:
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        return model.no_sync()
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    return nullcontext()
+
+
+@contextmanager
+def gathered(module: nn.Module, dist: DistInfo) -> Iterator[None]:
+    """Under FSDP: the module holds its full weights (on CPU) on the main rank while inside,
+    e.g. to export a single Hugging Face folder. A collective: every rank must enter."""
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    replacement: dict[int, nn.Parameter] = {}  # tied weights stay tied
+    if dist.is_main:
+        for name, param in module.named_parameters(remove_duplicate=False):
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            if id(param) not in replacement:
+                full_tensor = full[name.replace("_checkpoint_wrapped_module.", "")]
+                replacement[id(param)] = nn.Parameter(full_tensor, requires_grad=False)
+            swapped.append((owner, leaf, param))
+            owner._parameters[leaf] = replacement[id(param)]
+    try:
+        yield
+    finally:
+        for owner, leaf, param in swapped:
+            owner._parameters[leaf] = param

@@ -1,0 +1,476 @@
+"""Pre-tokenized token shards: ``alignkit prepare`` writes them, ``task.text.source=tokens`` reads
+them (a prepared directory, or plain ``.npy`` / ``.bin`` shards).
+
+A prepared directory holds the packed stream exactly as the in-memory ``files`` / ``hf`` /
+``builtin`` path builds it (documents tokenized without special tokens, each followed by EOS,
+the same hash-based held-out split), so training from it is the same run as training from the
+text, without tokenizing anything:
+
+``train_00000.npy, ...``  the train stream, ``shard_tokens`` tokens per shard (the last shorter)
+``eval_00000.npy, ...``   the held-out split (hash-selected documents, or the eval source)
+``<split>-teacher_{ids,index,count}_00000.npy, ...``  only when the teacher's tokenizer
+                          differs (LET-dagger): the teacher's fields of every ``seq_len``-token
+                          sequence, so training reads no text (see :class:`_TeacherRows`)
+``manifest.json``         written last: tokenizer name and fingerprint (and the teacher's), dtype,
+                          EOS id, shard size, token / document / shard counts per stream, source
+``progress.json``         only while unfinished: source position (documents read), shards and
+                          the partial tails (``<split>.tail.<k>.npy``) at the last checkpoint
+
+Memory stays bounded whatever the corpus size: documents stream from the source in chunks,
+``workers`` processes tokenize them (results taken in order, at most ``2 x workers`` chunks in
+flight) and each split's shard is written as soon as it fills. A checkpoint follows every chunk
+that completed a shard, so an interrupted ``prepare`` rerun with the same settings drops the
+shards written after it, re-reads the source up to its position without tokenizing, and ends
+with the same files as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing as mp
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from alignkit.core.errors import DataError, RunDirError
+from alignkit.tasks.text_data import (
+    _ENCODE_CHUNK_CHARS,
+    _ENCODE_CHUNK_DOCS,
+    TextData,
+    TextDataConfig,
+    _Encoder,
+    _Split,
+    _Stream,
+    holdout_stream,
+    needs_holdout,
+    teacher_encoder,
+)
+from alignkit.tasks.text_sources import _load_token_shards, source_documents
+
+FORMAT = "alignkit-tokens/1"
+SPLITS = ("train", "eval")
+DEFAULT_SHARD_TOKENS = 1 << 25  # 32M tokens: 64 MB per uint16 shard, the bound on buffered tokens
+_SOURCE_KEYS = ("source", "train_path", "eval_path", "eval_fraction", "text_field", "hf_name", "hf_config",
+                "hf_split", "hf_eval_split", "max_train_docs")
+_worker_encoder: _Encoder | None = None
+
+
+def tokenizer_fingerprint(encoder: _Encoder) -> str:
+    """A short hash of the tokenizer's full definition (vocab, merges, normalizer, EOS)."""
+    return hashlib.sha256(encoder.fingerprint().encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def _documents(cfg: TextDataConfig) -> Iterator[tuple[bool, str]]:
+    """``(held out?, text)`` in a fixed order: the train source (hash split), then the eval
+    source. Local paths are resolved now (a missing one fails before anything is written)."""
+    cfg = dataclasses.replace(cfg, streaming=True)  # hf: never download a whole split first
+    holdout = needs_holdout(cfg)
+    train = ((held, text) for held, _, text in holdout_stream(source_documents(cfg), cfg, holdout))
+    if holdout:
+        return train
+    return itertools.chain(train, ((True, text) for _, text in source_documents(cfg, "eval")))
+
+
+def _chunks(documents: Iterator[tuple[bool, str]], start: int) -> Iterator[tuple[int, list[bool], list[str]]]:
+    """``(source position after the chunk, held-out flags, texts)``, skipping ``start`` documents."""
+    pos, flags, texts, chars = start, [], [], 0
+    for held, text in itertools.islice(documents, start, None):
+        flags.append(held)
+        texts.append(text)
+        pos, chars = pos + 1, chars + len(text)
+        if chars >= _ENCODE_CHUNK_CHARS or len(texts) >= _ENCODE_CHUNK_DOCS:
+            yield pos, flags, texts
+            flags, texts, chars = [], [], 0
+    if texts:
+        yield pos, flags, texts
+
+
+def _init_worker(tokenizer: Any) -> None:
+    global _worker_encoder
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _worker_encoder = _Encoder(tokenizer, "student tokenizer")
+
+
+Encoded = list  # per split (train, eval): (EOS-terminated token stream, document count, spans)
+
+
+def _encode(flags: list[bool], texts: list[str], spans: bool, encoder: _Encoder | None = None) -> Encoded:
+    """Per split (train, eval): the chunk's EOS-terminated token stream, its document count and,
+    with ``spans``, ``(chunk index, character offsets)`` per non-empty document."""
+    enc = encoder or _worker_encoder
+    assert enc is not None
+    flat: tuple[list[int], list[int]] = ([], [])
+    docs: tuple[list, list] = ([], [])
+    for i, (held, (ids, offsets)) in enumerate(zip(flags, enc.encode(texts, offsets=spans))):
+        if ids:
+            flat[held].extend(ids)
+            flat[held].append(enc.eos_id)
+            docs[held].append((i, np.asarray(offsets, dtype=np.int64) if spans else None))
+    return [(np.asarray(flat[k], dtype=_dtype(enc)), docs[k]) for k in (0, 1)]
+
+
+def _encoded(chunks: Iterator[tuple[int, list[bool], list[str]]], tokenizer: Any, workers: int,
+             spans: bool) -> Iterator[tuple[int, list[str], Encoded]]:
+    """``(position, texts, encoded)`` in source order; with ``workers > 1`` from a process pool,
+    at most ``2 x workers`` chunks ahead."""
+    if workers <= 1:
+        encoder = _Encoder(tokenizer, "student tokenizer")
+        yield from ((pos, texts, _encode(flags, texts, spans, encoder)) for pos, flags, texts in chunks)
+        return
+    # fork: workers start at once and share the parent's pages (spawn would re-import torch in each)
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+        pending: deque = deque()
+        for pos, flags, texts in chunks:
+            pending.append((pos, texts, pool.apply_async(_encode, (flags, texts, spans))))
+            if len(pending) >= 2 * workers:
+                done_pos, done_texts, result = pending.popleft()
+                yield done_pos, done_texts, result.get()
+        while pending:
+            done_pos, done_texts, result = pending.popleft()
+            yield done_pos, done_texts, result.get()
+
+
+def _dtype(encoder: _Encoder) -> np.dtype:
+    return np.dtype(np.uint16 if encoder.vocab_size <= 65536 else np.int32)
+
+
+class _ShardWriter:
+    """One split's stream, written as fixed-size ``.npy`` shards as they fill."""
+
+    def __init__(self, out: Path, split: str, shard_tokens: int, counts: dict[str, int], tail: np.ndarray) -> None:
+        self.out, self.split, self.shard_tokens = out, split, shard_tokens
+        self.shards, self.tokens, self.documents = counts["shards"], counts["tokens"], counts["documents"]
+        self.pieces, self.pending, self.dtype = [tail], len(tail), tail.dtype
+
+    def add(self, ids: np.ndarray, documents: int) -> int:
+        """Append tokens; returns the number of shards written."""
+        self.tokens += len(ids)
+        self.documents += documents
+        self.pieces.append(ids)
+        self.pending += len(ids)
+        written = 0
+        while self.pending >= self.shard_tokens:
+            flat = self.tail()
+            self._write(flat[: self.shard_tokens])
+            self.pieces, self.pending = [flat[self.shard_tokens :]], len(flat) - self.shard_tokens
+            written += 1
+        return written
+
+    def tail(self) -> np.ndarray:
+        """The tokens not yet in a shard."""
+        if len(self.pieces) > 1:
+            self.pieces = [np.concatenate(self.pieces)]
+        return self.pieces[0]
+
+    def _write(self, ids: np.ndarray) -> None:
+        path = self.out / f"{self.split}_{self.shards:05d}.npy"
+        with open(path.with_suffix(".tmp"), "wb") as handle:
+            np.save(handle, ids)
+        os.replace(path.with_suffix(".tmp"), path)
+        self.shards += 1
+
+    def finish(self) -> None:
+        if self.pending:
+            self._write(self.tail())
+            self.pieces, self.pending = [self.tail()[:0]], 0
+
+    def counts(self) -> dict[str, int]:
+        return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents}
+
+
+class _TeacherRows:
+    """LET-dagger: the teacher's side of every student sequence of one split, computed once here
+    by the training path's own code (:meth:`TextData._teacher_fields` on the packed text), so
+    training reads it instead of text. Three streams per split: ``<split>-teacher_ids``
+    (``teacher_seq_len`` per sequence, padded), ``<split>-teacher_index`` (``seq_len`` per
+    sequence) and ``<split>-teacher_count`` (real teacher tokens per sequence)."""
+
+    def __init__(self, data: TextData, writers: dict[str, _ShardWriter], split: str, carry: dict[str, Any] | None) -> None:
+        from alignkit.tasks.text_stream import PackedBuffer
+
+        self.data, self.split = data, split
+        self.writers = {k: writers[f"{split}-teacher_{k}"] for k in ("ids", "index", "count")}
+        assert data.student is not None
+        self.buffer = PackedBuffer(data.student.eos_id, spans=True, skip=carry["skip"] if carry else 0)
+        for ids, span, text in carry["pieces"] if carry else []:
+            self.buffer.add(None, ids[:-1], span, text)
+
+    def add(self, ids: np.ndarray, docs: list[tuple[int, np.ndarray]], texts: list[str]) -> None:
+        start = 0
+        for i, offsets in docs:
+            n = len(offsets) + 1
+            self.buffer.add(None, ids[start : start + n - 1].tolist(), offsets, texts[i])
+            start += n
+        rows = self.buffer.available() // self.data.seq_len
+        if rows:
+            fields = self.data._teacher_fields(self.buffer.cut(rows * self.data.seq_len, self.data.seq_len), list(range(rows)))
+            for key, name in (("ids", "teacher_input_ids"), ("index", "teacher_index")):
+                self.writers[key].add(fields[name].numpy().astype(self.writers[key].dtype).reshape(-1), 0)
+            self.writers["count"].add(fields["teacher_attention_mask"].sum(1).numpy().astype(np.int32), 0)
+
+    def carry(self) -> dict[str, Any]:
+        """The packed tokens not yet in a sequence, with their documents (for a checkpoint)."""
+        return {"skip": self.buffer.skip, "pieces": [(p[1].tolist(), p[2].tolist(), p[3]) for p in self.buffer.pieces]}
+
+
+def _settings(cfg: TextDataConfig, encoder: _Encoder, shard_tokens: int, name: str,
+              teacher: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "tokenizer": {"name": name, "fingerprint": tokenizer_fingerprint(encoder), "eos_id": encoder.eos_id,
+                      "vocab_size": encoder.vocab_size},
+        "dtype": _dtype(encoder).name,
+        "shard_tokens": shard_tokens,
+        "source": {k: getattr(cfg, k) for k in _SOURCE_KEYS},
+        "teacher": teacher,
+    }
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _checkpoint(out: Path, settings: dict[str, Any], pos: int, writers: dict[str, _ShardWriter],
+                rows: dict[str, _TeacherRows], k: int) -> None:
+    """Tails first under a new number, then progress.json naming them (atomic), then old tails go."""
+    for name, writer in writers.items():
+        with open(out / f"{name}.tail.{k}.npy", "wb") as handle:
+            np.save(handle, writer.tail())
+    _write_json(out / "progress.json", {"settings": settings, "docs": pos, "checkpoint": k,
+                                        "streams": {n: w.counts() for n, w in writers.items()},
+                                        "carry": {s: r.carry() for s, r in rows.items()}})
+    for old in out.glob("*.tail.*.npy"):
+        if old.name.split(".")[-2] != str(k):
+            old.unlink()
+
+
+def _resume_state(out: Path, settings: dict[str, Any], streams: dict[str, np.dtype]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The last checkpoint of an unfinished preparation in ``out`` (or a fresh start)."""
+    fresh = {"docs": 0, "checkpoint": 0, "streams": {n: {"shards": 0, "tokens": 0, "documents": 0} for n in streams},
+             "carry": {}}
+    progress = out / "progress.json"
+    if not progress.is_file():
+        if out.exists() and any(out.iterdir()):
+            raise RunDirError(f"--out {out}: not empty and not an unfinished preparation; choose an empty folder")
+        out.mkdir(parents=True, exist_ok=True)
+        return fresh, {n: np.zeros(0, dtype) for n, dtype in streams.items()}
+    state = json.loads(progress.read_text())
+    if state["settings"] != settings:
+        raise RunDirError(f"--out {out}: holds an unfinished preparation with other settings "
+                              "(tokenizer, source or shard size); choose another folder")
+    for name in streams:  # shards written after the checkpoint are redone
+        for path in out.glob(f"{name}_*.npy"):
+            if int(path.stem.split("_")[-1]) >= state["streams"][name]["shards"]:
+                path.unlink()
+    k = state["checkpoint"]
+    return state, {n: np.load(out / f"{n}.tail.{k}.npy") if k else np.zeros(0, dtype) for n, dtype in streams.items()}
+
+
+def _streams(encoder: _Encoder, teacher: _Encoder | None, teacher_seq_len: int) -> dict[str, np.dtype]:
+    """Every stream a preparation writes, with its dtype."""
+    streams = {split: _dtype(encoder) for split in SPLITS}
+    if teacher is not None:
+        index = np.int16 if teacher_seq_len < 2**15 else np.int32
+        for split in SPLITS:
+            streams.update({f"{split}-teacher_ids": _dtype(teacher), f"{split}-teacher_index": np.dtype(index),
+                            f"{split}-teacher_count": np.dtype(np.int32)})
+    return streams
+
+
+def prepare(
+    cfg: TextDataConfig,
+    tokenizer: Any,
+    out: str | Path,
+    *,
+    tokenizer_name: str = "",
+    teacher_tokenizer: Any = None,
+    teacher_name: str = "",
+    seq_len: int = 0,
+    workers: int = 1,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize ``cfg``'s text source into shards under ``out``; returns the manifest. Rerun with
+    the same settings continues an interrupted preparation (a finished one is left as is).
+    With a teacher tokenizer other than the student's, the teacher's fields of every
+    ``seq_len``-token sequence are stored too (training then needs that seq_len)."""
+    if cfg.source not in ("builtin", "files", "hf"):
+        raise DataError(f"task.text.source={cfg.source!r}: alignkit prepare needs a text source (files, hf, builtin)")
+    if shard_tokens < 1:
+        raise DataError(f"--shard-tokens={shard_tokens} must be >= 1")
+    encoder = _Encoder(tokenizer, "student tokenizer")
+    teacher = teacher_encoder(encoder, teacher_tokenizer)
+    teacher_settings = None
+    if teacher is not None:
+        if seq_len < 1:
+            raise DataError("the teacher's tokenizer differs from the student's: prepare needs task.seq_len")
+        teacher_len = max(1, math.ceil(cfg.teacher_seq_ratio * seq_len))
+        teacher_settings = {"name": teacher_name, "fingerprint": tokenizer_fingerprint(teacher), "seq_len": seq_len,
+                            "teacher_seq_len": teacher_len, "pad_id": teacher.pad_id}
+    out = Path(out)
+    settings = _settings(cfg, encoder, shard_tokens, tokenizer_name, teacher_settings)
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest["settings"] != settings:
+            raise RunDirError(f"--out {out}: holds a finished preparation with other settings; choose another folder")
+        return manifest
+    documents = _documents(cfg)
+    streams = _streams(encoder, teacher, teacher_settings["teacher_seq_len"] if teacher_settings else 0)
+    state, tails = _resume_state(out, settings, streams)
+    writers = {n: _ShardWriter(out, n, shard_tokens, state["streams"][n], tails[n]) for n in streams}
+    rows: dict[str, _TeacherRows] = {}
+    if teacher is not None:
+        assert teacher_settings is not None
+        data = TextData(None, None, seq_len, student=encoder, teacher=teacher,  # type: ignore[arg-type]
+                        teacher_seq_len=teacher_settings["teacher_seq_len"])
+        rows = {s: _TeacherRows(data, writers, s, state["carry"].get(s)) for s in SPLITS}
+    from tqdm.auto import tqdm
+
+    done = sum(writers[s].tokens for s in SPLITS)
+    bar = tqdm(desc=f"prepare {out.name}", unit="tok", unit_scale=True, initial=done, disable=not progress, dynamic_ncols=True)
+    k = state["checkpoint"]
+    try:
+        for pos, texts, results in _encoded(_chunks(documents, state["docs"]), tokenizer, workers, teacher is not None):
+            written = 0
+            for split, (ids, docs) in zip(SPLITS, results):
+                written += writers[split].add(ids, len(docs))
+                if rows:
+                    rows[split].add(ids, docs, texts)
+                bar.update(len(ids))
+            bar.set_postfix(docs=pos, refresh=False)
+            if written:
+                k += 1
+                _checkpoint(out, settings, pos, writers, rows, k)
+    finally:
+        bar.close()
+    if writers["train"].tokens == 0:
+        raise DataError(f"{cfg.train_path or cfg.hf_name or cfg.source}: no training documents (all held out or empty)")
+    for writer in writers.values():
+        writer.finish()
+    manifest = {"settings": settings, "splits": {n: w.counts() for n, w in writers.items()}}
+    _write_json(manifest_path, manifest)
+    (out / "progress.json").unlink(missing_ok=True)
+    for tail in out.glob("*.tail.*.npy"):
+        tail.unlink()
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+class _StoredTeacherSplit(_Split):
+    """A prepared split whose sequences carry the teacher's fields precomputed (LET-dagger)."""
+
+    def __init__(self, stream: _Stream, seq_len: int, rows: dict[str, _Stream], teacher_seq_len: int, pad_id: int) -> None:
+        super().__init__(stream, seq_len)
+        self.rows, self.teacher_seq_len, self.pad_id = rows, teacher_seq_len, pad_id
+
+    def teacher_fields(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        t, s = self.teacher_seq_len, self.seq_len
+        get = lambda key, i, n: self.rows[key].get(i * n, (i + 1) * n).astype(np.int64)  # noqa: E731
+        ids = torch.from_numpy(np.stack([get("ids", i, t) for i in indices]))
+        count = torch.from_numpy(np.concatenate([get("count", i, 1) for i in indices]))
+        return {"teacher_input_ids": ids,
+                "teacher_attention_mask": (torch.arange(t)[None, :] < count[:, None]).long(),
+                "teacher_index": torch.from_numpy(np.stack([get("index", i, s) for i in indices]))}
+
+
+def _prepared_splits(path: Path, student: _Encoder | None, teacher: _Encoder | None,
+                     seq_len: int) -> tuple[_Split, _Split | None, int]:
+    """Train and eval splits of a prepared dir (with the teacher's fields when ``teacher``) and
+    the teacher sequence length."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    settings = manifest.get("settings", {})
+    if settings.get("format") != FORMAT:
+        raise DataError(f"{path / 'manifest.json'}: format {settings.get('format')!r}, expected {FORMAT!r}")
+    where = f"task.text.train_path={str(path)!r}"
+    for role, encoder, stored in (("student", student, settings["tokenizer"]), ("teacher", teacher, settings["teacher"])):
+        if encoder is None:
+            continue
+        if stored is None:
+            raise DataError(f"{where} holds no teacher fields, and the teacher's tokenizer differs from the student's: "
+                             "run alignkit prepare with this recipe (it stores them)")
+        if tokenizer_fingerprint(encoder) != stored["fingerprint"]:
+            raise DataError(
+                f"{where} was prepared with {role} tokenizer {stored['name'] or '?'} (fingerprint {stored['fingerprint']}), "
+                f"not this {role}'s (fingerprint {tokenizer_fingerprint(encoder)}): run alignkit prepare again with this recipe"
+            )
+    if teacher is not None and settings["teacher"]["seq_len"] != seq_len:
+        raise DataError(f"{where} holds teacher fields for task.seq_len={settings['teacher']['seq_len']}, not {seq_len}")
+
+    def stream(name: str) -> _Stream | None:
+        shards = manifest["splits"][name]["shards"]
+        arrays = [np.load(path / f"{name}_{i:05d}.npy", mmap_mode="r") for i in range(shards)]
+        return _Stream(arrays) if arrays else None
+
+    def split(name: str) -> _Split | None:
+        ids = stream(name)
+        if ids is None or teacher is None:
+            return _Split(ids, seq_len) if ids is not None else None
+        rows = {k: stream(f"{name}-teacher_{k}") for k in ("ids", "index", "count")}
+        return _StoredTeacherSplit(ids, seq_len, rows, settings["teacher"]["teacher_seq_len"], teacher.pad_id)  # type: ignore[arg-type]
+
+    train = split("train")
+    assert train is not None
+    return train, split("eval"), settings["teacher"]["teacher_seq_len"] if teacher is not None else 0
+
+
+def build_token_data(cfg: TextDataConfig, tokenizer: Any, teacher_tokenizer: Any, seq_len: int, **common: Any) -> TextData:
+    """``source: tokens``: a prepared directory (its own eval split; the teacher's fields when
+    its tokenizer differs) or ``.npy`` / ``.bin`` shards (the last ``eval_fraction`` of the
+    sequences held out unless ``eval_path`` is given)."""
+    student = _Encoder(tokenizer, "student tokenizer") if tokenizer is not None else None
+    teacher = teacher_encoder(student, teacher_tokenizer) if student is not None else None
+    prepared = Path(cfg.train_path).expanduser()
+    teacher_len = 0
+    if (prepared / "manifest.json").is_file():
+        train_split, eval_split, teacher_len = _prepared_splits(prepared, student, teacher, seq_len)
+        if cfg.eval_path:
+            eval_split = _Split(_Stream(_load_token_shards(cfg.eval_path, "eval_path", cfg.token_dtype)), seq_len)
+    else:
+        if teacher is not None:
+            raise DataError(
+                "task.text.source='tokens' with plain shards has no text, so a teacher with a different tokenizer "
+                "cannot be aligned: prepare the data with alignkit prepare (it stores the teacher's side) or use a text source"
+            )
+        stream = _Stream(_load_token_shards(cfg.train_path, "train_path", cfg.token_dtype))
+        if cfg.eval_path:
+            train_split = _Split(stream, seq_len)
+            eval_split = _Split(_Stream(_load_token_shards(cfg.eval_path, "eval_path", cfg.token_dtype)), seq_len)
+        else:
+            n_total = len(stream) // seq_len
+            n_eval = math.ceil(cfg.eval_fraction * n_total) if cfg.eval_fraction > 0 and n_total >= 2 else 0
+            cut = (n_total - n_eval) * seq_len
+            train_split = _Split(stream.view(0, cut) if n_eval else stream, seq_len)
+            eval_split = _Split(stream.view(cut, n_total * seq_len), seq_len) if n_eval else None
+    if student is not None:
+        probe = train_split.stream.get(0, min(len(train_split.stream), 1_000_000))
+        if probe.size and int(probe.max()) >= student.vocab_size:
+            raise DataError(
+                f"task.text.train_path={cfg.train_path!r}: token id {int(probe.max())} >= tokenizer "
+                f"vocab size {student.vocab_size} (wrong task.text.token_dtype or tokenizer?)"
+            )
+    if train_split.num_sequences == 0:
+        raise DataError(
+            f"task.text.train_path={cfg.train_path!r}: found {len(train_split.stream)} tokens, but one "
+            f"sequence needs seq_len={seq_len}"
+        )
+    return TextData(train_split, eval_split, seq_len, student=student, teacher=teacher, teacher_seq_len=teacher_len, **common)

