@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def wikitext_overrides(folder: Path) -> list[str]:
+    """The wikitext2 task preset on local raw files: ``valid.txt`` to train, ``test.txt`` to evaluate."""
+    if not (folder / "valid.txt").is_file() or not (folder / "test.txt").is_file():
+        raise SystemExit(f"WikiText-2 files valid.txt / test.txt not found in {folder} (pass --data)")
+    return ["task.preset=wikitext2", "task.text.source=files",
+            f"task.text.train_path={folder / 'valid.txt'}", f"task.text.eval_path={folder / 'test.txt'}"]
 
 
 def run_experiment(name: str, work_dir: Path, overrides: list[str], config: str | None = None) -> dict[str, Any]:

