@@ -10,17 +10,16 @@ end the run at a step boundary with a checkpoint (exit code 128 + signal).
 from __future__ import annotations
 
 import json
-import random
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from alignkit.core.checkpoint import seed_everything
 from alignkit.core.config import resolve_grad_accum
 from alignkit.core.distributed import DistInfo, cleanup, init_distributed, max_over_ranks, resolve_device
 from alignkit.core.engine import build_engine
@@ -31,12 +30,6 @@ from alignkit.core.trainer import Trainer
 from alignkit.experiment import ExperimentConfig
 from alignkit.run_folder import is_finished, open_new, open_resumed
 from alignkit.tasks import build_task
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def run_dir_for(cfg: ExperimentConfig, config_path: str | None, resume: str | None, info: DistInfo) -> Path:

@@ -150,3 +150,27 @@ def test_logit_kd_methods_run_on_the_same_engine(tmp_path, method):
     kd_on = [r.get("kd_weight", 0.0) > 0 for r in rows]
     assert kd_on == ([True] * 6 if method == "rkd" else [True] * 4 + [False] * 2)  # salt: n_kd = stop_step = 4
     assert all(r["lambda"] == 0 for r in rows)
+
+
+def test_a_teacher_without_release_is_freed_after_stop_step(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    from alignkit.adapters.hf_causal import HFCausalTeacher
+    from alignkit.core import trainer as trainer_module
+
+    monkeypatch.delattr(HFCausalTeacher, "release")  # a custom teacher may have none
+    seen = []
+    finish = trainer_module.Trainer._finish_step
+
+    def watch(self):
+        if not seen:
+            seen.append(weakref.ref(self.engine.teachers["default"]))
+        finish(self)
+        if self.step == 3:  # released after step index 1 (stop_step 2): nothing may hold it now
+            gc.collect()
+            seen.append(seen[0]() is None)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_finish_step", watch)
+    assert train(tmp_path, "free", "train.steps=4", "align.stop_step=2") == 0
+    assert seen[1] is True

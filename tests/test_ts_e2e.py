@@ -100,3 +100,20 @@ def test_interrupted_teacher_pretraining_continues_with_the_run(tmp_path, monkey
     assert "continuing the TimesNet teacher" in capsys.readouterr().out
     assert [r["step"] for r in rows(teacher) if "ce" in r] == list(range(1, 13))
     assert (teacher / "final" / "timesnet.json").is_file()
+
+
+def test_teacher_pretraining_has_its_own_seed_and_leaves_the_run_rng_alone(tmp_path):
+    torch.set_num_threads(1)
+    overrides = [*TINY, "task.teacher_pretrain.steps=6", "train.steps=3", "align.stop_step=2", "align.projection=linear",
+                 "train.eval_every=3"]
+    strip = lambda rows_: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_mb")} for r in rows_]  # noqa: E731
+    for name in ("miss", "hit"):  # the first run pre-trains the teacher, the second reuses it
+        assert main(["train", RECIPE, f"output_dir={tmp_path}", f"run_name={name}", *overrides, "--no-progress"]) == 0
+    assert strip(rows(tmp_path / "miss")) == strip(rows(tmp_path / "hit"))  # same student RNG (linear projection init)
+    assert main(["train", RECIPE, f"output_dir={tmp_path}", "run_name=seed1", *overrides,
+                 "task.teacher_pretrain.seed=1", "--no-progress"]) == 0
+    teachers = sorted((tmp_path / "teachers").glob("timesnet-BasicMotions-*/final/model.safetensors"))
+    from safetensors.torch import load_file
+
+    first, second = (load_file(str(t)) for t in teachers)
+    assert len(teachers) == 2 and any(not torch.equal(first[k], second[k]) for k in first)

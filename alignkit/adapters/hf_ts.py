@@ -30,8 +30,8 @@ Options (``ModelConfig.options``):
 * ``align_layer``: the student layer LET aligns by default (exposed as ``.align_layer``);
   default a quarter of the blocks, rounded, at least 1 (the paper's 6 of 24);
 * ``keep_layers``: use only the first N decoder blocks (0 = all; GPT4TS-style truncation);
-* ``pooling``: ``mean`` (default) | ``last`` (measured: on JapaneseVowels ``last`` cut test error
-  from 4.7 % to 2.3 %, on BasicMotions with a short budget it was worse, 85 % against 97.5 %);
+* ``pooling``: ``mean`` (default) | ``last`` (the last real time step; which one wins depends on
+  the dataset: see the README's time-series results);
 * ``head_dropout`` (0.1), ``num_classes``, ``num_channels`` (given by the task when missing),
   ``gradient_checkpointing``, and hf_causal's ``attn_implementation`` / ``gguf_packed``.
 """

@@ -34,6 +34,12 @@ from alignkit.core.errors import CheckpointError
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_snapshot() -> tuple[Any, ...]:
     """Cheap raw copy of every RNG state (taken at each step start, serialised only on save)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None

@@ -22,7 +22,7 @@ chunk is dropped. Batches: ``input_ids`` [B, S] long and ``labels`` = ``input_id
 student shifts); no ``attention_mask``: every position of a packed sequence is real, and an
 all-ones mask would make the models check it on the host at every forward.
 
-Tokenizer mismatch (the paper's LET-dagger, see DESIGN.md "Tokenizers"): when a teacher
+Tokenizer mismatch (the paper's LET-dagger): when a teacher
 tokenizer different from the student's is given, the packed stream keeps each token's character
 span, each student sequence's text is re-tokenized with the teacher tokenizer (teacher EOS at
 the same document boundaries), padded/truncated to ``ceil(teacher_seq_ratio * seq_len)``, and

@@ -22,10 +22,11 @@ from torch import nn
 import alignkit.adapters  # noqa: F401  (registers timesnet / hf_ts_classifier)
 from alignkit.adapters.timesnet import TimesNetClassifier, save_timesnet
 from alignkit.core.adapter import Batch, TeacherAdapter
+from alignkit.core.checkpoint import rng_snapshot, rng_state, seed_everything, set_rng_state
 from alignkit.core.config import AlignConfig, ConfigError
-from alignkit.core.distributed import DistInfo
-from alignkit.core.registry import build_student, build_teacher
+from alignkit.core.distributed import DistInfo, resolve_device
 from alignkit.core.folder_lock import FolderLock
+from alignkit.core.registry import build_student, build_teacher
 from alignkit.core.trainer import Trainer, to_device
 from alignkit.tasks.base import TaskBase
 from alignkit.tasks.uea import UEASplits, load_uea
@@ -143,6 +144,9 @@ def _pretrain(cfg: Any, run_dir: Path, device: torch.device) -> None:
         train=cfg.task.teacher_pretrain,
         task=dataclasses.replace(cfg.task, uea=dataclasses.replace(cfg.task.uea, datasets=datasets)),
     )
+    outer_rng = rng_snapshot()  # the run's own RNG must not depend on whether the cache was hit
+    seed_everything(sub.train.seed)
+    device = device if sub.train.device == "auto" else resolve_device(sub.train.device, DistInfo())
     task = TSClassifyTask(sub, DistInfo(), device)
     student = task.build_student()
     task.build_data()
@@ -155,6 +159,7 @@ def _pretrain(cfg: Any, run_dir: Path, device: torch.device) -> None:
           f"({sub.train.steps} steps) -> {run_dir / 'final'}")
     trainer.fit()
     (run_dir / "results.json").write_text(json.dumps(task.report(student, run_dir), indent=2))
+    set_rng_state(rng_state(outer_rng))
 
 
 def plot_confusion(confusion: torch.Tensor, names: list[str], path: Path, accuracy: float) -> None:

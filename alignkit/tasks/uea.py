@@ -58,7 +58,7 @@ _SOURCES_HINT = (
     "f('{name}', extract_path='uea')\"`, or download Multivariate2018_ts.zip from "
     "https://www.timeseriesclassification.com), copy it here so that "
     "<extract_path>/{name}/{name}_TRAIN.ts and {name}_TEST.ts exist, and set "
-    "extract_path (UEADataConfig.extract_path, the task's data.extract_path) to that folder."
+    "extract_path (the config key task.uea.extract_path) to that folder."
 )
 
 
