@@ -108,6 +108,13 @@ def plot_curves(path: Path, curves: dict[str, list[tuple[int, float]]], title: s
     plt.close(fig)
 
 
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean, sample std, min and max of one figure over seeds (or repeats), with the values."""
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "values": values}
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str))

@@ -44,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scenarios", default="pretrained,small")
     parser.add_argument("--data", required=True, help="folder with WikiText-2's valid.txt and test.txt")
     parser.add_argument("--work", default=str(RESULTS / "text_let_work"))
+    parser.add_argument("--seed", type=int, default=0, help="train.seed (one seed: no spread; see README)")
     return parser.parse_args()
 
 
@@ -56,7 +57,7 @@ def main() -> None:
         *wikitext_overrides(data), f"task.seq_len={args.seq_len}", "task.text.eval_batches=8",
         f"train.steps={steps}", f"train.micro_batch_size={args.micro_batch}", f"train.lr={args.lr}",
         f"train.eval_every={max(1, steps // 15)}", "train.save_every=0", "train.keep_checkpoints=1",
-        f"train.device={args.device}", f"train.precision={args.precision}", "train.seed=0",
+        f"train.device={args.device}", f"train.precision={args.precision}", f"train.seed={args.seed}",
     ]
     student = [f"student.preset={args.student}"]
     let = ["align.method=let", "align.strategy=L2E", f"align.lambda0={args.lambda0}", f"align.stop_step={stop}"]
@@ -83,7 +84,8 @@ def main() -> None:
         )
 
     baseline_curve = eval_curve(runs["baseline"]["records"])
-    report = {"settings": vars(args) | {"steps": steps, "stop_step": stop}, "wall_clock_s": time.time() - started, "methods": {}}
+    report = {"seeds": [args.seed], "spread": "one seed: no spread (run it per seed and compare)",
+              "settings": vars(args) | {"steps": steps, "stop_step": stop}, "wall_clock_s": time.time() - started, "methods": {}}
     curves = {}
     for name, result in runs.items():
         curve = eval_curve(result["records"])
