@@ -1,6 +1,8 @@
 """Data at scale: `alignkit prepare` throughput (tokens/s) with 1 and 2 worker processes, and
 peak memory (sampled PSS of the whole process tree) of prepare, of training from a streamed
-source and of training from the same text tokenized in memory.
+source and of training from the same text tokenized in memory. Every measurement is repeated
+once per ``--seeds`` entry (default 0,1,2; the training runs' ``train.seed``), the settings
+interleaved round by round, and reported as mean, std, min and max with the values.
 
 The corpus is WikiText-2 (``valid.txt`` + ``test.txt``; give its folder) repeated ``--repeat``
 times as a Pile-format ``.jsonl.zst``; the tokenizer is SmolLM2's (the paper recipes'), saved
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from common import RESULTS  # noqa: E402
+from common import RESULTS, spread  # noqa: E402
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 
@@ -93,15 +96,19 @@ def child_prepare(corpus: str, tokenizer: str, out: str, workers: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="WikiText-2 raw folder (valid.txt, test.txt)")
+    parser.add_argument("--data", help="WikiText-2 raw folder (valid.txt, test.txt); required")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seeds", default="0,1,2",
+                        help="one round of every measurement per seed (train.seed of the training runs); rounds interleave the settings")
     parser.add_argument("--child-prepare", nargs=4, metavar=("CORPUS", "TOKENIZER", "OUT", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_prepare:
         corpus, tokenizer, out, workers = args.child_prepare
         child_prepare(corpus, tokenizer, out, int(workers))
         return
+    if not args.data:
+        parser.error("the following arguments are required: --data")
     from alignkit.adapters.hf_causal import load_tokenizer
     from alignkit.experiment import load_experiment
 
@@ -109,28 +116,37 @@ def main() -> None:
     corpus = work / "wikitext.jsonl.zst"
     chars = write_corpus(Path(args.data), args.repeat, corpus)
     load_tokenizer(load_experiment(DEBUG, []).student).save_pretrained(work / "smollm2")
-    results: dict = {"corpus": {"source": "WikiText-2 valid+test", "repeat": args.repeat, "chars": chars,
-                                "zst_mb": corpus.stat().st_size / 2**20}, "prepare": {}, "train": {}}
+    seeds = [int(x) for x in args.seeds.split(",")]
+    rounds: dict[str, list[dict]] = {}
     # workers=1 encodes in-process, where the Rust tokenizer itself may use every core; "1 thread"
     # pins it to one, the cost of one worker process
-    for name, workers, env in (("1_worker_1_thread", 1, {"RAYON_NUM_THREADS": "1"}), ("1_worker", 1, {}),
-                               ("2_workers", 2, {})):
-        cmd = [sys.executable, __file__, "--child-prepare", str(corpus), str(work / "smollm2"), str(work / name), str(workers)]
-        wall, peak, out = run_sampled(cmd, env)
-        timing = json.loads(out.strip().splitlines()[-1])
-        results["prepare"][name] = {**timing, "tokens_per_s": timing["tokens"] / timing["seconds"],
-                                    "wall_s": wall, "peak_pss_mb": peak}
-        print(f"prepare, {name}: {timing['tokens']} tokens in {timing['seconds']:.1f} s = "
-              f"{timing['tokens'] / timing['seconds']:,.0f} tokens/s, peak PSS {peak:.0f} MB", flush=True)
+    prepares = (("1_worker_1_thread", 1, {"RAYON_NUM_THREADS": "1"}), ("1_worker", 1, {}), ("2_workers", 2, {}))
     common = [f"task.text.train_path={corpus}", "task.text.source=files", f"student.tokenizer={work / 'smollm2'}",
               f"teacher.tokenizer={work / 'smollm2'}", f"output_dir={work / 'runs'}", f"train.steps={args.steps}",
               "train.eval_every=0", "task.text.max_train_docs=0"]
-    for mode, overrides in (("in_memory", ["task.text.streaming=false"]), ("streaming", ["task.text.streaming=true"]),
-                            ("prepared_tokens", ["task.text.source=tokens", f"task.text.train_path={work / '2_workers'}"])):
-        cmd = [sys.executable, "-m", "alignkit", "train", DEBUG, *common, *overrides, f"run_name={mode}", "--no-progress"]
-        wall, peak, _ = run_sampled(cmd)
-        results["train"][mode] = {"wall_s": wall, "peak_pss_mb": peak}
-        print(f"train {args.steps} steps, {mode}: {wall:.1f} s, peak PSS {peak:.0f} MB", flush=True)
+    trains = (("in_memory", ["task.text.streaming=false"]), ("streaming", ["task.text.streaming=true"]),
+              ("prepared_tokens", ["task.text.source=tokens", f"task.text.train_path={work / '2_workers'}"]))
+    for seed in seeds:
+        for name, workers, env in prepares:
+            out = work / name
+            if out.exists():
+                shutil.rmtree(out)
+            cmd = [sys.executable, __file__, "--child-prepare", str(corpus), str(work / "smollm2"), str(out), str(workers)]
+            wall, peak, printed = run_sampled(cmd, env)
+            timing = json.loads(printed.strip().splitlines()[-1])
+            row = {**timing, "tokens_per_s": timing["tokens"] / timing["seconds"], "wall_s": wall, "peak_pss_mb": peak}
+            rounds.setdefault(f"prepare {name}", []).append(row)
+            print(f"seed {seed}, prepare {name}: {row['tokens_per_s']:,.0f} tokens/s, peak PSS {peak:.0f} MB", flush=True)
+        for mode, overrides in trains:
+            cmd = [sys.executable, "-m", "alignkit", "train", DEBUG, *common, *overrides, f"train.seed={seed}",
+                   f"run_name={mode}-{seed}", "--no-progress"]
+            wall, peak, _ = run_sampled(cmd)
+            rounds.setdefault(f"train {mode}", []).append({"wall_s": wall, "peak_pss_mb": peak})
+            print(f"seed {seed}, train {args.steps} steps, {mode}: {wall:.1f} s, peak PSS {peak:.0f} MB", flush=True)
+    results = {"corpus": {"source": "WikiText-2 valid+test", "repeat": args.repeat, "chars": chars,
+                          "zst_mb": corpus.stat().st_size / 2**20},
+               "seeds": seeds,
+               "figures": {name: {key: spread([row[key] for row in rows]) for key in rows[0]} for name, rows in rounds.items()}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "data_scale.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results)
@@ -142,13 +158,19 @@ def plot(results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    prep = results["prepare"]
-    a.bar(list(prep), [v["tokens_per_s"] for v in prep.values()])
+    def bars(ax, rows: dict, key: str, horizontal: bool) -> None:
+        means = [rows[n][key]["mean"] for n in rows]
+        error = [[m - rows[n][key]["min"] for m, n in zip(means, rows)], [rows[n][key]["max"] - m for m, n in zip(means, rows)]]
+        (ax.barh(list(rows), means, xerr=error, capsize=3) if horizontal else
+         ax.bar(list(rows), means, yerr=error, capsize=3))
+
+    figures = results["figures"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    bars(a, {n[len("prepare "):]: v for n, v in figures.items() if n.startswith("prepare")}, "tokens_per_s", False)
     a.set_title("alignkit prepare: tokens/s")
-    rows = {**{f"prepare {k}": v for k, v in prep.items()}, **{f"train {k}": v for k, v in results["train"].items()}}
-    b.barh(list(rows), [v["peak_pss_mb"] for v in rows.values()])
+    bars(b, figures, "peak_pss_mb", True)
     b.set_title("peak memory (PSS, MB, process tree)")
+    fig.suptitle(f"mean over seeds {results['seeds']}; bars: min-max")
     fig.tight_layout()
     fig.savefig(RESULTS / "data_scale.png", dpi=120)
 

