@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from alignkit.core.adapter import resolve_layer
+from alignkit.core.adapter import DataInfo, resolve_layer
 from alignkit.core.config import ConfigError, ModelConfig, resolve_grad_accum
 from alignkit.core.registry import build_student, build_teacher
 from alignkit.experiment import ExperimentConfig
@@ -70,7 +70,7 @@ def _memory(cfg: ExperimentConfig, student: Any, processes: int, grad_accum: int
 def check_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     import alignkit.adapters  # noqa: F401  (registers the built-in adapters)
 
-    student = build_student(cfg.student, device=torch.device("meta"), num_classes=2, num_channels=1, seq_len=cfg.task.seq_len)
+    student = build_student(cfg.student, device=torch.device("meta"), data=DataInfo(num_classes=2, num_channels=1, seq_len=cfg.task.seq_len))
     params = sum(p.numel() for p in student.parameters())
     if cfg.align.method == "let":
         default_early = getattr(student, "align_layer", None) or 3

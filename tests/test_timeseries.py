@@ -17,6 +17,7 @@ pytest.importorskip("aeon")
 import alignkit.adapters  # noqa: F401  (registers the adapters)
 from alignkit.adapters import timesnet as tn
 from alignkit.core.config import ModelConfig
+from alignkit.core.adapter import DataInfo
 from alignkit.core.registry import build_student, build_teacher
 from alignkit.tasks import uea
 from alignkit.tasks.uea import UEADataConfig, UEADataError, load_uea
@@ -315,13 +316,13 @@ def test_timesnet_save_load_round_trip(tmp_path):
 
 def test_timesnet_student_from_registry():
     cfg = ModelConfig(kind="timesnet", options={"d_model": 16, "d_ff": 16, "e_layers": 1, "num_kernels": 2})
-    student = build_student(cfg, num_classes=9, num_channels=12, seq_len=29)
+    student = build_student(cfg, data=DataInfo(num_classes=9, num_channels=12, seq_len=29))
     assert isinstance(student, tn.TimesNetClassifier)
     assert student.options["num_classes"] == 9 and student.num_layers == 1 and student.width(1) == 16
     with pytest.raises(ValueError, match="num_classes"):
-        build_student(ModelConfig(kind="timesnet", options={"num_classes": 4}), num_classes=9, num_channels=12)
+        build_student(ModelConfig(kind="timesnet", options={"num_classes": 4}), data=DataInfo(num_classes=9, num_channels=12))
     with pytest.raises(ValueError, match="unknown TimesNet options"):
-        build_student(ModelConfig(kind="timesnet", options={"d_modle": 8}), num_classes=9, num_channels=12)
+        build_student(ModelConfig(kind="timesnet", options={"d_modle": 8}), data=DataInfo(num_classes=9, num_channels=12))
 
 
 def test_timesnet_trains_on_japanese_vowels_batches(jv):
@@ -350,7 +351,7 @@ def _hf_student(freeze: str = "none", pooling: str = "mean", **arch):
     torch.manual_seed(0)
     cfg = ModelConfig(kind="hf_ts_classifier", source="config", arch={**TINY_LLAMA, **arch},
                       options={"freeze": freeze, "pooling": pooling})
-    return build_student(cfg, num_classes=3, num_channels=12, seq_len=20)
+    return build_student(cfg, data=DataInfo(num_classes=3, num_channels=12, seq_len=20))
 
 
 def test_hf_ts_features_align_with_timesnet_time_axis():

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alignkit.core.errors import ConfigError, MissingFile, ModelLoadError
-from alignkit.core.adapter import Batch, StudentOutput, resolve_layer
+from alignkit.core.adapter import Batch, DataInfo, StudentOutput, resolve_layer
 from alignkit.core.config import ModelConfig
 from alignkit.core.linear_ce import IGNORE_INDEX, linear_cross_entropy
 from alignkit.core.registry import register_adapter
@@ -530,7 +530,7 @@ class HFCausalTeacher(_Layered):
 # --------------------------------------------------------------------------- registry
 
 
-def build_hf_student(cfg: ModelConfig, device: str | torch.device = "cpu", **_: Any) -> HFCausalStudent:
+def build_hf_student(cfg: ModelConfig, *, device: str | torch.device = "cpu", data: DataInfo = DataInfo()) -> HFCausalStudent:
     meta = torch.device(device).type == "meta"  # `alignkit check`: shapes only, no memory
     student = HFCausalStudent(load_hf_causal_lm(cfg, "cpu" if meta else device, meta=meta), final_layer=cfg.final_layer)
     if cfg.options.get("gradient_checkpointing"):
@@ -540,7 +540,7 @@ def build_hf_student(cfg: ModelConfig, device: str | torch.device = "cpu", **_: 
     return student
 
 
-def build_hf_teacher(cfg: ModelConfig, device: str | torch.device = "cpu", **_: Any) -> HFCausalTeacher:
+def build_hf_teacher(cfg: ModelConfig, *, device: str | torch.device = "cpu", data: DataInfo = DataInfo()) -> HFCausalTeacher:
     meta = torch.device(device).type == "meta"  # `alignkit check` (not for source=gguf)
     return HFCausalTeacher(load_hf_causal_lm(cfg, "cpu" if meta else device, meta=meta), final_layer=cfg.final_layer)
 

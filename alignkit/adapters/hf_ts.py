@@ -45,7 +45,7 @@ from torch import nn
 
 from alignkit.core.errors import ConfigError, DataError
 from alignkit.adapters.hf_causal import _Layered, find_blocks, load_hf_causal_lm
-from alignkit.core.adapter import Batch, StudentOutput, resolve_layer
+from alignkit.core.adapter import Batch, DataInfo, StudentOutput, resolve_layer
 from alignkit.core.registry import register_adapter
 from alignkit.core.taps import LayerTaps
 
@@ -168,12 +168,11 @@ class HFTimeSeriesClassifier(nn.Module, _Layered):
         return StudentOutput(loss=loss, features=features, logits=logits)
 
 
-def build_hf_ts_student(cfg: Any, device: str | torch.device = "cpu", num_classes: int | None = None,
-                        num_channels: int | None = None, **_: Any) -> HFTimeSeriesClassifier:
+def build_hf_ts_student(cfg: Any, *, device: str | torch.device = "cpu", data: DataInfo = DataInfo()) -> HFTimeSeriesClassifier:
     """Registry builder: backbone from ``cfg`` (hf_causal loading), sizes from the task."""
     options = dict(cfg.options)
     sizes = {}
-    for key, value in (("num_classes", num_classes), ("num_channels", num_channels)):
+    for key, value in (("num_classes", data.num_classes), ("num_channels", data.num_channels)):
         given = options.get(key)
         if value is not None and given not in (None, 0, value):
             raise ConfigError(f"hf_ts_classifier options.{key}={given} but the data has {value}")

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from alignkit.core.errors import ConfigError, DataError, MissingFile
 from alignkit.adapters.hf_causal import resolve_path
-from alignkit.core.adapter import Batch, StudentOutput, resolve_layer
+from alignkit.core.adapter import Batch, DataInfo, StudentOutput, resolve_layer
 from alignkit.core.registry import register_adapter
 from alignkit.core.taps import LayerTaps
 
@@ -343,24 +343,24 @@ def load_timesnet(directory: str | os.PathLike, device: str | torch.device = "cp
 # --------------------------------------------------------------------------- registry
 
 
-def build_timesnet_student(cfg: Any, device: str | torch.device = "cpu", **context: Any) -> TimesNetClassifier:
+def build_timesnet_student(cfg: Any, *, device: str | torch.device = "cpu", data: DataInfo = DataInfo()) -> TimesNetClassifier:
     """From ``cfg.options`` (+ ``num_classes``, ``num_channels``, ``seq_len``, ``class_names``,
-    ``datasets`` given by the task), or -- with ``source: checkpoint`` and ``name_or_path`` -- a
+    ``datasets`` the data reports), or -- with ``source: checkpoint`` and ``name_or_path`` -- a
     saved TimesNet to fine-tune."""
     if cfg.source in ("checkpoint", "pretrained") and cfg.name_or_path:
         return load_timesnet(resolve_path(cfg.name_or_path), device)
     options = dict(cfg.options)
     for key in ("num_classes", "num_channels", "seq_len", "class_names", "datasets"):
-        value = context.get(key)
-        if value is None:
+        value = getattr(data, key)
+        if value is None or value == ():
             continue
         if key in ("num_classes", "num_channels") and options.get(key) not in (None, 0, value):
             raise ConfigError(f"timesnet options.{key}={options[key]} but the data has {value}")
-        options[key] = value
+        options[key] = list(value) if isinstance(value, tuple) else value
     return TimesNetClassifier.from_options(options).to(device)
 
 
-def build_timesnet_teacher(cfg: Any, device: str | torch.device = "cpu", **_: Any) -> TimesNetTeacher:
+def build_timesnet_teacher(cfg: Any, *, device: str | torch.device = "cpu", data: DataInfo = DataInfo()) -> TimesNetTeacher:
     """A frozen TimesNet from ``cfg.name_or_path`` (a directory written by :func:`save_timesnet`)."""
     if not cfg.name_or_path:
         raise ConfigError("teacher kind=timesnet needs name_or_path: a directory saved by save_timesnet "

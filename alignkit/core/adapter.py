@@ -17,7 +17,7 @@ position when the two models see different token sequences (tokenizer mismatch).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -25,6 +25,20 @@ from torch import Tensor
 from alignkit.core.errors import ConfigError
 
 Batch = Mapping[str, Tensor]
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the data tells the model builders (the task builds the data first). A field the
+    modality does not have stays None."""
+
+    tokenizer: Any = None  # text: the student's tokenizer
+    vocab_size: int | None = None  # text: len(tokenizer)
+    seq_len: int | None = None  # tokens per sequence, or the longest series
+    num_classes: int | None = None  # classification
+    num_channels: int | None = None  # time series: variables per time step
+    class_names: tuple[str, ...] = ()
+    datasets: tuple[str, ...] = ()  # the data sets the task was built from
 
 
 @dataclass

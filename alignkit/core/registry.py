@@ -1,37 +1,137 @@
-"""Adapter registry: maps a model config's ``kind`` to builders, so downstream projects can add
-modalities without touching the core (``register_adapter("mykind", student=..., teacher=...)``)."""
+"""Open registries: every name a recipe may use for a component maps to code through one of
+these tables, so downstream projects add components without touching alignkit.
+
+  ADAPTERS     ``student.kind`` / ``teacher.kind``   -> :class:`AdapterSpec` (builders + options dataclass)
+  TASKS        ``task.name``                         -> the task's spec (config dataclass + builder)
+  OBJECTIVES   a feature term's ``objective``        -> ``f(s, t, mask, **options) -> loss``
+  PROJECTIONS  a feature term's ``projection``       -> ``f(student_width, teacher_width, key) -> nn.Module``
+  SCHEDULES    a term's ``schedule``                 -> ``f(lambda0, stop_step) -> (step -> weight)``
+
+Plug-ins: :func:`load_plugins` imports every module named in ``$ALIGNKIT_PLUGINS`` (comma
+separated) and calls every entry point of the group ``alignkit.plugins``; either registers its
+components at import (``OBJECTIVES.register("mine", fn)``) or in the function the entry point names.
+"""
 from __future__ import annotations
 
-from typing import Any, Callable
+import importlib
+import os
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from alignkit.core.errors import ConfigError
+from alignkit.core.adapter import DataInfo
+from alignkit.core.errors import ConfigError, MissingPackage
 
-_STUDENTS: dict[str, Callable[..., Any]] = {}
-_TEACHERS: dict[str, Callable[..., Any]] = {}
+T = TypeVar("T")
+PLUGIN_GROUP = "alignkit.plugins"
+PLUGIN_ENV = "ALIGNKIT_PLUGINS"
+
+
+class Registry(Generic[T]):
+    """Names -> components of one kind. A name is registered once; ``replace=True`` says an
+    override of a built-in is meant."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, item: T | None = None, *, replace: bool = False) -> Any:
+        """``register("x", thing)``, or ``@register("x")`` as a decorator."""
+        if item is None:
+            return lambda thing: self.register(name, thing, replace=replace)
+        if name in self._items and not replace and self._items[name] is not item:
+            raise ConfigError(f"{self.kind} {name!r} is already registered (pass replace=True to override it)")
+        self._items[name] = item
+        return item
+
+    def get(self, name: str, key: str) -> T:
+        """The component called ``name``; ``key`` is the config key that named it (for the error)."""
+        if name not in self._items:
+            known = ", ".join(sorted(self._items)) or "none registered"
+            raise ConfigError(f"{key}={name!r} is not a registered {self.kind} (known: {known})")
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One model family: builders ``student(cfg, *, device, data)`` / ``teacher(cfg, *, device, data)``
+    (``data``: the :class:`~alignkit.core.adapter.DataInfo` the task reported) and the
+    dataclass that ``cfg.options`` must fit (None: the adapter takes no options)."""
+
+    student: Callable[..., Any] | None = None
+    teacher: Callable[..., Any] | None = None
+    options: type | None = None
+
+
+ADAPTERS: Registry[AdapterSpec] = Registry("adapter")
+TASKS: Registry[Any] = Registry("task")
+OBJECTIVES: Registry[Callable[..., Any]] = Registry("objective")
+PROJECTIONS: Registry[Callable[..., Any]] = Registry("projection")
+SCHEDULES: Registry[Callable[..., Any]] = Registry("schedule")
 
 
 def register_adapter(
     kind: str,
     student: Callable[..., Any] | None = None,
     teacher: Callable[..., Any] | None = None,
+    options: type | None = None,
+    *,
+    replace: bool = False,
 ) -> None:
-    """Register builders ``student(cfg, **context)`` / ``teacher(cfg, **context)`` for ``kind``."""
-    if student is not None:
-        _STUDENTS[kind] = student
-    if teacher is not None:
-        _TEACHERS[kind] = teacher
+    """Register the builders (and options dataclass) of the model family ``kind``: each is
+    called as ``builder(cfg, device=..., data=DataInfo(...))``."""
+    ADAPTERS.register(kind, AdapterSpec(student, teacher, options), replace=replace)
 
 
-def _lookup(table: dict[str, Callable[..., Any]], kind: str, role: str) -> Callable[..., Any]:
-    if kind not in table:
-        known = ", ".join(sorted(table)) or "none registered"
-        raise ConfigError(f"{role}.kind={kind!r} is not a registered adapter (known: {known})")
-    return table[kind]
+def build_student(cfg: Any, *, device: Any = "cpu", data: DataInfo = DataInfo()) -> Any:
+    """The student ``cfg`` describes, sized by what the data reports (``data``)."""
+    builder = ADAPTERS.get(cfg.kind, "student.kind").student
+    if builder is None:
+        raise ConfigError(f"student.kind={cfg.kind!r} has no student builder (it is a teacher-only adapter)")
+    return builder(cfg, device=device, data=data)
 
 
-def build_student(cfg: Any, **context: Any) -> Any:
-    return _lookup(_STUDENTS, cfg.kind, "student")(cfg, **context)
+def build_teacher(cfg: Any, *, device: Any = "cpu", data: DataInfo = DataInfo(), key: str = "teacher") -> Any:
+    """The frozen teacher ``cfg`` describes; ``key`` names its config section in errors."""
+    builder = ADAPTERS.get(cfg.kind, f"{key}.kind").teacher
+    if builder is None:
+        raise ConfigError(f"{key}.kind={cfg.kind!r} has no teacher builder (it is a student-only adapter)")
+    return builder(cfg, device=device, data=data)
 
 
-def build_teacher(cfg: Any, **context: Any) -> Any:
-    return _lookup(_TEACHERS, cfg.kind, "teacher")(cfg, **context)
+_LOADED: list[str] = []
+
+
+def load_plugins() -> list[str]:
+    """Import the built-in components, then the plug-ins (once per process); returns the
+    plug-ins loaded."""
+    if _LOADED:
+        return _LOADED[1:]
+    import alignkit.adapters  # noqa: F401  (built-in adapters register at import)
+    import alignkit.core.objectives  # noqa: F401
+    import alignkit.core.projections  # noqa: F401
+    import alignkit.core.schedules  # noqa: F401
+    import alignkit.tasks  # noqa: F401
+
+    _LOADED.append("<builtin>")
+    for module in [m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip()]:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            raise MissingPackage(f"${PLUGIN_ENV} names {module!r}, which cannot be imported ({err})") from None
+        _LOADED.append(module)
+    for point in entry_points(group=PLUGIN_GROUP):
+        loaded = point.load()
+        if callable(loaded):
+            loaded()
+        _LOADED.append(f"{point.name} ({point.value})")
+    return _LOADED[1:]

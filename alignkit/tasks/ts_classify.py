@@ -39,7 +39,7 @@ class TSClassifyTask(TaskBase):
         if self.dist.world_size > 1:
             raise ConfigError("task.name=ts_classify runs in one process (the UEA sets are small); drop torchrun")
         self.splits: UEASplits = load_uea(self.cfg.task.uea)
-        self.student = build_student(self.cfg.student, device=self.device, **self.splits.info())
+        self.student = build_student(self.cfg.student, device=self.device, data=self.splits.data_info())
         return self.student
 
     def build_teachers(self) -> dict[str, TeacherAdapter]:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alignkit.core.adapter import DataInfo
 from alignkit.core.config import above, at_least, between, checked
 from alignkit.core.errors import ConfigError, DataError
 
@@ -241,6 +242,11 @@ class UEASplits:
         for start in range(0, len(data), batch_size):
             index = torch.arange(start, min(start + batch_size, len(data)))
             yield _batch_dict(data, index, trim, len(self.datasets) > 1)
+
+    def data_info(self) -> DataInfo:
+        """What the model builders need to know of these series."""
+        return DataInfo(num_classes=self.num_classes, num_channels=self.num_channels, seq_len=self.seq_len,
+                        class_names=tuple(self.class_names), datasets=tuple(self.datasets))
 
     def info(self) -> dict[str, Any]:
         """Options a model builder needs (``num_classes``, ``num_channels``, ``seq_len``, ...)."""
