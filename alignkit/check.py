@@ -85,10 +85,10 @@ def check_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     processes = train.num_processes
     grad_accum = resolve_grad_accum(train, processes)
     per_process = train.micro_batch_size * grad_accum
-    if cfg.student.kind == "hf_causal" and cfg.student.arch.get("max_position_embeddings", 1 << 30) < cfg.task.seq_len:
+    if cfg.student.kind == "hf_causal" and cfg.student.options.arch.get("max_position_embeddings", 1 << 30) < cfg.task.seq_len:
         raise ConfigError(
-            f"task.seq_len={cfg.task.seq_len} exceeds student.arch.max_position_embeddings="
-            f"{cfg.student.arch['max_position_embeddings']}"
+            f"task.seq_len={cfg.task.seq_len} exceeds student.options.arch.max_position_embeddings="
+            f"{cfg.student.options.arch['max_position_embeddings']}"
         )
     report = {
         "student_params": params,

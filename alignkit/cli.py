@@ -71,7 +71,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg = load_experiment(args.config, args.overrides)
     teacher = load_tokenizer(cfg.teacher) if cfg.align.method != "none" else None
-    name = lambda m: m.tokenizer or m.name_or_path  # noqa: E731
+    name = lambda m: m.options.tokenizer or m.name_or_path  # noqa: E731
     manifest = prepare(cfg.task.text, load_tokenizer(cfg.student), args.out, workers=args.workers,
                        tokenizer_name=name(cfg.student), teacher_tokenizer=teacher, teacher_name=name(cfg.teacher),
                        seq_len=cfg.task.seq_len, shard_tokens=args.shard_tokens, progress=not args.no_progress)

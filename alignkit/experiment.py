@@ -13,6 +13,7 @@ from alignkit.core.config import (
     AlignConfig, ConfigError, ModelConfig, TrainConfig, at_least, checked, load_config, one_of, problems, to_yaml,
 )
 from alignkit.core.engine import check_align_config
+from alignkit.core.registry import load_plugins, typed_options
 from alignkit.tasks.text_data import TextDataConfig
 from alignkit.tasks.uea import UEADataConfig
 
@@ -85,9 +86,20 @@ def validate(cfg: ExperimentConfig) -> None:
 
 
 def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    load_plugins()  # the registries must know every name the recipe may use
     cfg = load_config(ExperimentConfig, path, overrides, preset_dirs())
+    type_model_options(cfg)
     validate(cfg)
     return cfg
+
+
+def type_model_options(cfg: ExperimentConfig) -> None:
+    """Each model's ``options`` mapping becomes its adapter's options dataclass (unknown or
+    mistyped options fail here, naming the key; their range rules join :func:`validate`)."""
+    cfg.student = typed_options(cfg.student, "student")
+    if cfg.align.method != "none":
+        cfg.teacher = typed_options(cfg.teacher, "teacher")
+    cfg.teachers = {name: typed_options(model, f"teachers.{name}") for name, model in cfg.teachers.items()}
 
 
 def save_resolved(cfg: ExperimentConfig, run_dir: Path) -> None:

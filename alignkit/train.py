@@ -48,8 +48,8 @@ def run_dir_for(cfg: ExperimentConfig, config_path: str | None, resume: str | No
 def _warn_remote_code(cfg: ExperimentConfig) -> None:
     models = {"student": cfg.student, "teacher": cfg.teacher, **{f"teachers.{n}": m for n, m in cfg.teachers.items()}}
     for role, model in models.items():
-        if model.trust_remote_code:
-            warnings.warn(f"{role}.trust_remote_code=true: Python code shipped with {model.name_or_path or 'the model'} "
+        if getattr(model.options, "trust_remote_code", False):  # an hf_causal option
+            warnings.warn(f"{role}.options.trust_remote_code=true: Python code shipped with {model.name_or_path or 'the model'} "
                           "will run in this process", stacklevel=2)
 
 
@@ -102,7 +102,7 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, info: DistInfo, device: 
                           err.exit_code - 128) from None
     task.build_data()
     engine = build_engine(cfg.align, student, teachers)
-    if teachers and cfg.teacher.options.get("shard"):  # a large frozen teacher: shard it like the student
+    if teachers and getattr(cfg.teacher.options, "shard", False):  # a large frozen teacher (hf_causal option)
         shard_teacher(teachers["default"], device)
     seed_everything(cfg.train.seed + info.rank)  # per-rank streams (dropout) from here on
     return Trainer(cfg.train, student, engine, task, run_dir, device, info, progress=progress)

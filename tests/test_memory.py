@@ -54,9 +54,9 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(tmp_path):
     torch.manual_seed(0)
     arch = dict(model_type="llama", hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=512, tie_word_embeddings=False)
-    student = build_student(ModelConfig(arch=arch), device="cpu")
+    student = build_student(ModelConfig(options={"arch": arch}), device="cpu")
     teacher_arch = dict(arch, hidden_size=64, intermediate_size=172, num_hidden_layers=2)
-    teacher = build_teacher(ModelConfig(arch=teacher_arch, dtype="bfloat16"), device="cpu")
+    teacher = build_teacher(ModelConfig(options={"arch": teacher_arch}, dtype="bfloat16"), device="cpu")
     engine = build_engine(AlignConfig(method="let", stop_step=3, early_layer=2), student, {"default": teacher})
     micro, seq, accum = 4, 128, 2
     cfg = TrainConfig(steps=2, micro_batch_size=micro, grad_accum=accum, precision="bfloat16", eval_every=0)

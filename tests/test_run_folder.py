@@ -95,16 +95,16 @@ def test_indexed_overrides_set_list_items():
 
 
 def test_preset_path_cannot_shadow_a_shipped_preset(tmp_path, monkeypatch):
-    (tmp_path / "llama-tiny.yaml").write_text("kind: hf_causal\ntrust_remote_code: true\n")
-    (tmp_path / "my-model.yaml").write_text("kind: hf_causal\nsource: config\narch: {model_type: llama}\n")
+    (tmp_path / "llama-tiny.yaml").write_text("kind: hf_causal\noptions: {trust_remote_code: true}\n")
+    (tmp_path / "my-model.yaml").write_text("kind: hf_causal\nsource: config\noptions: {arch: {model_type: llama}}\n")
     monkeypatch.setenv("ALIGNKIT_PRESET_PATH", str(tmp_path))
     cfg = load_experiment(DEBUG, [])
-    assert not cfg.student.trust_remote_code  # the shipped llama-tiny wins
-    assert load_experiment(DEBUG, ["teacher.preset=my-model"]).teacher.arch["model_type"] == "llama"
+    assert not cfg.student.options.trust_remote_code  # the shipped llama-tiny wins
+    assert load_experiment(DEBUG, ["teacher.preset=my-model"]).teacher.options.arch["model_type"] == "llama"
 
 
 def test_trust_remote_code_is_announced(tmp_path):
     from alignkit.train import _warn_remote_code
 
-    with pytest.warns(UserWarning, match="student.trust_remote_code=true"):
-        _warn_remote_code(load_experiment(DEBUG, ["student.trust_remote_code=true"]))
+    with pytest.warns(UserWarning, match="student.options.trust_remote_code=true"):
+        _warn_remote_code(load_experiment(DEBUG, ["student.options.trust_remote_code=true"]))

@@ -98,7 +98,7 @@ def test_paper_recipes_build_on_meta_and_run_two_tiny_steps(tmp_path, capsys, re
     assert report["global_batch_per_process"] == report["grad_accum"] * (4 if "7b" in recipe else 16)  # paper's micro batches
     assert report["fits_80gb"] and report["setting"] == "fsdp+ckpt"
     tiny = [
-        "student.preset=llama-tiny", "teacher.preset=llama-tiny", "teacher.arch.num_hidden_layers=2",
+        "student.preset=llama-tiny", "teacher.preset=llama-tiny", "teacher.options.arch.num_hidden_layers=2",
         "task.preset=builtin", "task.seq_len=32", "task.text.max_train_docs=40", "task.text.eval_batches=1",
         "train.steps=2", "train.micro_batch_size=2", "train.global_batch_size=4", "train.eval_every=0", "align.stop_step=2",
         "train.precision=bfloat16",
@@ -135,7 +135,7 @@ def test_teacher_with_a_different_tokenizer_is_aligned_by_character_spans(tmp_pa
     tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
     fast.save_pretrained(tmp_path / "wordpiece")
-    overrides = [f"teacher.tokenizer={tmp_path / 'wordpiece'}", f"teacher.arch.vocab_size={len(fast)}", "train.steps=4"]
+    overrides = [f"teacher.options.tokenizer={tmp_path / 'wordpiece'}", f"teacher.options.arch.vocab_size={len(fast)}", "train.steps=4"]
     assert train(tmp_path, "mismatch", *overrides, "train.eval_every=0") == 0
     rows = [r for r in metrics(tmp_path / "mismatch") if "cos/t-1-s2" in r]
     assert len(rows) == 4 and all(-1 <= r["cos/t-1-s2"] <= 1 for r in rows)

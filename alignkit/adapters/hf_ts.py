@@ -37,16 +37,18 @@ Options (``ModelConfig.options``):
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from alignkit.core.errors import ConfigError, DataError
-from alignkit.adapters.hf_causal import _Layered, find_blocks, load_hf_causal_lm
+from alignkit.adapters.hf_causal import HFCausalOptions, _Layered, find_blocks, load_hf_causal_lm
+from alignkit.core.config import at_least, between, checked, one_of
 from alignkit.core.adapter import Batch, DataInfo, StudentOutput, resolve_layer
-from alignkit.core.registry import register_adapter
+from alignkit.core.registry import register_adapter, typed_options
 from alignkit.core.taps import LayerTaps
 
 __all__ = ["FREEZE_MODES", "HFTimeSeriesClassifier", "build_hf_ts_student"]
@@ -168,28 +170,44 @@ class HFTimeSeriesClassifier(nn.Module, _Layered):
         return StudentOutput(loss=loss, features=features, logits=logits)
 
 
+@dataclass
+class HFTimeSeriesOptions(HFCausalOptions):
+    """``options`` of kind ``hf_ts_classifier``: the backbone's (``HFCausalOptions``) plus the
+    head, pooling and freezing described in the module docstring."""
+
+    num_classes: int = checked(0, at_least(0))  # 0 = from the data
+    num_channels: int = checked(0, at_least(0))  # 0 = from the data
+    freeze: str = checked("none", one_of(*FREEZE_MODES))
+    align_layer: Optional[int] = None  # None = a quarter of the blocks
+    head_dropout: float = checked(0.1, between(0, 1, high_open=True))
+    keep_layers: int = checked(0, at_least(0))  # 0 = all blocks
+    pooling: str = checked("mean", one_of(*POOLING))
+
+
 def build_hf_ts_student(cfg: Any, *, device: str | torch.device = "cpu", data: DataInfo = DataInfo()) -> HFTimeSeriesClassifier:
-    """Registry builder: backbone from ``cfg`` (hf_causal loading), sizes from the task."""
-    options = dict(cfg.options)
+    """Registry builder: backbone from ``cfg`` (hf_causal loading), sizes from the data.
+    On the meta device (``alignkit check``) no weights are read."""
+    cfg = typed_options(cfg, "student")  # no-op through the registry; direct callers may pass a mapping
+    options: HFTimeSeriesOptions = cfg.options
     sizes = {}
     for key, value in (("num_classes", data.num_classes), ("num_channels", data.num_channels)):
-        given = options.get(key)
-        if value is not None and given not in (None, 0, value):
-            raise ConfigError(f"hf_ts_classifier options.{key}={given} but the data has {value}")
+        given = getattr(options, key)
+        if value is not None and given not in (0, value):
+            raise ConfigError(f"student.options.{key}={given} but the data has {value}")
         sizes[key] = value if value is not None else given
         if not sizes[key]:
-            raise ConfigError(f"hf_ts_classifier needs {key} (options.{key} or from the task's data)")
+            raise ConfigError(f"hf_ts_classifier needs {key} (student.options.{key} or from the task's data)")
+    meta = torch.device(device).type == "meta"
     model = HFTimeSeriesClassifier(
-        load_hf_causal_lm(cfg, device), num_channels=int(sizes["num_channels"]),
-        num_classes=int(sizes["num_classes"]), freeze=str(options.get("freeze", "none")),
-        align_layer=options.get("align_layer"), head_dropout=float(options.get("head_dropout", 0.1)),
-        final_layer=cfg.final_layer, keep_layers=int(options.get("keep_layers", 0)),
-        pooling=str(options.get("pooling", "mean")),
+        load_hf_causal_lm(cfg, "cpu" if meta else device, meta=meta), num_channels=int(sizes["num_channels"]),
+        num_classes=int(sizes["num_classes"]), freeze=options.freeze, align_layer=options.align_layer,
+        head_dropout=options.head_dropout, final_layer=cfg.final_layer, keep_layers=options.keep_layers,
+        pooling=options.pooling,
     )
-    if options.get("gradient_checkpointing"):
+    if options.gradient_checkpointing:
         enable = getattr(model.backbone, "activation_checkpointing_enable", None)
         (enable or model.backbone.gradient_checkpointing_enable)()
-    return model.to(device)
+    return model if meta else model.to(device)
 
 
-register_adapter("hf_ts_classifier", student=build_hf_ts_student)
+register_adapter("hf_ts_classifier", student=build_hf_ts_student, options=HFTimeSeriesOptions)

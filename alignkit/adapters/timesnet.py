@@ -32,21 +32,24 @@ are averaged over the batch, and the FFT length is ``L``.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
 import os
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignkit.core.config import at_least, between, checked
 from alignkit.core.errors import ConfigError, DataError, MissingFile
 from alignkit.adapters.hf_causal import resolve_path
 from alignkit.core.adapter import Batch, DataInfo, StudentOutput, resolve_layer
-from alignkit.core.registry import register_adapter
+from alignkit.core.registry import register_adapter, typed_options
 from alignkit.core.taps import LayerTaps
 
 __all__ = ["DEFAULTS", "TimesBlock", "TimesNetClassifier", "TimesNetTeacher", "save_timesnet",
@@ -343,20 +346,35 @@ def load_timesnet(directory: str | os.PathLike, device: str | torch.device = "cp
 # --------------------------------------------------------------------------- registry
 
 
+@dataclass
+class TimesNetOptions:
+    """``options`` of kind ``timesnet`` (student or teacher to pre-train): the architecture;
+    channels and classes come from the data unless set (then they must match it)."""
+
+    d_model: int = checked(DEFAULTS["d_model"], at_least(1))
+    d_ff: int = checked(DEFAULTS["d_ff"], at_least(1))
+    e_layers: int = checked(DEFAULTS["e_layers"], at_least(1))
+    top_k: int = checked(DEFAULTS["top_k"], at_least(1))
+    num_kernels: int = checked(DEFAULTS["num_kernels"], at_least(1))
+    dropout: float = checked(DEFAULTS["dropout"], between(0, 1, high_open=True))
+    num_classes: int = checked(0, at_least(0))  # 0 = from the data
+    num_channels: int = checked(0, at_least(0))  # 0 = from the data
+
+
 def build_timesnet_student(cfg: Any, *, device: str | torch.device = "cpu", data: DataInfo = DataInfo()) -> TimesNetClassifier:
     """From ``cfg.options`` (+ ``num_classes``, ``num_channels``, ``seq_len``, ``class_names``,
     ``datasets`` the data reports), or -- with ``source: checkpoint`` and ``name_or_path`` -- a
     saved TimesNet to fine-tune."""
     if cfg.source in ("checkpoint", "pretrained") and cfg.name_or_path:
         return load_timesnet(resolve_path(cfg.name_or_path), device)
-    options = dict(cfg.options)
-    for key in ("num_classes", "num_channels", "seq_len", "class_names", "datasets"):
+    options = dataclasses.asdict(typed_options(cfg, "student").options)
+    for key in ("num_classes", "num_channels"):
         value = getattr(data, key)
-        if value is None or value == ():
-            continue
-        if key in ("num_classes", "num_channels") and options.get(key) not in (None, 0, value):
-            raise ConfigError(f"timesnet options.{key}={options[key]} but the data has {value}")
-        options[key] = list(value) if isinstance(value, tuple) else value
+        if value is not None and options[key] not in (0, value):
+            raise ConfigError(f"student.options.{key}={options[key]} but the data has {value}")
+        options[key] = value if value is not None else options[key]
+    options.update(seq_len=data.seq_len or 0, class_names=list(data.class_names) or None,
+                   datasets=list(data.datasets) or None)
     return TimesNetClassifier.from_options(options).to(device)
 
 
@@ -368,4 +386,4 @@ def build_timesnet_teacher(cfg: Any, *, device: str | torch.device = "cpu", data
     return TimesNetTeacher(load_timesnet(resolve_path(cfg.name_or_path), device))
 
 
-register_adapter("timesnet", student=build_timesnet_student, teacher=build_timesnet_teacher)
+register_adapter("timesnet", student=build_timesnet_student, teacher=build_timesnet_teacher, options=TimesNetOptions)

@@ -83,19 +83,17 @@ def problems(obj: Any, prefix: str = "") -> list[str]:
 @dataclass
 class ModelConfig:
     """One model (student or teacher). ``preset`` names a YAML in adapters/ whose values are
-    merged under the fields set here."""
+    merged under the fields set here. ``options`` holds the adapter's own settings: a mapping in
+    YAML, checked against (and turned into) the options dataclass the adapter registered, so
+    an unknown or mistyped option is an error naming the key."""
 
     preset: str = ""
     kind: str = "hf_causal"  # registry key: hf_causal | timesnet | hf_ts_classifier | (yours)
-    source: str = checked("config", one_of("config", "pretrained", "gguf", "checkpoint"))  # config (random init from `arch`) | pretrained (hub id or dir) | gguf | checkpoint
+    source: str = checked("config", one_of("config", "pretrained", "gguf", "checkpoint"))  # config (random init, e.g. hf_causal options.arch) | pretrained (hub id or dir) | gguf | checkpoint
     name_or_path: str = ""  # hub id, local dir, "pkg:<python package>" (dir of an installed package), or run dir
-    gguf_file: str = ""  # GGUF file name inside name_or_path (source=gguf)
-    arch: dict[str, Any] = field(default_factory=dict)  # HF config fields (model_type, hidden_size, ...) for source=config
-    tokenizer: str = ""  # where the tokenizer comes from; "" = same as the model
     final_layer: str = checked("post_norm", one_of("post_norm", "pre_norm"))  # what layer -1 means: post_norm (HF hidden_states[-1]) | pre_norm
     dtype: str = checked("float32", one_of("float32", "bfloat16", "float16"))  # teacher weights
-    trust_remote_code: bool = False
-    options: dict[str, Any] = field(default_factory=dict)  # adapter-specific settings
+    options: Any = field(default_factory=dict)  # the adapter's options dataclass (a mapping in YAML)
 
 
 @dataclass
@@ -280,13 +278,35 @@ def load_config(
             value = OmegaConf.from_dotlist([f"value={item.split('=', 1)[1]}"]).value
             _set_indexed(merged, key, value, item)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except (ConfigKeyError, ConfigAttributeError) as err:
-        key = getattr(err, "full_key", None) or str(err).split("\n")[0]
-        raise ConfigError(f"unknown config key '{key}' (check spelling; see README config reference)") from None
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", "")
-        message = str(err).split("\n")[0]
-        raise ConfigError(f"config key '{key}': {message}") from None
+        raise _config_error(err, "") from None
+
+
+def structured(schema: type[T], values: Any, key: str) -> T:
+    """``values`` (a mapping, or already a ``schema``) as an instance of the dataclass
+    ``schema``; ``key`` is where the values sit in the config (``student.options``), so an
+    unknown key or a wrong type is reported as ``student.options.<name>``."""
+    if isinstance(values, schema):
+        return values
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping) and not is_dataclass(values):
+        raise ConfigError(f"{key}: expected a mapping of {schema.__name__} fields, got {values!r}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _config_error(err, f"{key}.", schema) from None
+
+
+def _config_error(err: OmegaConfBaseException, prefix: str, schema: type | None = None) -> ConfigError:
+    """One line naming the full key (``prefix`` + omegaconf's key) and, for an unknown key of
+    ``schema``, the valid ones."""
+    key = prefix + str(getattr(err, "full_key", None) or str(err).split("\n")[0])
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        valid = f" (valid: {', '.join(f.name for f in fields(schema))})" if schema is not None else \
+            " (check spelling; see README config reference)"
+        return ConfigError(f"unknown config key '{key}'{valid}")
+    return ConfigError(f"config key '{key}': {str(err).splitlines()[0]}")
 
 
 def to_yaml(cfg: Any) -> str:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from alignkit.core.adapter import DataInfo
+from alignkit.core.config import structured
 from alignkit.core.errors import ConfigError, MissingPackage
 
 T = TypeVar("T")
@@ -92,12 +93,24 @@ def register_adapter(
     ADAPTERS.register(kind, AdapterSpec(student, teacher, options), replace=replace)
 
 
+def typed_options(cfg: Any, key: str) -> Any:
+    """``cfg`` (a ModelConfig at config key ``key``) with ``options`` turned into its adapter's
+    options dataclass: an unknown or mistyped option is a ConfigError naming
+    ``<key>.options.<name>`` and the valid names."""
+    spec = ADAPTERS.get(cfg.kind, f"{key}.kind")
+    if spec.options is None:
+        if cfg.options:
+            raise ConfigError(f"{key}.options: adapter {cfg.kind!r} takes no options (got {sorted(cfg.options)})")
+        return cfg
+    return replace(cfg, options=structured(spec.options, cfg.options, f"{key}.options"))
+
+
 def build_student(cfg: Any, *, device: Any = "cpu", data: DataInfo = DataInfo()) -> Any:
     """The student ``cfg`` describes, sized by what the data reports (``data``)."""
     builder = ADAPTERS.get(cfg.kind, "student.kind").student
     if builder is None:
         raise ConfigError(f"student.kind={cfg.kind!r} has no student builder (it is a teacher-only adapter)")
-    return builder(cfg, device=device, data=data)
+    return builder(typed_options(cfg, "student"), device=device, data=data)
 
 
 def build_teacher(cfg: Any, *, device: Any = "cpu", data: DataInfo = DataInfo(), key: str = "teacher") -> Any:
@@ -105,7 +118,7 @@ def build_teacher(cfg: Any, *, device: Any = "cpu", data: DataInfo = DataInfo(),
     builder = ADAPTERS.get(cfg.kind, f"{key}.kind").teacher
     if builder is None:
         raise ConfigError(f"{key}.kind={cfg.kind!r} has no teacher builder (it is a student-only adapter)")
-    return builder(cfg, device=device, data=data)
+    return builder(typed_options(cfg, key), device=device, data=data)
 
 
 _LOADED: list[str] = []

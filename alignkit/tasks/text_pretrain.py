@@ -26,7 +26,7 @@ class TextPretrainTask(TaskBase):
         vocab = student.model.get_input_embeddings().num_embeddings
         if len(self.tokenizer) > vocab:
             raise ConfigError(
-                f"student.arch.vocab_size={vocab} is smaller than the tokenizer's {len(self.tokenizer)} tokens"
+                f"student.options.arch.vocab_size={vocab} is smaller than the tokenizer's {len(self.tokenizer)} tokens"
             )
         self.student = student
         return student
