@@ -7,8 +7,9 @@
   alignkit prepare configs/quickstart.yaml --out data/tok    # token shards for source=tokens
   alignkit eval runs/quickstart-2026...                      # lm-eval, paper's nine tasks, 1-shot
 
-Downstream adapters register themselves when imported: list their modules in
-``$ALIGNKIT_PLUGINS`` (comma-separated) or pass ``--plugin module``. Problems with configs,
+Plug-ins (adapters, tasks, objectives, projections, schedules) register themselves when
+imported: list their modules in ``$ALIGNKIT_PLUGINS`` (comma-separated), pass ``--plugin module``,
+or declare an entry point in the group ``alignkit.plugins`` (see :mod:`alignkit.core.registry`). Problems with configs,
 data, run folders and checkpoints are printed as one line naming the key or file (exit code 2);
 ``--debug`` (or ALIGNKIT_DEBUG=1) shows the traceback. A run stopped by SIGINT/SIGTERM saves a
 checkpoint and exits with 130/143.
@@ -16,7 +17,6 @@ checkpoint and exits with 130/143.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -26,12 +26,6 @@ from typing import Sequence
 from omegaconf import OmegaConf
 
 from alignkit.core.errors import AlignkitError, ConfigError, Interrupted
-
-
-def _import_plugins(extra: Sequence[str]) -> None:
-    names = [n for n in os.environ.get("ALIGNKIT_PLUGINS", "").split(",") if n] + list(extra)
-    for name in names:
-        importlib.import_module(name)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -89,7 +83,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plugin", action="append", default=[], help="module to import (registers adapters)")
+    parser.add_argument("--plugin", action="append", default=[], help="plug-in module to import (it registers adapters, tasks, objectives, ...)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of user errors")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a student (with LET or another method)")
@@ -133,7 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides += extra
     debug = args.debug or bool(os.environ.get("ALIGNKIT_DEBUG"))
     try:
-        _import_plugins(args.plugin)
+        from alignkit.core.registry import load_plugins  # imports torch: not for --help
+
+        load_plugins(args.plugin)
         return args.func(args)
     except AlignkitError as err:  # a problem the user can fix; anything else is a bug: traceback
         if debug:

@@ -17,7 +17,7 @@ import importlib
 import os
 from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 from alignkit.core.adapter import DataInfo
 from alignkit.core.config import structured
@@ -121,30 +121,33 @@ def build_teacher(cfg: Any, *, device: Any = "cpu", data: DataInfo = DataInfo(),
     return builder(typed_options(cfg, key), device=device, data=data)
 
 
-_LOADED: list[str] = []
+_LOADED: list[str] = []  # plug-ins imported in this process ("<builtin>" first)
 
 
-def load_plugins() -> list[str]:
-    """Import the built-in components, then the plug-ins (once per process); returns the
-    plug-ins loaded."""
-    if _LOADED:
-        return _LOADED[1:]
-    import alignkit.adapters  # noqa: F401  (built-in adapters register at import)
-    import alignkit.core.objectives  # noqa: F401
-    import alignkit.core.projections  # noqa: F401
-    import alignkit.core.schedules  # noqa: F401
-    import alignkit.tasks  # noqa: F401
+def load_plugins(extra: Sequence[str] = ()) -> list[str]:
+    """Import the built-in components, then the plug-ins: modules in ``$ALIGNKIT_PLUGINS`` and
+    ``extra`` (the CLI's ``--plugin``), and the entry points of the group ``alignkit.plugins``.
+    Each is imported once per process; returns the plug-ins loaded so far."""
+    if not _LOADED:
+        import alignkit.adapters  # noqa: F401  (built-in adapters register at import)
+        import alignkit.core.objectives  # noqa: F401
+        import alignkit.core.projections  # noqa: F401
+        import alignkit.core.schedules  # noqa: F401
+        import alignkit.tasks  # noqa: F401
 
-    _LOADED.append("<builtin>")
-    for module in [m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip()]:
+        _LOADED.append("<builtin>")
+        for point in entry_points(group=PLUGIN_GROUP):
+            loaded = point.load()
+            if callable(loaded):
+                loaded()
+            _LOADED.append(f"{point.name} ({point.value})")
+    modules = [m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip()] + list(extra)
+    for module in modules:
+        if module in _LOADED:
+            continue
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:
-            raise MissingPackage(f"${PLUGIN_ENV} names {module!r}, which cannot be imported ({err})") from None
+            raise MissingPackage(f"plug-in {module!r} (from ${PLUGIN_ENV} or --plugin) cannot be imported: {err}") from None
         _LOADED.append(module)
-    for point in entry_points(group=PLUGIN_GROUP):
-        loaded = point.load()
-        if callable(loaded):
-            loaded()
-        _LOADED.append(f"{point.name} ({point.value})")
     return _LOADED[1:]
