@@ -19,7 +19,9 @@ from alignkit.core.checkpoint import checkpoint_dirs, checkpoint_step
 from alignkit.core.errors import ConfigError, MissingFile, RunDirError
 from alignkit.experiment import ExperimentConfig, load_experiment, save_resolved
 
-SAFE_CHANGES = ("train.steps", "train.eval_every", "train.save_every", "train.log_every", "train.keep_checkpoints")
+# placement and cadence only: none of these changes a number the run computes (tests pin it)
+SAFE_CHANGES = ("train.steps", "train.eval_every", "train.save_every", "train.log_every", "train.keep_checkpoints",
+                "teacher.options.shard")
 NOT_COMPARED = ("run_name", "output_dir")  # the folder itself is named by --resume
 RESUMES_FILE = "resumes.jsonl"
 
