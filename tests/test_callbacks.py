@@ -16,7 +16,7 @@ from alignkit.core.callbacks import Callback
 from alignkit.core.config import ConfigError, TrainConfig
 from alignkit.core.errors import Interrupted, MissingPackage
 from alignkit.core.optim import build_lr_schedule
-from alignkit.core.trainer import Trainer
+from alignkit.core.trainer import Trainer, config_problems
 from toys import ToyStudent, ToyTask
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -155,3 +155,7 @@ def test_logged_lr_follows_the_configured_schedule_and_unknown_names_are_refused
     with pytest.raises(ConfigError, match=r"train.lr_schedule='cosine' is not a registered learning-rate schedule \(known: "
                                           r"constant, warmup_cosine, warmup_linear"):
         make(tmp_path, lr_schedule="cosine")
+    bad = TrainConfig(optimizer="lion", lr_schedule="cosine", loggers=["jsonl", "wandb"])
+    assert [p.split("=")[0] for p in config_problems(bad, "task.teacher_pretrain")] == [
+        "task.teacher_pretrain.optimizer", "task.teacher_pretrain.lr_schedule", "task.teacher_pretrain.loggers"]
+    assert config_problems(TrainConfig(loggers=["jsonl", "tensorboard"])) == []  # known names (installed or not)

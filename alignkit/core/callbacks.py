@@ -99,7 +99,7 @@ class JsonlLogger(Callback):
     """``RUN_DIR/metrics.jsonl``: one JSON object per logged step and per evaluation. On resume,
     the lines after the checkpoint go, so the log reads as if the run had never stopped."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, *, run_dir: Path) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
 
     def _write(self, record: Record) -> None:
@@ -135,7 +135,7 @@ class TensorBoardLogger(Callback):
     """TensorBoard event files in ``RUN_DIR/tensorboard`` (``train/<metric>`` per logged step,
     ``eval/<metric>`` per evaluation); on resume, events after the checkpoint are purged."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, *, run_dir: Path) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -178,7 +178,7 @@ class BestModel(Callback):
 
     FILE = "best.safetensors"
 
-    def __init__(self, metric: str, mode: str = "max", tiebreak: str = "") -> None:
+    def __init__(self, *, metric: str, mode: str = "max", tiebreak: str = "") -> None:
         self.metric, self.mode, self.tiebreak = metric, mode, tiebreak
         self.best: tuple[tuple[float, float], dict[str, Tensor]] | None = None  # ((metric, tiebreak), weights)
 

@@ -25,7 +25,7 @@ class WeightAverage(Callback):
     """``shadow = d * shadow + (1 - d) * weights`` after every optimizer step, with the usual
     warm-up ``d = min(decay, (1 + n) / (10 + n))`` so the random start fades quickly."""
 
-    def __init__(self, module: nn.Module, decay: float) -> None:
+    def __init__(self, *, module: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
             raise ConfigError(f"train.ema_decay={decay} must be in (0, 1) (0 turns averaging off)")
         self.decay, self.updates = decay, 0

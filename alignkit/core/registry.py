@@ -8,7 +8,7 @@ these tables, so downstream projects add components without touching alignkit.
   SCHEDULES    a term's ``schedule``                 -> ``f(lambda0, stop_step) -> (step -> weight)``
   OPTIMIZERS   ``train.optimizer``                   -> ``f(param_groups, train_cfg, device) -> Optimizer``
   LR_SCHEDULES ``train.lr_schedule``                 -> ``f(peak, total_steps, warmup_steps, min_ratio) -> (step -> lr)``
-  LOGGERS      an entry of ``train.loggers``         -> ``f(run_dir) -> Callback`` (see core/callbacks.py)
+  LOGGERS      an entry of ``train.loggers``         -> ``f(*, run_dir) -> Callback`` (see core/callbacks.py)
 
 Plug-ins: :func:`load_plugins` imports every module named in ``$ALIGNKIT_PLUGINS`` (comma
 separated) and calls every entry point of the group ``alignkit.plugins``; either registers its

@@ -36,10 +36,10 @@ from alignkit.core.config import TrainConfig
 from alignkit.core.distributed import DistInfo, all_reduce_mean, max_over_ranks, barrier
 from alignkit.core.ema import WeightAverage
 from alignkit.core.engine import AlignmentEngine
-from alignkit.core.errors import CheckpointError, Interrupted
+from alignkit.core.errors import CheckpointError, ConfigError, Interrupted
 from alignkit.core.interrupts import StopRequests
 from alignkit.core.optim import build_lr_schedule, build_optimizer
-from alignkit.core.registry import LOGGERS
+from alignkit.core.registry import LOGGERS, LR_SCHEDULES, OPTIMIZERS
 
 C = TypeVar("C", bound=Callback)
 
@@ -81,7 +81,24 @@ def to_device(batch: Batch, device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
+def config_problems(cfg: TrainConfig, section: str = "train") -> list[str]:
+    """The names in ``cfg`` that no registry knows (optimizer, LR schedule, loggers), one message
+    each: what a config check can report before any model is built."""
+    found = []
+    for table, key, names in ((OPTIMIZERS, "optimizer", [cfg.optimizer]), (LR_SCHEDULES, "lr_schedule", [cfg.lr_schedule]),
+                              (LOGGERS, "loggers", cfg.loggers)):
+        for name in names:
+            try:
+                table.get(name, f"{section}.{key}")
+            except ConfigError as err:
+                found.append(str(err))
+    return found
+
+
 class Trainer:
+    """Trains ``student`` (with ``engine``'s alignment terms, if any) on ``task`` for ``cfg.steps``
+    optimizer steps; ``callbacks`` run after the built-in ones (see :mod:`alignkit.core.callbacks`)."""
+
     def __init__(
         self,
         *,
@@ -121,11 +138,15 @@ class Trainer:
 
     def _builtin_callbacks(self, progress: bool) -> list[Callback]:
         cfg, main = self.cfg, self.dist.is_main
-        found: list[Callback] = [Throughput()]
-        found += [LOGGERS.get(name, "train.loggers")(self.run_dir) for name in cfg.loggers] if main else []
-        found += [WeightAverage(self.student, cfg.ema_decay)] if cfg.ema_decay > 0 else []
-        found += [BestModel(cfg.select_metric, cfg.select_mode, cfg.select_tiebreak)] if cfg.select_metric else []
-        return found + ([ProgressBar()] if progress and main else [])
+        loggers = [LOGGERS.get(name, "train.loggers") for name in cfg.loggers]  # names checked on every rank
+        found: list[Callback] = [Throughput()] + ([make(run_dir=self.run_dir) for make in loggers] if main else [])
+        if cfg.ema_decay > 0:
+            found.append(WeightAverage(module=self.student, decay=cfg.ema_decay))
+        if cfg.select_metric:
+            found.append(BestModel(metric=cfg.select_metric, mode=cfg.select_mode, tiebreak=cfg.select_tiebreak))
+        if progress and main:
+            found.append(ProgressBar())
+        return found
 
     def callback(self, kind: type[C]) -> C | None:
         """The first registered callback of type ``kind`` (None if there is none)."""
