@@ -13,6 +13,7 @@ from alignkit.core.config import (
     AlignConfig, ConfigError, ModelConfig, TrainConfig, at_least, checked, load_config, one_of, problems, to_yaml,
 )
 from alignkit.core.engine import check_align_config
+from alignkit.core.trainer import config_problems
 from alignkit.tasks.text_data import TextDataConfig
 from alignkit.tasks.uea import UEADataConfig
 
@@ -71,6 +72,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.task.name == "ts_classify":
         selections.append(("task.teacher_pretrain", cfg.task.teacher_pretrain, "ts_classify"))
     for section, train, task in selections:
+        found += config_problems(train, section)  # optimizer, LR schedule and loggers by name
         names = TASK_METRICS.get(task, ())
         for key in ("select_metric", "select_tiebreak"):
             value = getattr(train, key)

@@ -17,6 +17,7 @@ from alignkit.core.config import ConfigError, TrainConfig
 from alignkit.core.errors import Interrupted, MissingPackage
 from alignkit.core.optim import build_lr_schedule
 from alignkit.core.trainer import Trainer, config_problems
+from alignkit.experiment import load_experiment
 from toys import ToyStudent, ToyTask
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -158,4 +159,8 @@ def test_logged_lr_follows_the_configured_schedule_and_unknown_names_are_refused
     bad = TrainConfig(optimizer="lion", lr_schedule="cosine", loggers=["jsonl", "wandb"])
     assert [p.split("=")[0] for p in config_problems(bad, "task.teacher_pretrain")] == [
         "task.teacher_pretrain.optimizer", "task.teacher_pretrain.lr_schedule", "task.teacher_pretrain.loggers"]
-    assert config_problems(TrainConfig(loggers=["jsonl", "tensorboard"])) == []  # known names (installed or not)
+    with pytest.raises(ConfigError, match="task.teacher_pretrain.optimizer='lion'"):  # train and check refuse it at load
+        load_experiment(None, ["task.name=ts_classify", "task.teacher_pretrain.optimizer=lion"])
+    problems = config_problems(TrainConfig(loggers=["jsonl", "tensorboard"]))
+    assert problems == ([] if HAS_TENSORBOARD else ["train.loggers names 'tensorboard', which needs the tensorboard "
+                                                    "package (pip install tensorboard)"])

@@ -20,6 +20,10 @@ unless overridden; ``trainer`` gives ``step``, ``tokens``, ``cfg``, ``student``,
   on_fit_end(trainer, results)        training done, before the export: may set the student's
                                       weights and add entries to ``results``
 
+A logger (``train.loggers``) is a callback registered in LOGGERS as a factory ``f(*, run_dir)``;
+its optional static ``check()`` raises when it cannot work (a missing package), which config
+checks call before any model is built.
+
 Built in, in this order: :class:`Throughput`; the loggers that ``train.loggers`` names (main
 rank; the LOGGERS registry: ``jsonl``, ``tensorboard``); :class:`~alignkit.core.ema.WeightAverage`
 (``train.ema_decay``); :class:`BestModel` (``train.select_metric``); :class:`ProgressBar`.
@@ -136,14 +140,20 @@ class TensorBoardLogger(Callback):
     ``eval/<metric>`` per evaluation); on resume, events after the checkpoint are purged."""
 
     def __init__(self, *, run_dir: Path) -> None:
+        writer = self.check()
+        self.open = lambda purge_step: writer(str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
+        self.writer: Any = None
+        self.purge_step: int | None = None
+
+    @staticmethod
+    def check() -> Any:
+        """The writer class, or :class:`MissingPackage` (config checks call this before any model is built)."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise MissingPackage("train.loggers names 'tensorboard', which needs the tensorboard package "
                                  "(pip install tensorboard)") from None
-        self.open = lambda purge_step: SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
-        self.writer: Any = None
-        self.purge_step: int | None = None
+        return SummaryWriter
 
     def _write(self, prefix: str, values: Record, step: int) -> None:
         if self.writer is None:

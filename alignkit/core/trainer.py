@@ -36,7 +36,7 @@ from alignkit.core.config import TrainConfig
 from alignkit.core.distributed import DistInfo, all_reduce_mean, max_over_ranks, barrier
 from alignkit.core.ema import WeightAverage
 from alignkit.core.engine import AlignmentEngine
-from alignkit.core.errors import CheckpointError, ConfigError, Interrupted
+from alignkit.core.errors import CheckpointError, ConfigError, Interrupted, MissingPackage
 from alignkit.core.interrupts import StopRequests
 from alignkit.core.optim import build_lr_schedule, build_optimizer
 from alignkit.core.registry import LOGGERS, LR_SCHEDULES, OPTIMIZERS
@@ -82,15 +82,16 @@ def to_device(batch: Batch, device: torch.device) -> dict[str, Tensor]:
 
 
 def config_problems(cfg: TrainConfig, section: str = "train") -> list[str]:
-    """The names in ``cfg`` that no registry knows (optimizer, LR schedule, loggers), one message
-    each: what a config check can report before any model is built."""
+    """The names in ``cfg`` that no registry knows (optimizer, LR schedule, loggers) and loggers
+    that cannot work (a missing package), one message each: what a config check can report
+    before any model is built."""
     found = []
     for table, key, names in ((OPTIMIZERS, "optimizer", [cfg.optimizer]), (LR_SCHEDULES, "lr_schedule", [cfg.lr_schedule]),
                               (LOGGERS, "loggers", cfg.loggers)):
         for name in names:
             try:
-                table.get(name, f"{section}.{key}")
-            except ConfigError as err:
+                getattr(table.get(name, f"{section}.{key}"), "check", lambda: None)()
+            except (ConfigError, MissingPackage) as err:
                 found.append(str(err))
     return found
 
