@@ -14,6 +14,7 @@ from alignkit.core.config import (
 )
 from alignkit.core.engine import check_align_config
 from alignkit.core.registry import load_plugins, typed_options
+from alignkit.core.trainer import config_problems
 from alignkit.tasks.text_data import TextDataConfig
 from alignkit.tasks.uea import UEADataConfig
 
@@ -72,6 +73,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.task.name == "ts_classify":
         selections.append(("task.teacher_pretrain", cfg.task.teacher_pretrain, "ts_classify"))
     for section, train, task in selections:
+        found += config_problems(train, section)  # optimizer, LR schedule and loggers by name
         names = TASK_METRICS.get(task, ())
         for key in ("select_metric", "select_tiebreak"):
             value = getattr(train, key)

@@ -21,7 +21,7 @@ from alignkit.experiment import ExperimentConfig, load_experiment, save_resolved
 
 # placement and cadence only: none of these changes a number the run computes (tests pin it)
 SAFE_CHANGES = ("train.steps", "train.eval_every", "train.save_every", "train.log_every", "train.keep_checkpoints",
-                "teacher.options.shard")
+                "train.loggers", "teacher.options.shard")
 NOT_COMPARED = ("run_name", "output_dir")  # the folder itself is named by --resume
 RESUMES_FILE = "resumes.jsonl"
 

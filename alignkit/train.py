@@ -105,7 +105,8 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, info: DistInfo, device: 
     if teachers and getattr(cfg.teacher.options, "shard", False):  # a large frozen teacher (hf_causal option)
         shard_teacher(teachers["default"], device)
     seed_everything(cfg.train.seed + info.rank)  # per-rank streams (dropout) from here on
-    return Trainer(cfg.train, student, engine, task, run_dir, device, info, progress=progress)
+    return Trainer(cfg=cfg.train, student=student, engine=engine, task=task, run_dir=run_dir, device=device,
+                   dist=info, progress=progress)
 
 
 def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, info: DistInfo, device: torch.device,

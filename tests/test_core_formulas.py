@@ -30,15 +30,6 @@ def test_other_weight_schedules_end_at_stop():
         schedules.build_weight_schedule("exp", 0.1, 10)
 
 
-def test_warmup_cosine_lr():
-    lr = schedules.warmup_cosine(1.0, total_steps=110, warmup_steps=10, min_ratio=0.1)
-    assert lr(0) == pytest.approx(0.1)
-    assert lr(9) == pytest.approx(1.0)
-    assert lr(10) == pytest.approx(1.0)
-    assert lr(60) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert lr(110) == pytest.approx(0.1)
-
-
 def test_interpolate_matches_eq6_by_hand():
     h = torch.tensor([[0.0, 10.0, 20.0, 30.0, 40.0]])  # d_M = 5
     out = interpolate(h, 3)  # u_j = j * 4 / 2 = 0, 2, 4 -> endpoints kept

@@ -36,7 +36,8 @@ def make(run_dir: Path, rank: int = 0, world: int = 1, info=None, micro: int = 4
                       ema_decay=0.8, select_metric="eval_loss", select_mode="min")
     run_dir.mkdir(parents=True, exist_ok=True)
     kwargs = {"dist": info} if info is not None else {}
-    return Trainer(cfg, student, engine, ToyTask(rank=rank, world_size=world), run_dir, torch.device("cpu"), progress=False, **kwargs)
+    return Trainer(cfg=cfg, student=student, engine=engine, task=ToyTask(rank=rank, world_size=world), run_dir=run_dir,
+                   device=torch.device("cpu"), progress=False, **kwargs)
 
 
 def inject(trainer: Trainer, phase: str, how: str, at_step: int = 4) -> None:

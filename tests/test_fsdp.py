@@ -95,7 +95,8 @@ def test_metrics_sync_only_on_logging_steps_and_tokens_stay_exact(tmp_path, monk
     reduce = trainer_module.all_reduce_mean
     monkeypatch.setattr(trainer_module, "all_reduce_mean", lambda values, dist: syncs.append(1) or reduce(values, dist))
     cfg = TrainConfig(steps=8, micro_batch_size=4, grad_accum=2, lr=1e-2, eval_every=0, log_every=3, save_every=4)
-    Trainer(cfg, ToyStudent(), None, ToyTask(seq_len=12), tmp_path, torch.device("cpu"), progress=False).fit()
+    Trainer(cfg=cfg, student=ToyStudent(), engine=None, task=ToyTask(seq_len=12), run_dir=tmp_path,
+            device=torch.device("cpu"), progress=False).fit()
     assert len(syncs) == 3 + 2  # logging steps 3, 6, 8 and the checkpoints at 4 and 8, not every step
     logged = [r for r in rows(tmp_path) if "loss" in r]
     assert [r["step"] for r in logged] == [3, 6, 8]  # and the last step
@@ -108,4 +109,5 @@ def test_metrics_sync_only_on_logging_steps_and_tokens_stay_exact(tmp_path, monk
 def test_block_settings_need_a_student_with_blocks(tmp_path):
     cfg = TrainConfig(steps=1, activation_checkpointing=True)
     with pytest.raises(ConfigError, match="train.activation_checkpointing: ToyStudent exposes no transformer blocks"):
-        Trainer(cfg, ToyStudent(), None, ToyTask(), tmp_path, torch.device("cpu"), progress=False)
+        Trainer(cfg=cfg, student=ToyStudent(), engine=None, task=ToyTask(), run_dir=tmp_path, device=torch.device("cpu"),
+                progress=False)

@@ -60,7 +60,8 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(tmp_path):
     engine = build_engine(AlignConfig(method="let", stop_step=3, early_layer=2), student, {"default": teacher})
     micro, seq, accum = 4, 128, 2
     cfg = TrainConfig(steps=2, micro_batch_size=micro, grad_accum=accum, precision="bfloat16", eval_every=0)
-    trainer = Trainer(cfg, student, engine, RandomTokens(seq), tmp_path, torch.device("cpu"), progress=False)
+    trainer = Trainer(cfg=cfg, student=student, engine=engine, task=RandomTokens(seq), run_dir=tmp_path,
+                      device=torch.device("cpu"), progress=False)
     counter = TensorMemoryCounter()
     counter.track([*trainer.module.parameters(), *trainer.module.buffers(), *teacher.model.parameters(), *teacher.model.buffers()])
     with counter:

@@ -10,8 +10,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from alignkit.core.callbacks import BestModel
 from alignkit.core.config import AlignConfig, ConfigError, TrainConfig
 from alignkit.core.distributed import cleanup, init_distributed
+from alignkit.core.ema import WeightAverage
 from alignkit.core.engine import build_engine
 from alignkit.core.trainer import Trainer
 from toys import ToyStudent, ToyTask, ToyTeacher
@@ -22,7 +24,8 @@ def make(tmp: Path, steps: int = 8, stop: int = 4, micro: int = 4, **train) -> t
     engine = build_engine(AlignConfig(stop_step=stop, lambda0=0.5, early_layer=2), student, {"default": teacher})
     cfg = TrainConfig(steps=steps, micro_batch_size=micro, lr=1e-2, **{"eval_every": 0, **train})
     tmp.mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, student, engine, ToyTask(), tmp, torch.device("cpu"), progress=False), teacher
+    return Trainer(cfg=cfg, student=student, engine=engine, task=ToyTask(), run_dir=tmp, device=torch.device("cpu"),
+                   progress=False), teacher
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -74,8 +77,9 @@ def test_ema_weights_are_evaluated_and_exported(tmp_path):
     evaluate = trainer.task.evaluate
     trainer.task.evaluate = lambda student, device: seen.append(student.state_dict()["head.weight"].clone()) or evaluate(student, device)
     trainer.fit()
-    shadow = trainer.ema.shadow["head.weight"]
-    assert trainer.ema.updates == 12 and torch.equal(seen[-1], shadow)  # the final eval saw the average
+    ema = trainer.callback(WeightAverage)
+    shadow = ema.shadow["head.weight"]
+    assert ema.updates == 12 and torch.equal(seen[-1], shadow)  # the final eval saw the average
     assert not torch.equal(shadow, initial)  # the average follows the training
     exported = load_file(str(tmp_path / "final" / "model.safetensors"))
     raw = load_file(str(tmp_path / "checkpoints" / "step_000012" / "state.safetensors"))
@@ -108,7 +112,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     student, teacher = ToyStudent(), ToyTeacher()
     engine = build_engine(AlignConfig(stop_step=2, early_layer=2, projection="linear"), student, {"default": teacher})
     cfg = TrainConfig(steps=4, micro_batch_size=2, lr=1e-2, eval_every=0)
-    Trainer(cfg, student, engine, ToyTask(rank=rank, world_size=world), Path(out), torch.device("cpu"), info, progress=False).fit()
+    Trainer(cfg=cfg, student=student, engine=engine, task=ToyTask(rank=rank, world_size=world), run_dir=Path(out),
+            device=torch.device("cpu"), dist=info, progress=False).fit()
     cleanup()
 
 
@@ -118,7 +123,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     engine = build_engine(AlignConfig(stop_step=2, early_layer=2, projection="linear"), student, {"default": teacher})
     cfg = TrainConfig(steps=4, micro_batch_size=4, lr=1e-2, eval_every=0)
     (tmp_path / "one").mkdir()
-    Trainer(cfg, student, engine, ToyTask(), tmp_path / "one", torch.device("cpu"), progress=False).fit()
+    Trainer(cfg=cfg, student=student, engine=engine, task=ToyTask(), run_dir=tmp_path / "one", device=torch.device("cpu"),
+            progress=False).fit()
     (tmp_path / "two").mkdir()
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
@@ -133,8 +139,10 @@ def test_best_model_selection_with_tiebreak(tmp_path, tiebreak, expected):
     for marker, (accuracy, loss) in enumerate([(0.5, 0.9), (0.9, 0.4), (0.9, 0.1), (0.8, 0.0)]):
         with torch.no_grad():
             weight.fill_(marker)
-        trainer._maybe_keep_best({"val_accuracy": accuracy, "val_loss": loss})
+        trainer.callback(BestModel).on_eval(trainer, {"val_accuracy": accuracy, "val_loss": loss})
     # the first eval with the top accuracy wins, unless a later equal one has a lower loss
-    assert trainer.best[0][0] == 0.9 and float(next(iter(trainer.best[1].values())).flatten()[0]) == expected
+    best = trainer.callback(BestModel).best
+    assert best[0][0] == 0.9 and float(next(iter(best[1].values())).flatten()[0]) == expected
     with pytest.raises(ConfigError, match="select_tiebreak"):
-        make(tmp_path / "x", select_metric="val_accuracy", select_tiebreak="nope")[0]._maybe_keep_best({"val_accuracy": 1.0})
+        other = make(tmp_path / "x", select_metric="val_accuracy", select_tiebreak="nope")[0]
+        other.callback(BestModel).on_eval(other, {"val_accuracy": 1.0})

@@ -33,9 +33,9 @@ def test_ts_let_end_to_end_on_basic_motions(tmp_path, monkeypatch):
     seen = []
     original = trainer_module.Trainer.__init__
 
-    def spy(self, cfg, student, engine, task, *args, **kwargs):
-        seen.append((type(engine), type(task)))
-        original(self, cfg, student, engine, task, *args, **kwargs)
+    def spy(self, **kwargs):
+        seen.append((type(kwargs["engine"]), type(kwargs["task"])))
+        original(self, **kwargs)
 
     monkeypatch.setattr(trainer_module.Trainer, "__init__", spy)
     assert main(["train", RECIPE, f"output_dir={tmp_path}", "run_name=ts", *TINY, "--no-progress"]) == 0

@@ -129,7 +129,9 @@ class TrainConfig:
     steps: int = checked(1000, at_least(1))
     micro_batch_size: int = checked(8, at_least(1))
     grad_accum: int = checked(1, at_least(1))
+    optimizer: str = "adamw"  # registry key (core/optim.py): adamw | adam | sgd (momentum betas[0]) | (yours)
     lr: float = checked(4e-4, above(0))
+    lr_schedule: str = "warmup_cosine"  # registry key (core/optim.py): warmup_cosine | warmup_linear | constant | (yours)
     warmup_ratio: float = checked(0.1, between(0, 1))
     min_lr_ratio: float = checked(0.1, between(0, 1))
     betas: tuple[float, float] = checked((0.9, 0.999), each(between(0, 1, high_open=True)))
@@ -139,6 +141,7 @@ class TrainConfig:
     device: str = checked("auto", one_of("auto", "cpu", "cuda"))
     seed: int = checked(0, at_least(0))
     log_every: int = checked(1, at_least(1))
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # registry keys (core/callbacks.py): jsonl (metrics.jsonl) | tensorboard | (yours)
     eval_every: int = checked(100, at_least(0))  # 0 = only at the end
     save_every: int = checked(0, at_least(0))  # 0 = only at the end (and on interruption)
     keep_checkpoints: int = checked(2, at_least(0))  # 0 = keep all

@@ -6,6 +6,9 @@ these tables, so downstream projects add components without touching alignkit.
   OBJECTIVES   a feature term's ``objective``        -> ``f(s, t, mask, **options) -> loss``
   PROJECTIONS  a feature term's ``projection``       -> ``f(student_width, teacher_width, key) -> nn.Module``
   SCHEDULES    a term's ``schedule``                 -> ``f(lambda0, stop_step) -> (step -> weight)``
+  OPTIMIZERS   ``train.optimizer``                   -> ``f(param_groups, train_cfg, device) -> Optimizer``
+  LR_SCHEDULES ``train.lr_schedule``                 -> ``f(peak, total_steps, warmup_steps, min_ratio) -> (step -> lr)``
+  LOGGERS      an entry of ``train.loggers``         -> ``f(*, run_dir) -> Callback`` (see core/callbacks.py)
 
 Plug-ins: :func:`load_plugins` imports every module named in ``$ALIGNKIT_PLUGINS`` (comma
 separated) and calls every entry point of the group ``alignkit.plugins``; either registers its
@@ -78,6 +81,9 @@ TASKS: Registry[Any] = Registry("task")
 OBJECTIVES: Registry[Callable[..., Any]] = Registry("objective")
 PROJECTIONS: Registry[Callable[..., Any]] = Registry("projection")
 SCHEDULES: Registry[Callable[..., Any]] = Registry("schedule")
+OPTIMIZERS: Registry[Callable[..., Any]] = Registry("optimizer")
+LR_SCHEDULES: Registry[Callable[..., Any]] = Registry("learning-rate schedule")
+LOGGERS: Registry[Callable[..., Any]] = Registry("logger")
 
 
 def register_adapter(
@@ -130,7 +136,9 @@ def load_plugins(extra: Sequence[str] = ()) -> list[str]:
     Each is imported once per process; returns the plug-ins loaded so far."""
     if not _LOADED:
         import alignkit.adapters  # noqa: F401  (built-in adapters register at import)
+        import alignkit.core.callbacks  # noqa: F401
         import alignkit.core.objectives  # noqa: F401
+        import alignkit.core.optim  # noqa: F401
         import alignkit.core.projections  # noqa: F401
         import alignkit.core.schedules  # noqa: F401
         import alignkit.tasks  # noqa: F401

@@ -6,7 +6,7 @@ schedule is exactly 0 from ``stop_step`` on, which is when the engine frees the 
   constant      lambda0 until stop_step
   cosine        lambda0 * (1 + cos(pi * s / stop)) / 2 until stop_step
   step          lambda0 * gamma ** (s // step_size) until stop_step
-Learning rate: ``warmup_cosine`` (linear warmup, cosine decay to ``min_ratio`` of the peak).
+Learning-rate schedules are in :mod:`alignkit.core.optim`.
 """
 from __future__ import annotations
 
@@ -64,16 +64,3 @@ def build_weight_schedule(name: str, lambda0: float, stop_step: int) -> Schedule
     if name not in WEIGHT_SCHEDULES:
         raise ConfigError(f"align.schedule={name!r} is unknown (choose from {sorted(WEIGHT_SCHEDULES)})")
     return WEIGHT_SCHEDULES[name](lambda0, stop_step)
-
-
-def warmup_cosine(peak: float, total_steps: int, warmup_steps: int, min_ratio: float = 0.1) -> Schedule:
-    """LR: linear warmup from peak/warmup to peak, then cosine to ``min_ratio * peak`` at the end."""
-
-    def lr(s: int) -> float:
-        if warmup_steps > 0 and s < warmup_steps:
-            return peak * (s + 1) / warmup_steps
-        decay_steps = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (s - warmup_steps) / decay_steps)
-        return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return lr

@@ -1,9 +1,12 @@
 """The one training loop, for every task and modality.
 
-AdamW (no decay on norms/biases), warmup + cosine LR to a floor, gradient accumulation,
-bf16 autocast, clipping, periodic eval, best-model selection, checkpoints with exact resume,
-``metrics.jsonl`` logging, a progress bar, and DDP under ``torchrun``. Tasks hand it batches,
-an eval function and an export function; they never write loops of their own.
+The optimizer and LR schedule from config (:mod:`alignkit.core.optim`), gradient accumulation,
+bf16 autocast, clipping, periodic eval, checkpoints with exact resume, and DDP/FSDP under
+``torchrun``. Everything else runs as callbacks at fixed hook points
+(:mod:`alignkit.core.callbacks`: logging, throughput and memory, EMA, best-model selection,
+the progress bar, and any passed as ``Trainer(callbacks=[...])``); a checkpoint holds what each
+callback adds in ``on_save`` and gives it back in ``on_load``. Tasks hand the trainer batches, an
+eval function and an export function; they never write loops of their own.
 
 Interruptions never cost exactness. SIGINT/SIGTERM only set a flag (:mod:`alignkit.core.interrupts`):
 the step in flight completes, all ranks agree, a checkpoint is written, and :class:`Interrupted`
@@ -14,35 +17,31 @@ an eval the checkpoint records the eval as pending, so the resumed run evaluates
 """
 from __future__ import annotations
 
-import json
-import math
-import resource
 import shutil
 import signal
-import time
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Protocol, Sequence, TypeVar
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
-from tqdm.auto import tqdm
 
 from alignkit.core import checkpoint as ckpt
 from alignkit.core import parallel
 from alignkit.core.adapter import Batch, StudentOutput
+from alignkit.core.callbacks import BestModel, Callback, ProgressBar, Throughput
 from alignkit.core.config import TrainConfig
 from alignkit.core.distributed import DistInfo, all_reduce_mean, max_over_ranks, barrier
 from alignkit.core.ema import WeightAverage
 from alignkit.core.engine import AlignmentEngine
-from alignkit.core.errors import CheckpointError, ConfigError, Interrupted
+from alignkit.core.errors import CheckpointError, ConfigError, Interrupted, MissingPackage
 from alignkit.core.interrupts import StopRequests
-from alignkit.core.schedules import warmup_cosine
+from alignkit.core.optim import build_lr_schedule, build_optimizer
+from alignkit.core.registry import LOGGERS, LR_SCHEDULES, OPTIMIZERS
 
-BEST_FILE = "best.safetensors"
+C = TypeVar("C", bound=Callback)
 
 
 class Task(Protocol):
@@ -78,27 +77,32 @@ class StepModule(nn.Module):
         return out.loss + aux, out, metrics
 
 
-def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for param in module.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def to_device(batch: Batch, device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
+def config_problems(cfg: TrainConfig, section: str = "train") -> list[str]:
+    """The names in ``cfg`` that no registry knows (optimizer, LR schedule, loggers) and loggers
+    that cannot work (a missing package), one message each: what a config check can report
+    before any model is built."""
+    found = []
+    for table, key, names in ((OPTIMIZERS, "optimizer", [cfg.optimizer]), (LR_SCHEDULES, "lr_schedule", [cfg.lr_schedule]),
+                              (LOGGERS, "loggers", cfg.loggers)):
+        for name in names:
+            try:
+                getattr(table.get(name, f"{section}.{key}"), "check", lambda: None)()
+            except (ConfigError, MissingPackage) as err:
+                found.append(str(err))
+    return found
+
+
 class Trainer:
+    """Trains ``student`` (with ``engine``'s alignment terms, if any) on ``task`` for ``cfg.steps``
+    optimizer steps; ``callbacks`` run after the built-in ones (see :mod:`alignkit.core.callbacks`)."""
+
     def __init__(
         self,
+        *,
         cfg: TrainConfig,
         student: nn.Module,
         engine: AlignmentEngine | None,
@@ -107,20 +111,18 @@ class Trainer:
         device: torch.device,
         dist: DistInfo = DistInfo(),
         progress: bool = True,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.cfg, self.task, self.run_dir, self.device, self.dist = cfg, task, Path(run_dir), device, dist
         self.module = StepModule(student, engine).to(device)
         self.student, self.engine = self.module.student, engine
         self.model, self.parallel = parallel.wrap_model(self.module, cfg, dist)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(_param_groups(self.module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                                           fused=device.type == "cuda")
+        self.optimizer = build_optimizer(cfg, self.module, device)
         self._pending_tokens = 0  # this rank's tokens since the last host sync
-        self.lr_at = warmup_cosine(cfg.lr, cfg.steps, int(cfg.warmup_ratio * cfg.steps), cfg.min_lr_ratio)
+        self.lr_at = build_lr_schedule(cfg)
         self.step, self.tokens = 0, 0
-        self.ema = WeightAverage(self.student, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.best: tuple[tuple[float, float], dict[str, Tensor]] | None = None  # (metric, tiebreak)
-        self.progress = progress and dist.is_main
+        self.callbacks = self._builtin_callbacks(progress) + list(callbacks)
         self.loss_name = getattr(task, "loss_name", "task_loss")  # e.g. "nll" for text
         self.autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bfloat16" else nullcontext()
@@ -134,6 +136,26 @@ class Trainer:
         self._saved_step = -1
         self._snapshot: tuple[dict[str, Any], tuple[Any, ...]] = ({}, ())
         self._step_stats: tuple[Any, ...] = ()
+
+    def _builtin_callbacks(self, progress: bool) -> list[Callback]:
+        cfg, main = self.cfg, self.dist.is_main
+        loggers = [LOGGERS.get(name, "train.loggers") for name in cfg.loggers]  # names checked on every rank
+        found: list[Callback] = [Throughput()] + ([make(run_dir=self.run_dir) for make in loggers] if main else [])
+        if cfg.ema_decay > 0:
+            found.append(WeightAverage(module=self.student, decay=cfg.ema_decay))
+        if cfg.select_metric:
+            found.append(BestModel(metric=cfg.select_metric, mode=cfg.select_mode, tiebreak=cfg.select_tiebreak))
+        if progress and main:
+            found.append(ProgressBar())
+        return found
+
+    def callback(self, kind: type[C]) -> C | None:
+        """The first registered callback of type ``kind`` (None if there is none)."""
+        return next((c for c in self.callbacks if isinstance(c, kind)), None)
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
 
     # --- resume / checkpoints ---------------------------------------------------------------
     def resume(self, directory: Path) -> None:
@@ -160,36 +182,11 @@ class Trainer:
     def _restore(self, directory: Path, state: dict[str, Any], data_state: dict[str, Any]) -> None:
         self.step, self.tokens = state["step"], state["tokens"]
         self.eval_pending, self.last_eval = state.get("eval_pending", False), state.get("last_eval", {})
-        if state.get("best_value") is not None:
-            tiebreak = state.get("best_tiebreak")
-            key = (state["best_value"], math.inf if tiebreak is None else tiebreak)
-            self.best = (key, load_file(str(directory / BEST_FILE)))
         self.task.load_state_dict(data_state)
-        if self.ema is not None:
-            self.ema.load(directory)
         if self.engine is not None and self.engine.release_step is not None and self.step >= self.engine.release_step:
             self.engine.release()
             self._teacher_released()
-        self._truncate_metrics(self.step)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop records after ``step`` (and a line cut off by a kill) so the resumed run's log
-        reads as if it had never stopped."""
-        path = self.run_dir / "metrics.jsonl"
-        if not (self.dist.is_main and path.is_file()):
-            return
-        kept = []
-        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                warnings.warn(f"{path}:{number}: dropping an unreadable line (cut off by a kill?)", stacklevel=2)
-                continue
-            if isinstance(record, dict) and record.get("step", math.inf) <= step:
-                kept.append(line)
-        staging = path.with_name(path.name + ".tmp")  # a kill mid-rewrite must not cut the log
-        staging.write_text("".join(line + "\n" for line in kept))
-        staging.replace(path)
+        self._call("on_load", directory, state)
 
     def save(self, data_state: dict[str, Any], rng: tuple[Any, ...]) -> Path:
         """Write a checkpoint of the current step; on a failed write (full disk, read-only
@@ -224,61 +221,32 @@ class Trainer:
         return final
 
     def _save_main(self, staging: Path) -> None:
-        best = self.best[0] if self.best else (None, None)
-        trainer_state = {"step": self.step, "tokens": self.tokens, "best_value": best[0],
-                         "best_tiebreak": None if best[1] in (None, math.inf) else best[1],
-                         "eval_pending": self.eval_pending, "last_eval": self.last_eval}
+        trainer_state = {"step": self.step, "tokens": self.tokens, "eval_pending": self.eval_pending,
+                         "last_eval": self.last_eval}
+        self._call("on_save", staging, trainer_state)  # callbacks' files, and their entries in trainer_state
         if self.parallel == "fsdp":
             ckpt.save_trainer_state(staging, trainer_state)
         else:
             ckpt.save_main_state(staging, self.module, self.optimizer, trainer_state)
             self.task.export(self.student, staging / "model")
-        if self.best is not None:  # the selected weights, so a resumed run exports the same model
-            save_file({k: v.contiguous() for k, v in self.best[1].items()}, str(staging / BEST_FILE))
-        if self.ema is not None:
-            self.ema.save(staging)
-
-    # --- logging / eval ---------------------------------------------------------------------
-    def _log(self, record: dict[str, Any]) -> None:
-        if self.dist.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
 
     def evaluate(self) -> dict[str, float]:
         """Every rank evaluates (tasks shard and all-reduce, so all ranks get equal results)."""
         self.student.eval()
-        with self.ema.swapped_in(self.student) if self.ema is not None else nullcontext():
+        with ExitStack() as weights:  # e.g. the EMA's; model selection sees the same weights
+            for callback in self.callbacks:
+                weights.enter_context(callback.eval_weights(self))
             with torch.no_grad(), self.autocast:
                 results = self.task.evaluate(self.student, self.device)
-            self._log({"step": self.step, **results})
-            self._maybe_keep_best(results)  # under EMA, the averaged weights are the candidates
+            self._call("on_eval", results)
         self.student.train()
         self.last_eval, self.eval_pending = results, False
         return results
-    def _maybe_keep_best(self, results: dict[str, float]) -> None:
-        key = self.cfg.select_metric
-        if not key:
-            return
-        if key not in results:
-            raise ConfigError(f"train.select_metric={key!r} is not among the eval metrics {sorted(results)}")
-        tiebreak = self.cfg.select_tiebreak
-        if tiebreak and tiebreak not in results:
-            raise ConfigError(f"train.select_tiebreak={tiebreak!r} is not among the eval metrics {sorted(results)}")
-        value = (results[key], results[tiebreak] if tiebreak else math.inf)
-        if self.best is None:
-            better = True
-        elif value[0] == self.best[0][0]:
-            better = value[1] < self.best[0][1]
-        else:
-            better = value[0] > self.best[0][0] if self.cfg.select_mode == "max" else value[0] < self.best[0][0]
-        if better:
-            self.best = (value, {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()})
 
     # --- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         stream = iter(self.task.train_batches(self.cfg.micro_batch_size))
-        self._bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
-        self._window = [time.perf_counter(), 0]  # throughput window: start time, tokens
+        self._call("on_fit_start")
         with self.signals.installed():
             try:
                 if self.eval_pending:  # resumed from an interrupt during this step's eval
@@ -293,13 +261,8 @@ class Trainer:
                 if self.signals.forced:
                     raise
                 self._save_after_exception()
-        self._bar.close()
-        if self.best is None and self.ema is not None:
-            self.student.load_state_dict(self.ema.shadow, strict=False)
         results = dict(self.last_eval)
-        if self.best is not None:
-            self.student.load_state_dict(self.best[1])
-            results[f"best_{self.cfg.select_metric}"] = self.best[0][0]
+        self._call("on_fit_end", results)  # e.g. the EMA or the selected weights into the student
         with parallel.gathered(self.student, self.dist):  # fsdp: full weights on the main rank
             if self.dist.is_main:
                 self.task.export(self.student, self.run_dir / "final")
@@ -308,6 +271,7 @@ class Trainer:
 
     def _run_step(self, stream: Iterator[Batch]) -> None:
         self._snapshot = (self.task.state_dict(), ckpt.rng_snapshot())
+        self._call("on_step_begin")
         self._phase = "accumulate"
         self._accumulate(stream)
         self.optimizer.step()  # its post-hook marks the phase "applied" the moment weights moved
@@ -323,19 +287,17 @@ class Trainer:
         """Eval and checkpoint after a step, as the schedule says."""
         if evaluate:
             self.evaluate()
-            self._window = [time.perf_counter(), 0]  # throughput: training time only
         self._phase = "save"
         cfg = self.cfg
         if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
             self.save(self.task.state_dict(), ckpt.rng_snapshot())
-            self._window = [time.perf_counter(), 0]
 
     def _stop(self, signum: int, path: Path | None = None) -> None:
         if path is None:
             path = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
             if self._saved_step != self.step:
                 path = self.save(self.task.state_dict(), ckpt.rng_snapshot())
-        self._bar.close()
+        self._call("on_interrupt", path)
         hint = f"; continue with: {self.resume_hint}" if self.resume_hint else ""
         raise Interrupted(f"{signal.Signals(signum).name} at step {self.step}: saved {path}{hint}", signum)
 
@@ -378,19 +340,16 @@ class Trainer:
         self._step_stats = (sums, tokens, grad_norm, lr)
 
     def _finish_step(self) -> None:
-        """Everything after the optimizer step: averages, teacher release, counters, the log."""
+        """Everything after the optimizer step: teacher release, counters, the record, callbacks."""
         sums, tokens, grad_norm, lr = self._step_stats
         step = self.step
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update()
         teacher_active = self.engine is not None and self.engine.active(step)
         if self.engine is not None and self.engine.after_step(step):
             self._teacher_released()
         self.step += 1
         self._pending_tokens += tokens
-        self._window[1] += tokens * self.dist.world_size
-        self._bar.update(1)
+        record = None
         if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:  # the loop's only host syncs
             keys = sorted(sums)
             if isinstance(grad_norm, DTensor):  # fsdp
@@ -398,11 +357,7 @@ class Trainer:
             values = self._reduce([sums[k] for k in keys] + [grad_norm])
             record = {"step": self.step, **dict(zip(keys, values[:-1])), "lr": lr, "grad_norm": values[-1],
                       "tokens": self.tokens, "teacher_active": teacher_active}
-            elapsed = time.perf_counter() - self._window[0]
-            record.update(tokens_per_s=self._window[1] / max(elapsed, 1e-9), peak_mem_mb=peak_memory_mb(self.device))
-            self._log(record)
-            self._window = [time.perf_counter(), 0]
-            self._bar.set_postfix(loss=f"{record['loss']:.3f}", lam=f"{record.get('lambda', 0.0):.3g}")
+        self._call("on_step_end", record)
 
     def _teacher_released(self) -> None:
         release = getattr(self.task, "release_teacher", None)  # optional in the Task protocol

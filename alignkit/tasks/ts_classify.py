@@ -150,7 +150,7 @@ def _pretrain(cfg: Any, run_dir: Path, device: torch.device) -> None:
     task = TSClassifyTask(sub, DistInfo(), device)
     student = task.build_student()
     task.build_data()
-    trainer = Trainer(sub.train, student, None, task, run_dir, device)
+    trainer = Trainer(cfg=sub.train, student=student, engine=None, task=task, run_dir=run_dir, device=device)
     trainer.resume_hint = ""  # the outer run says how to continue
     resumed = trainer.resume_latest()
     if resumed is None:
