@@ -1,17 +1,19 @@
-"""Command line: ``alignkit train|check|prepare CONFIG [key=value ...]`` (also ``python -m alignkit``).
+"""Command line: ``alignkit train|check|prepare|pretrain-teacher|eval`` (also ``python -m alignkit``).
 
   alignkit train configs/quickstart.yaml                  # run a recipe
   alignkit train configs/quickstart.yaml train.steps=50   # override any key
   alignkit train --resume runs/quickstart-2026... [train.steps=2000]  # exact resume
-  alignkit check configs/paper/llama-1.4b_smollm2-135m.yaml  # validate; build student on meta
+  alignkit check configs/paper/llama-1.4b_smollm2-135m.yaml  # the build chain on meta, offline
   alignkit prepare configs/quickstart.yaml --out data/tok    # token shards for source=tokens
+  alignkit pretrain-teacher configs/ts/japanese_vowels.yaml  # only the TimesNet teacher stage
   alignkit eval runs/quickstart-2026...                      # lm-eval, paper's nine tasks, 1-shot
 
-Downstream adapters register themselves when imported: list their modules in
-``$ALIGNKIT_PLUGINS`` (comma-separated) or pass ``--plugin module``. Problems with configs,
-data, run folders and checkpoints are printed as one line naming the key or file (exit code 2);
-``--debug`` (or ALIGNKIT_DEBUG=1) shows the traceback. A run stopped by SIGINT/SIGTERM saves a
-checkpoint and exits with 130/143.
+Plug-ins register adapters, tasks, objectives, projections and schedules when imported
+(:mod:`alignkit.core.registry`): list their modules in ``$ALIGNKIT_PLUGINS`` (comma-separated),
+pass ``--plugin module``, or install a package with an ``alignkit.plugins`` entry point.
+Problems with configs, data, run folders and checkpoints are printed as one line naming the
+key or file (exit code 2); ``--debug`` (or ALIGNKIT_DEBUG=1) shows the traceback. A run
+stopped by SIGINT/SIGTERM saves a checkpoint and exits with 130/143.
 """
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ from alignkit.core.errors import AlignkitError, ConfigError, Interrupted
 
 
 def _import_plugins(extra: Sequence[str]) -> None:
-    names = [n for n in os.environ.get("ALIGNKIT_PLUGINS", "").split(",") if n] + list(extra)
-    for name in names:
+    from alignkit.core.registry import load_plugins
+
+    load_plugins()  # built-ins, $ALIGNKIT_PLUGINS and the entry points
+    for name in extra:
         importlib.import_module(name)
 
 
@@ -60,7 +64,29 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     report = check_experiment(cfg)
     print(json.dumps(report, indent=2))
+    for note in report["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     print(memory_table(report), file=sys.stderr)  # for people; stdout stays JSON for scripts
+    return 0
+
+
+def _cmd_pretrain_teacher(args: argparse.Namespace) -> int:
+    from alignkit.chain import needs_pretraining, teacher_configs
+    from alignkit.core.distributed import DistInfo, resolve_device
+    from alignkit.experiment import load_experiment
+    from alignkit.teacher_stage import pretrain_teacher
+
+    cfg = load_experiment(args.config, args.overrides)
+    pending = {name: model for name, model in teacher_configs(cfg).items() if needs_pretraining(model)}
+    if not pending:
+        print("nothing to pre-train: every teacher of this recipe has weights (name_or_path)", file=sys.stderr)
+        return 0
+    device = resolve_device(cfg.train.device, DistInfo())
+    for model in pending.values():
+        try:
+            print(pretrain_teacher(cfg, model, device=device, progress=not args.no_progress))
+        except Interrupted as err:
+            raise Interrupted(f"teacher pre-training {err}; rerun the same command to continue", err.exit_code - 128) from None
     return 0
 
 
@@ -89,7 +115,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plugin", action="append", default=[], help="module to import (registers adapters)")
+    parser.add_argument("--plugin", action="append", default=[],
+                        help="module to import (registers adapters, tasks, objectives, ...)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of user errors")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a student (with LET or another method)")
@@ -111,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--shard-tokens", type=int, default=1 << 25, help="tokens per shard (bounds memory)")
     prep.add_argument("--no-progress", action="store_true")
     prep.set_defaults(func=_cmd_prepare)
+    stage = sub.add_parser("pretrain-teacher", help="pre-train (or find in the cache) the recipe's TimesNet teacher")
+    stage.add_argument("config")
+    stage.add_argument("overrides", nargs="*")
+    stage.add_argument("--no-progress", action="store_true", help="no progress bar")
+    stage.set_defaults(func=_cmd_pretrain_teacher)
     ev = sub.add_parser("eval", help="downstream evaluation with lm-evaluation-harness (paper's nine tasks, 1-shot)")
     ev.add_argument("model", help="run dir, checkpoint dir, or HF model folder")
     ev.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (default: the paper's nine)")

@@ -170,6 +170,7 @@ class HFTimeSeriesClassifier(nn.Module, _Layered):
 
 def build_hf_ts_student(cfg: Any, *, device: str | torch.device = "cpu", data: DataInfo = DataInfo()) -> HFTimeSeriesClassifier:
     """Registry builder: backbone from ``cfg`` (hf_causal loading), sizes from the task."""
+    meta = torch.device(device).type == "meta"  # `alignkit check`: shapes only, no weights read
     options = dict(cfg.options)
     sizes = {}
     for key, value in (("num_classes", data.num_classes), ("num_channels", data.num_channels)):
@@ -180,7 +181,7 @@ def build_hf_ts_student(cfg: Any, *, device: str | torch.device = "cpu", data: D
         if not sizes[key]:
             raise ConfigError(f"hf_ts_classifier needs {key} (options.{key} or from the task's data)")
     model = HFTimeSeriesClassifier(
-        load_hf_causal_lm(cfg, device), num_channels=int(sizes["num_channels"]),
+        load_hf_causal_lm(cfg, "cpu" if meta else device, meta=meta), num_channels=int(sizes["num_channels"]),
         num_classes=int(sizes["num_classes"]), freeze=str(options.get("freeze", "none")),
         align_layer=options.get("align_layer"), head_dropout=float(options.get("head_dropout", 0.1)),
         final_layer=cfg.final_layer, keep_layers=int(options.get("keep_layers", 0)),
