@@ -36,12 +36,13 @@ def _teacher_size(teacher: Any, dtype: str) -> tuple[int, int, int]:
     return sum(p.numel() for p in unique), teacher.width(-1), _torch_dtype(dtype).itemsize
 
 
-def _memory(cfg: ExperimentConfig, student: Any, main_teacher: Any, processes: int, grad_accum: int) -> dict[str, Any]:
+def _memory(cfg: ExperimentConfig, student: Any, main_teacher: Any, seq_len: int, processes: int,
+            grad_accum: int) -> dict[str, Any]:
     """Estimated GB per GPU for each mode, and the verdict for the recipe's own setting."""
     causal = main_teacher is not None and cfg.teacher.kind == "hf_causal"
     teacher = _teacher_size(main_teacher, cfg.teacher.dtype) if causal else (0, 0, 2)
     run = RunSetting(
-        micro_batch=cfg.train.micro_batch_size, seq_len=cfg.task.seq_len, precision=cfg.train.precision,
+        micro_batch=cfg.train.micro_batch_size, seq_len=seq_len, precision=cfg.train.precision,
         processes=processes, grad_accum=grad_accum, teacher_params=teacher[0], teacher_width=teacher[1],
         teacher_bytes_per_param=teacher[2], logit_kd=cfg.align.method in ("rkd", "salt"),
     )
@@ -98,7 +99,7 @@ def check_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         "notes": task.notes,
     }
     if cfg.student.kind == "hf_causal":  # the activation model is one of causal-LM blocks
-        report.update(_memory(cfg, student, teachers.get("default"), processes, grad_accum))
+        report.update(_memory(cfg, student, teachers.get("default"), seq_len, processes, grad_accum))
     return report
 
 

@@ -96,6 +96,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from alignkit.tasks.token_shards import prepare
 
     cfg = load_experiment(args.config, args.overrides)
+    if not hasattr(cfg.task, "text"):
+        raise ConfigError(f"alignkit prepare tokenizes text: task.name={cfg.task.name} has no task.text section")
     teacher = load_tokenizer(cfg.teacher) if cfg.align.method != "none" else None
     name = lambda m: m.tokenizer or m.name_or_path  # noqa: E731
     manifest = prepare(cfg.task.text, load_tokenizer(cfg.student), args.out, workers=args.workers,
