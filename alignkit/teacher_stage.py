@@ -75,17 +75,27 @@ class EarlyStoppingTrainer(Trainer):
 
     def evaluate(self) -> dict[str, float]:
         results = super().evaluate()
-        key = self.cfg.select_metric
-        if self.patience and key and self.step < self.cfg.steps and self._evals_since_best(key) >= self.patience:
-            print(f"teacher pre-training: no better {key} in {self.patience} evals; stopping early at step {self.step}")
+        if self.step < self.cfg.steps and self._exhausted():
+            print(f"teacher pre-training: no better {self.cfg.select_metric} in {self.patience} evals; "
+                  f"stopping early at step {self.step}")
             self.cfg.steps = self.step  # the loop ends after this step's checkpoint
         return results
 
-    def _evals_since_best(self, key: str) -> int:
-        rows = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        values = [row[key] for row in rows if key in row]
+    def resume_latest(self) -> Path | None:
+        found = super().resume_latest()
+        if found is not None and self._exhausted():  # it had stopped early just before the interruption
+            self.cfg.steps = self.step
+        return found
+
+    def _exhausted(self) -> bool:
+        key, log = self.cfg.select_metric, self.run_dir / "metrics.jsonl"
+        if not (self.patience and key and log.is_file()):
+            return False
+        values = [row[key] for row in map(json.loads, log.read_text().splitlines()) if key in row]
+        if not values:
+            return False
         best = max(values) if self.cfg.select_mode == "max" else min(values)
-        return len(values) - 1 - values.index(best)
+        return len(values) - 1 - values.index(best) >= self.patience
 
 
 def budget(train: Any, examples: int) -> Any:

@@ -1,7 +1,7 @@
 """Entry point of a training run, one visible build chain (:func:`build_trainer`):
 
-  config -> teacher pre-training stage (only a TimesNet teacher without weights: teacher_stage)
-         -> task (tasks.build_task) -> data (task.build_data reports a DataInfo)
+  config -> task (tasks.build_task) -> teacher pre-training stage (only a TimesNet teacher
+         without weights: teacher_stage) -> data (task.build_data reports a DataInfo)
          -> student -> teachers -> engine (chain.build_models) -> trainer (core.trainer) -> fit
 
 Run:  alignkit train CONFIG [key=value ...]
@@ -98,12 +98,12 @@ def _open_folder(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
 def build_trainer(cfg: ExperimentConfig, run_dir: Path, info: DistInfo, device: torch.device, progress: bool = True) -> Trainer:
     """The build chain, wired into a trainer (benchmarks call this too)."""
     seed_everything(cfg.train.seed)  # same on every rank: randomly built models must agree
+    task = build_task(cfg, dist=info, device=device)
     try:
         teacher_cfgs = with_pretrained_teachers(cfg, device=device, progress=progress)
     except Interrupted as err:  # the teacher pre-training stage was stopped: it resumes with this run
         raise Interrupted(f"teacher pre-training {err}; continue with: alignkit train --resume {run_dir}",
                           err.exit_code - 128) from None
-    task = build_task(cfg, dist=info, device=device)
     data = task.build_data(teacher_cfgs)
     student, teachers, engine = build_models(cfg, task, data, teacher_cfgs, device)
     if teachers and cfg.teacher.options.get("shard"):  # a large frozen teacher: shard it like the student

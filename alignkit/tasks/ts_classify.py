@@ -19,6 +19,7 @@ from torch import nn
 
 from alignkit.core.adapter import Batch, DataInfo
 from alignkit.core.config import ConfigError, TrainConfig, above, at_least, checked
+from alignkit.core.distributed import DistInfo
 from alignkit.core.trainer import to_device
 from alignkit.tasks.base import TaskBase, TaskConfig
 from alignkit.tasks.uea import UEADataConfig, UEASplits, describe_uea, load_uea
@@ -53,9 +54,12 @@ class TSTaskConfig(TaskConfig):
 class TSClassifyTask(TaskBase):
     loss_name = "ce"
 
-    def build_data(self, teachers: Mapping[str, Any]) -> DataInfo:
-        if self.dist.world_size > 1:
+    def __init__(self, cfg: Any, *, dist: DistInfo, device: torch.device) -> None:
+        super().__init__(cfg, dist=dist, device=device)
+        if dist.world_size > 1:
             raise ConfigError("task.name=ts_classify runs in one process (the UEA sets are small); drop torchrun")
+
+    def build_data(self, teachers: Mapping[str, Any]) -> DataInfo:
         uea = self.cfg.task.uea
         self.splits: UEASplits = load_uea(uea)
         self.stream = self.splits.train_batches(self.cfg.train.micro_batch_size, crop_min=uea.crop_min, jitter=uea.jitter)
