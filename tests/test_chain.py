@@ -23,6 +23,15 @@ TINY_TS = ["student.preset=llama-tiny-ts", *TINY_TEACHER, "task.teacher_pretrain
            "train.micro_batch_size=8", "train.eval_every=0", "align.early_layer=1"]
 
 
+@pytest.fixture
+def one_thread():
+    """Small convolutions: threads only add contention on 2 cores (restored after the test, so
+    later tests that compare against a spawned process keep the default)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -129,11 +138,10 @@ def test_teacher_cache_is_keyed_on_what_changes_the_teacher():
     assert folder("task.teacher_pretrain.steps=5") == folder("task.teacher_pretrain.steps=5", "task.teacher_pretrain.epochs=3")
 
 
-def test_pretrain_teacher_stage_on_a_univariate_set_budgets_epochs_and_stops_early(tmp_path, capsys):
+def test_pretrain_teacher_stage_on_a_univariate_set_budgets_epochs_and_stops_early(tmp_path, capsys, one_thread):
     """UnitTest (shipped by aeon, 1 channel): `alignkit pretrain-teacher` announces its budget,
     stops once the validation accuracy stops improving, shows no progress bar under
     --no-progress, and `train` then reuses the cached teacher for a univariate LET run."""
-    torch.set_num_threads(1)
     overrides = [f"output_dir={tmp_path}", "task.uea.datasets=[UnitTest]", *TINY_TS, "task.teacher_pretrain.epochs=40",
                  "task.teacher_pretrain.eval_every=1", "task.teacher_pretrain.patience=3", "task.teacher_pretrain.lr=0.01"]
     assert main(["pretrain-teacher", TS, *overrides, "--no-progress"]) == 0
@@ -152,8 +160,7 @@ def test_pretrain_teacher_stage_on_a_univariate_set_budgets_epochs_and_stops_ear
     assert "cos/t-1-s1" in rows(tmp_path / "uni")[0]
 
 
-def test_pairs_may_name_an_extra_time_series_teacher(tmp_path):
-    torch.set_num_threads(1)
+def test_pairs_may_name_an_extra_time_series_teacher(tmp_path, one_thread):
     extra = ["teachers.small.preset=timesnet", "teachers.small.options.d_model=4", "teachers.small.options.d_ff=4",
              "teachers.small.options.num_kernels=1", "teachers.small.options.e_layers=1"]
     pairs = "align.pairs=[{teacher_layer: -1, student_layer: 1}, {teacher_layer: -1, student_layer: 2, teacher: small}]"
