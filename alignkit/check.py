@@ -1,47 +1,48 @@
-"""``alignkit check``: validate a recipe without training -- the config, then the student and
-teacher built on the meta device (no memory, so the 1.4B/7B paper recipes check on a laptop),
-its layer indices against the alignment pairs, the batch/token arithmetic of the run at
-``train.num_processes`` processes, and an estimate of memory per GPU (:mod:`alignkit.memory`)
-for ddp and fsdp, with and without activation checkpointing, saying plainly whether the chosen
-setting fits an 80 GB GPU.
+"""``alignkit check``: validate a recipe without training, by running the build chain of
+``train`` (:mod:`alignkit.chain`) on the meta device -- the task describes its data offline
+(no download, no tokenizing: :meth:`~alignkit.tasks.base.TaskBase.describe_data`), the
+student and the teachers are built with no memory and no weights read, and the alignment
+engine is built on them, so what ``train`` would reject (layers out of range, widths that need
+a projection, logit KD across tokenizers, ...) is rejected here in seconds. Then the
+batch/token arithmetic of the run at ``train.num_processes`` processes and an estimate of memory
+per GPU (:mod:`alignkit.memory`) for ddp and fsdp, with and without activation checkpointing,
+saying plainly whether the chosen setting fits an 80 GB GPU.
 
-A GGUF teacher cannot be built on the meta device (its config lives in the file): its
-parameter count and width come from the GGUF header.
+What cannot be known offline (a tokenizer only the hub has, a dataset that is not local) is
+skipped and listed under ``notes``.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
-from alignkit.core.adapter import DataInfo, resolve_layer
-from alignkit.core.config import ConfigError, ModelConfig, resolve_grad_accum
-from alignkit.core.registry import build_student, build_teacher
+from alignkit.chain import build_models, teacher_configs
+from alignkit.core.config import ConfigError, resolve_grad_accum
+from alignkit.core.distributed import DistInfo
 from alignkit.experiment import ExperimentConfig
-from alignkit.memory import GB, GPU_BYTES, RunSetting, estimate_memory, gguf_size, transformer_shape
+from alignkit.memory import GB, GPU_BYTES, RunSetting, estimate_memory, transformer_shape
+from alignkit.tasks import build_task
 
 MODES = {"ddp": ("ddp", False), "ddp+ckpt": ("ddp", True), "fsdp": ("fsdp", False), "fsdp+ckpt": ("fsdp", True)}
+META = torch.device("meta")
 
 
-def _teacher_size(cfg: ModelConfig) -> tuple[int, int, int]:
-    """(parameters, final-layer width, bytes per parameter) of a causal-LM teacher."""
-    from alignkit.adapters.hf_causal import _gguf_location, _torch_dtype
+def _teacher_size(teacher: Any, dtype: str) -> tuple[int, int, int]:
+    """(parameters, final-layer width, bytes per parameter) of a causal-LM teacher built on meta."""
+    from alignkit.adapters.hf_causal import _torch_dtype
 
-    itemsize = _torch_dtype(cfg.dtype).itemsize
-    if cfg.source == "gguf":
-        params, width = gguf_size(os.path.join(*_gguf_location(cfg)))
-        return params, width, itemsize
-    teacher = build_teacher(cfg, device=torch.device("meta"))
     unique = {id(p): p for p in teacher.model.parameters()}.values()  # tied embeddings once
-    return sum(p.numel() for p in unique), teacher.width(-1), itemsize
+    return sum(p.numel() for p in unique), teacher.width(-1), _torch_dtype(dtype).itemsize
 
 
-def _memory(cfg: ExperimentConfig, student: Any, processes: int, grad_accum: int) -> dict[str, Any]:
+def _memory(cfg: ExperimentConfig, student: Any, main_teacher: Any, seq_len: int, processes: int,
+            grad_accum: int) -> dict[str, Any]:
     """Estimated GB per GPU for each mode, and the verdict for the recipe's own setting."""
-    teacher = _teacher_size(cfg.teacher) if cfg.align.method != "none" and cfg.teacher.kind == "hf_causal" else (0, 0, 2)
+    causal = main_teacher is not None and cfg.teacher.kind == "hf_causal"
+    teacher = _teacher_size(main_teacher, cfg.teacher.dtype) if causal else (0, 0, 2)
     run = RunSetting(
-        micro_batch=cfg.train.micro_batch_size, seq_len=cfg.task.seq_len, precision=cfg.train.precision,
+        micro_batch=cfg.train.micro_batch_size, seq_len=seq_len, precision=cfg.train.precision,
         processes=processes, grad_accum=grad_accum, teacher_params=teacher[0], teacher_width=teacher[1],
         teacher_bytes_per_param=teacher[2], logit_kd=cfg.align.method in ("rkd", "salt"),
     )
@@ -68,43 +69,37 @@ def _memory(cfg: ExperimentConfig, student: Any, processes: int, grad_accum: int
 
 
 def check_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
-    import alignkit.adapters  # noqa: F401  (registers the built-in adapters)
-
-    student = build_student(cfg.student, device=torch.device("meta"), data=DataInfo(num_classes=2, num_channels=1, seq_len=cfg.task.seq_len))
-    params = sum(p.numel() for p in student.parameters())
-    if cfg.align.method == "let":
-        default_early = getattr(student, "align_layer", None) or 3
-        early = cfg.align.early_layer if cfg.align.early_layer is not None else default_early
-        layers = [p.student_layer for p in cfg.align.pairs] or [early]
-        for i, layer in enumerate(layers):
-            key = f"align.pairs[{i}].student_layer" if cfg.align.pairs else "align.early_layer"
-            resolve_layer(layer, student.num_layers, key)
+    """The chain of ``train`` on the meta device, then the run's arithmetic and memory."""
+    task = build_task(cfg, dist=DistInfo(), device=META)
+    teacher_cfgs = teacher_configs(cfg)
+    data = task.describe_data(teacher_cfgs)
+    student, teachers, _ = build_models(cfg, task, data, teacher_cfgs, META)
     train = cfg.train
     if train.num_processes < 1:
         raise ConfigError(f"train.num_processes must be >= 1, got {train.num_processes}")
     processes = train.num_processes
     grad_accum = resolve_grad_accum(train, processes)
     per_process = train.micro_batch_size * grad_accum
-    if cfg.student.kind == "hf_causal" and cfg.student.options.arch.get("max_position_embeddings", 1 << 30) < cfg.task.seq_len:
-        raise ConfigError(
-            f"task.seq_len={cfg.task.seq_len} exceeds student.options.arch.max_position_embeddings="
-            f"{cfg.student.options.arch['max_position_embeddings']}"
-        )
+    seq_len = data.seq_len or 0  # a time-series set of unequal lengths declares none
     report = {
-        "student_params": params,
+        "student_params": sum(p.numel() for p in student.parameters()),
         "student_layers": student.num_layers,
         "student_width": student.width(-1),
+        "teachers": {name: {"layers": t.num_layers, "width": t.width(-1)} for name, t in teachers.items()},
+        "data": {"num_classes": data.num_classes, "num_channels": data.num_channels, "seq_len": data.seq_len,
+                 "vocab_size": data.vocab_size},
         "processes": processes,
         "grad_accum": grad_accum,
         "global_batch_per_process": per_process,
         "global_batch": per_process * processes,
-        "tokens_per_step": per_process * processes * cfg.task.seq_len,
+        "tokens_per_step": per_process * processes * seq_len,
         "method": cfg.align.method,
         "stop_step": cfg.align.stop_step,
         "steps": train.steps,
+        "notes": task.notes,
     }
     if cfg.student.kind == "hf_causal":  # the activation model is one of causal-LM blocks
-        report.update(_memory(cfg, student, processes, grad_accum))
+        report.update(_memory(cfg, student, teachers.get("default"), seq_len, processes, grad_accum))
     return report
 
 

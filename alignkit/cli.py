@@ -1,18 +1,19 @@
-"""Command line: ``alignkit train|check|prepare CONFIG [key=value ...]`` (also ``python -m alignkit``).
+"""Command line: ``alignkit train|check|prepare|pretrain-teacher|eval`` (also ``python -m alignkit``).
 
   alignkit train configs/quickstart.yaml                  # run a recipe
   alignkit train configs/quickstart.yaml train.steps=50   # override any key
   alignkit train --resume runs/quickstart-2026... [train.steps=2000]  # exact resume
-  alignkit check configs/paper/llama-1.4b_smollm2-135m.yaml  # validate; build student on meta
+  alignkit check configs/paper/llama-1.4b_smollm2-135m.yaml  # the build chain on meta, offline
   alignkit prepare configs/quickstart.yaml --out data/tok    # token shards for source=tokens
+  alignkit pretrain-teacher configs/ts/japanese_vowels.yaml  # only the TimesNet teacher stage
   alignkit eval runs/quickstart-2026...                      # lm-eval, paper's nine tasks, 1-shot
 
-Plug-ins (adapters, tasks, objectives, projections, schedules) register themselves when
-imported: list their modules in ``$ALIGNKIT_PLUGINS`` (comma-separated), pass ``--plugin module``,
-or declare an entry point in the group ``alignkit.plugins`` (see :mod:`alignkit.core.registry`). Problems with configs,
-data, run folders and checkpoints are printed as one line naming the key or file (exit code 2);
-``--debug`` (or ALIGNKIT_DEBUG=1) shows the traceback. A run stopped by SIGINT/SIGTERM saves a
-checkpoint and exits with 130/143.
+Plug-ins register adapters, tasks, objectives, projections and schedules when imported
+(:mod:`alignkit.core.registry`): list their modules in ``$ALIGNKIT_PLUGINS`` (comma-separated),
+pass ``--plugin module``, or install a package with an ``alignkit.plugins`` entry point.
+Problems with configs, data, run folders and checkpoints are printed as one line naming the
+key or file (exit code 2); ``--debug`` (or ALIGNKIT_DEBUG=1) shows the traceback. A run
+stopped by SIGINT/SIGTERM saves a checkpoint and exits with 130/143.
 """
 from __future__ import annotations
 
@@ -54,7 +55,29 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     report = check_experiment(cfg)
     print(json.dumps(report, indent=2))
+    for note in report["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     print(memory_table(report), file=sys.stderr)  # for people; stdout stays JSON for scripts
+    return 0
+
+
+def _cmd_pretrain_teacher(args: argparse.Namespace) -> int:
+    from alignkit.chain import needs_pretraining, teacher_configs
+    from alignkit.core.distributed import DistInfo, resolve_device
+    from alignkit.experiment import load_experiment
+    from alignkit.teacher_stage import pretrain_teacher
+
+    cfg = load_experiment(args.config, args.overrides)
+    pending = {name: model for name, model in teacher_configs(cfg).items() if needs_pretraining(model)}
+    if not pending:
+        print("nothing to pre-train: every teacher of this recipe has weights (name_or_path)", file=sys.stderr)
+        return 0
+    device = resolve_device(cfg.train.device, DistInfo())
+    for model in pending.values():
+        try:
+            print(pretrain_teacher(cfg, model, device=device, progress=not args.no_progress))
+        except Interrupted as err:
+            raise Interrupted(f"teacher pre-training {err}; rerun the same command to continue", err.exit_code - 128) from None
     return 0
 
 
@@ -64,6 +87,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from alignkit.tasks.token_shards import prepare
 
     cfg = load_experiment(args.config, args.overrides)
+    if not hasattr(cfg.task, "text"):
+        raise ConfigError(f"alignkit prepare tokenizes text: task.name={cfg.task.name} has no task.text section")
     teacher = load_tokenizer(cfg.teacher) if cfg.align.method != "none" else None
     name = lambda m: m.options.tokenizer or m.name_or_path  # noqa: E731
     manifest = prepare(cfg.task.text, load_tokenizer(cfg.student), args.out, workers=args.workers,
@@ -105,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--shard-tokens", type=int, default=1 << 25, help="tokens per shard (bounds memory)")
     prep.add_argument("--no-progress", action="store_true")
     prep.set_defaults(func=_cmd_prepare)
+    stage = sub.add_parser("pretrain-teacher", help="pre-train (or find in the cache) the recipe's TimesNet teacher")
+    stage.add_argument("config")
+    stage.add_argument("overrides", nargs="*")
+    stage.add_argument("--no-progress", action="store_true", help="no progress bar")
+    stage.set_defaults(func=_cmd_pretrain_teacher)
     ev = sub.add_parser("eval", help="downstream evaluation with lm-evaluation-harness (paper's nine tasks, 1-shot)")
     ev.add_argument("model", help="run dir, checkpoint dir, or HF model folder")
     ev.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (default: the paper's nine)")

@@ -1,42 +1,45 @@
 """The experiment schema (what a recipe YAML may set) and how it is loaded and validated.
 
+``task`` is typed by the registered task's own config dataclass (``TASKS[task.name].config``,
+e.g. :class:`~alignkit.tasks.text_pretrain.TextTaskConfig`): the section is merged as a plain
+mapping (presets, recipe, overrides), then structured with that dataclass.
+
 A recipe composes presets by name: ``student.preset`` / ``teacher.preset`` / ``teachers.<name>.preset``
 name files in ``adapters/``, ``task.preset`` a file in ``tasks/``. Fields set in the recipe
 override the preset's, and ``a.b=c`` command-line overrides override both.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from alignkit.core.config import (
-    AlignConfig, ConfigError, ModelConfig, TrainConfig, at_least, checked, load_config, one_of, problems, to_yaml,
+    AlignConfig, ConfigError, ModelConfig, TrainConfig, load_config, problems, structured, to_yaml,
 )
 from alignkit.core.engine import check_align_config
-from alignkit.core.registry import load_plugins, typed_options
+from alignkit.core.registry import TASKS, load_plugins, typed_options
 from alignkit.core.trainer import config_problems
-from alignkit.tasks.text_data import TextDataConfig
-from alignkit.tasks.uea import UEADataConfig
+from alignkit.tasks.base import TaskConfig, TaskSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# each task's eval metrics: what train.select_metric / select_tiebreak may name
-TASK_METRICS = {"text_pretrain": ("eval_loss", "eval_ppl"), "ts_classify": ("val_accuracy", "val_loss")}
+DEFAULT_TASK = "text_pretrain"
 
 
-def _teacher_pretrain_default() -> TrainConfig:
-    return TrainConfig(steps=600, micro_batch_size=32, lr=1e-3, eval_every=50, select_metric="val_accuracy")
+def task_spec(name: str) -> TaskSpec:
+    """The registered task ``name`` (built-ins and plug-ins loaded first)."""
+    load_plugins()
+    return TASKS.get(name, "task.name")
 
 
-@dataclass
-class TaskConfig:
-    preset: str = ""
-    name: str = checked("text_pretrain", one_of(*TASK_METRICS))
-    seq_len: int = checked(256, at_least(2))  # text: tokens per sequence
-    text: TextDataConfig = field(default_factory=TextDataConfig)
-    uea: UEADataConfig = field(default_factory=lambda: UEADataConfig(datasets=["JapaneseVowels"]))
-    # ts_classify: how the TimesNet teacher is pre-trained when teacher.name_or_path is empty
-    teacher_pretrain: TrainConfig = field(default_factory=_teacher_pretrain_default)
-    teacher_datasets: list[str] = field(default_factory=list)  # [] = task.uea.datasets
+def structure_task(section: Any) -> TaskConfig:
+    """The recipe's ``task`` section (a mapping, after presets and overrides) as the config
+    dataclass of the task it names; an unknown key is an error naming ``task.<key>``."""
+    if isinstance(section, TaskConfig):
+        return section
+    values = dict(section or {})
+    name = str(values.get("name") or DEFAULT_TASK)
+    return structured(task_spec(name).config, {**values, "name": name}, "task")
 
 
 @dataclass
@@ -46,9 +49,13 @@ class ExperimentConfig:
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)
     teachers: dict[str, ModelConfig] = field(default_factory=dict)  # extra named teachers
-    task: TaskConfig = field(default_factory=TaskConfig)
+    # typed by the task's own config dataclass (TASKS[task.name].config) once loaded
+    task: Any = field(default_factory=lambda: {"name": DEFAULT_TASK})
     align: AlignConfig = field(default_factory=AlignConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.task = structure_task(self.task)
 
 
 def preset_dirs() -> dict[str, list[Path]]:
@@ -69,16 +76,15 @@ def validate(cfg: ExperimentConfig) -> None:
     checked when the models exist)."""
     found = problems(cfg)
     found += [why for why in [_run_name_problem(cfg.run_name)] if why]
-    selections = [("train", cfg.train, cfg.task.name)]
-    if cfg.task.name == "ts_classify":
-        selections.append(("task.teacher_pretrain", cfg.task.teacher_pretrain, "ts_classify"))
-    for section, train, task in selections:
+    names = task_spec(cfg.task.name).metrics
+    trains = [("train", cfg.train)] + [(f"task.{f.name}", getattr(cfg.task, f.name)) for f in fields(cfg.task)
+                                       if isinstance(getattr(cfg.task, f.name), TrainConfig)]
+    for section, train in trains:  # a task's own training runs (teacher pre-training) evaluate the same way
         found += config_problems(train, section)  # optimizer, LR schedule and loggers by name
-        names = TASK_METRICS.get(task, ())
         for key in ("select_metric", "select_tiebreak"):
             value = getattr(train, key)
             if value and names and value not in names:
-                found.append(f"{section}.{key}={value!r}: not an eval metric of {task} ({', '.join(names)})")
+                found.append(f"{section}.{key}={value!r}: not an eval metric of {cfg.task.name} ({', '.join(names)})")
     try:
         check_align_config(cfg.align, cfg.train.steps)
     except ConfigError as err:

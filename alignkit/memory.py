@@ -140,17 +140,6 @@ def estimate_memory(shape: ModelShape, run: RunSetting, parallel: str) -> dict[s
             "activations": activations, "loss_buffers": loss, "teacher": teacher, "peak": peak}
 
 
-def gguf_size(path: str) -> tuple[int, int]:
-    """(parameter count, embedding width) from a GGUF file's header (no weights are read)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    params = sum(int(t.n_elements) for t in reader.tensors)
-    arch = reader.fields["general.architecture"].contents()
-    width = int(reader.fields[f"{arch}.embedding_length"].contents())
-    return params, width
-
-
 class TensorMemoryCounter(TorchDispatchMode):
     """Live bytes of tensor storage, and their peak, while the mode is active.
 

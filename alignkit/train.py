@@ -1,4 +1,8 @@
-"""Entry point of a training run: config -> student -> teacher -> data -> engine -> trainer.
+"""Entry point of a training run, one visible build chain (:func:`build_trainer`):
+
+  config -> task (tasks.build_task) -> teacher pre-training stage (only a TimesNet teacher
+         without weights: teacher_stage) -> data (task.build_data reports a DataInfo)
+         -> student -> teachers -> engine (chain.build_models) -> trainer (core.trainer) -> fit
 
 Run:  alignkit train CONFIG [key=value ...]
       alignkit train [CONFIG] --resume RUN_DIR [key=value ...]   # exact resume (see run_folder)
@@ -19,10 +23,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from alignkit.chain import build_models
 from alignkit.core.checkpoint import seed_everything
 from alignkit.core.config import resolve_grad_accum
 from alignkit.core.distributed import DistInfo, cleanup, init_distributed, max_over_ranks, resolve_device
-from alignkit.core.engine import build_engine
 from alignkit.core.errors import AlignkitError, Interrupted, RunDirError
 from alignkit.core.folder_lock import FolderLock
 from alignkit.core.parallel import shard_teacher
@@ -30,6 +34,7 @@ from alignkit.core.trainer import Trainer
 from alignkit.experiment import ExperimentConfig
 from alignkit.run_folder import is_finished, open_new, open_resumed
 from alignkit.tasks import build_task
+from alignkit.teacher_stage import with_pretrained_teachers
 
 
 def run_dir_for(cfg: ExperimentConfig, config_path: str | None, resume: str | None, info: DistInfo) -> Path:
@@ -91,19 +96,19 @@ def _open_folder(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
 
 
 def build_trainer(cfg: ExperimentConfig, run_dir: Path, info: DistInfo, device: torch.device, progress: bool = True) -> Trainer:
-    """Task, student, teachers, data and engine, wired into a trainer (benchmarks call this too)."""
+    """The build chain, wired into a trainer (benchmarks call this too)."""
     seed_everything(cfg.train.seed)  # same on every rank: randomly built models must agree
-    task = build_task(cfg, info, device)
-    student = task.build_student()
+    task = build_task(cfg, dist=info, device=device)
     try:
-        teachers = task.build_teachers() if cfg.align.method != "none" else {}
-    except Interrupted as err:  # a teacher pre-training stage was stopped: it resumes with this run
+        teacher_cfgs = with_pretrained_teachers(cfg, device=device, progress=progress)
+    except Interrupted as err:  # the teacher pre-training stage was stopped: it resumes with this run
         raise Interrupted(f"teacher pre-training {err}; continue with: alignkit train --resume {run_dir}",
                           err.exit_code - 128) from None
-    task.build_data()
-    engine = build_engine(cfg.align, student, teachers)
+    data = task.build_data(teacher_cfgs)
+    student, teachers, engine = build_models(cfg, task, data, teacher_cfgs, device)
     if teachers and getattr(cfg.teacher.options, "shard", False):  # a large frozen teacher (hf_causal option)
         shard_teacher(teachers["default"], device)
+    del teachers  # the engine owns them and frees them when no term needs them any more
     seed_everything(cfg.train.seed + info.rank)  # per-rank streams (dropout) from here on
     return Trainer(cfg=cfg.train, student=student, engine=engine, task=task, run_dir=run_dir, device=device,
                    dist=info, progress=progress)

@@ -32,7 +32,7 @@ import torch
 from common import RESULTS, run_experiment, write_json
 
 from alignkit.experiment import load_experiment
-from alignkit.tasks.ts_classify import teacher_cache_dir
+from alignkit.teacher_stage import teacher_cache_dir, teacher_run_config
 from alignkit.tasks.uea import UEADataConfig, load_uea
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +113,8 @@ def seed_scores(args: argparse.Namespace, work: Path, dataset: str, seed: int, s
                         f"align.stop_step={max(1, int(steps * args.stop_fraction))}"]
         print(f"== {dataset} seed {seed}: LLM + LET, lambda0 {lam:g} ({steps} steps; the first pre-trains the teacher)")
         scores[f"llm_let@{lam:g}"] = test_accuracy(args, work, f"{dataset}-let{lam:g}-{seed}", let, config)
-    teacher_dir = teacher_cache_dir(load_experiment(config, let))
+    let_cfg = load_experiment(config, let)
+    teacher_dir = teacher_cache_dir(teacher_run_config(let_cfg, let_cfg.teacher))
     scores["timesnet"] = json.loads((teacher_dir / "results.json").read_text())["test_accuracy"]
     print(f"== {dataset} seed {seed}: LLM baseline")
     scores["llm_baseline"] = test_accuracy(args, work, f"{dataset}-baseline-{seed}", common + ["align.method=none"], config)

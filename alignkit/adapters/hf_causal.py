@@ -25,6 +25,7 @@ student's loss is a chunked cross-entropy from the final hidden states and the h
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import importlib.util
 import os
@@ -153,7 +154,7 @@ def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta
 
     ``meta=True`` allocates nothing (parameters on the meta device); for ``pretrained`` and
     ``checkpoint`` sources it reads only the config -- ``options.arch`` when the preset gives it (so
-    ``alignkit check`` works offline), else the model's own. Training settings: ``use_cache=False``."""
+    ``alignkit check`` works offline), else the model's own; for ``gguf`` the file's header. Training settings: ``use_cache=False``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = _torch_dtype(cfg.dtype)
@@ -163,8 +164,10 @@ def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta
         extra["attn_implementation"] = options.attn_implementation
     remote = {"trust_remote_code": True} if options.trust_remote_code else {}
 
-    if cfg.source == "config" or (meta and cfg.source in ("pretrained", "checkpoint")):
-        if cfg.source == "config" or options.arch:
+    if cfg.source == "config" or meta:
+        if cfg.source == "gguf":  # the config from the file's header: no weights read
+            hf_config = copy.deepcopy(_gguf_config(*_gguf_location(cfg)))
+        elif cfg.source == "config" or options.arch:
             arch = dict(options.arch)
             if "model_type" not in arch:
                 raise ConfigError(f"source={cfg.source}: options.arch needs model_type (e.g. llama, opt, gpt_neox)")
@@ -186,8 +189,6 @@ def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta
         except OSError as err:
             raise load_error("name_or_path", cfg.name_or_path, err) from None
     elif cfg.source == "gguf":
-        if meta:
-            raise ConfigError("meta=True is not supported for source=gguf (the config lives in the file)")
         path, name = _gguf_location(cfg)
         # Dense weights by default: transformers 5 may keep GGUF blocks packed (GgufLinear, when the
         # `kernels` package has a kernel for the device), which can't train or save_pretrained.
@@ -207,6 +208,14 @@ def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta
     if not meta:
         model.to(device)
     return model
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_config(directory: str, name: str) -> Any:
+    """A GGUF model's HF config (parsing the header takes seconds: once per process)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(directory, gguf_file=name)
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
@@ -564,7 +573,7 @@ def build_hf_student(cfg: ModelConfig, *, device: str | torch.device = "cpu", da
 
 
 def build_hf_teacher(cfg: ModelConfig, *, device: str | torch.device = "cpu", data: DataInfo = DataInfo()) -> HFCausalTeacher:
-    meta = torch.device(device).type == "meta"  # `alignkit check` (not for source=gguf)
+    meta = torch.device(device).type == "meta"  # `alignkit check`: shapes only, no memory
     return HFCausalTeacher(load_hf_causal_lm(cfg, "cpu" if meta else device, meta=meta), final_layer=cfg.final_layer)
 
 

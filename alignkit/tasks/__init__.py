@@ -1,22 +1,30 @@
-"""Tasks: data -> batches -> metrics, for each modality. ``build_task`` picks one by name."""
+"""Tasks: data -> batches -> metrics, for each modality, registered by name in
+:data:`alignkit.core.registry.TASKS` (``task.name`` in a recipe). A downstream task registers
+a :class:`~alignkit.tasks.base.TaskSpec` the same way (see :mod:`alignkit.core.registry`).
+
+The built-in task modules import their heavy libraries (aeon, datasets) only when data is
+loaded, so registering both costs nothing and a text run never imports aeon.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 
-from alignkit.core.errors import ConfigError
 from alignkit.core.distributed import DistInfo
+from alignkit.core.registry import TASKS
+from alignkit.tasks.base import TaskBase, TaskConfig, TaskSpec
+from alignkit.tasks.text_pretrain import TextPretrainTask, TextTaskConfig
+from alignkit.tasks.ts_classify import TSClassifyTask, TSTaskConfig
+
+TASKS.register("text_pretrain", TaskSpec(TextTaskConfig, TextPretrainTask, ("eval_loss", "eval_ppl")))
+TASKS.register("ts_classify", TaskSpec(TSTaskConfig, TSClassifyTask, ("val_accuracy", "val_loss")))
 
 
-def build_task(cfg: Any, dist: DistInfo, device: torch.device) -> Any:
-    # Imported here so a text run never imports aeon and a time-series run never needs datasets.
-    if cfg.task.name == "text_pretrain":
-        from alignkit.tasks.text_pretrain import TextPretrainTask
+def build_task(cfg: Any, *, dist: DistInfo, device: torch.device) -> TaskBase:
+    """The task ``cfg.task.name`` names, for the experiment ``cfg``."""
+    spec: TaskSpec = TASKS.get(cfg.task.name, "task.name")
+    return spec.build(cfg, dist=dist, device=device)
 
-        return TextPretrainTask(cfg, dist, device)
-    if cfg.task.name == "ts_classify":
-        from alignkit.tasks.ts_classify import TSClassifyTask
 
-        return TSClassifyTask(cfg, dist, device)
-    raise ConfigError(f"task.name={cfg.task.name!r} is unknown")
+__all__ = ["TaskBase", "TaskConfig", "TaskSpec", "build_task"]

@@ -1,36 +1,66 @@
-"""What every task provides to the entry point and to the one trainer loop."""
+"""What a task is: its config section, its spec in the task registry, and the data,
+evaluation and export it provides to the build chain (:mod:`alignkit.train`) and the trainer.
+
+A task never builds models or trains: the chain asks it for its data
+(:meth:`TaskBase.build_data`, which reports a :class:`~alignkit.core.adapter.DataInfo`),
+builds the student and teachers from that, and hands the task to the one trainer loop.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from alignkit.core.adapter import Batch, TeacherAdapter
+from alignkit.core.adapter import Batch, DataInfo
 from alignkit.core.distributed import DistInfo
-from alignkit.core.registry import build_teacher
+
+
+@dataclass
+class TaskConfig:
+    """The keys every task section has; a task's own config dataclass extends it."""
+
+    preset: str = ""  # a file stem in tasks/ (or a YAML path) merged under this section
+    name: str = "text_pretrain"  # the registered task (alignkit.core.registry.TASKS)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task in the registry: ``config`` types the recipe's ``task`` section, ``build(cfg, *,
+    dist, device)`` makes the task, ``metrics`` are the eval metrics it reports (what
+    ``train.select_metric`` may name)."""
+
+    config: type
+    build: Callable[..., "TaskBase"]
+    metrics: tuple[str, ...] = ()
 
 
 class TaskBase:
-    """Subclasses fill in data, evaluation and export; the trainer drives them."""
+    """Subclasses fill in data, evaluation and export; the chain and the trainer drive them."""
 
     loss_name = "task_loss"
 
-    def __init__(self, cfg: Any, dist: DistInfo, device: torch.device) -> None:
+    def __init__(self, cfg: Any, *, dist: DistInfo, device: torch.device) -> None:
         self.cfg, self.dist, self.device = cfg, dist, device
+        self.notes: list[str] = []  # what describe_data could not check (printed by `alignkit check`)
 
-    # --- building (the entry point calls these in order) ---------------------------------
-    def build_student(self) -> nn.Module:
+    # --- the build chain -------------------------------------------------------------------
+    def build_data(self, teachers: Mapping[str, Any]) -> DataInfo:
+        """Load the data for training and evaluation; ``teachers`` maps names (``default``
+        for the main one) to the teacher configs (some data depends on them, e.g. a teacher
+        tokenizer); returns what the model builders need to know of the data."""
         raise NotImplementedError
 
-    def build_teachers(self) -> dict[str, TeacherAdapter]:
-        """The main teacher as ``default`` plus any named extra teachers."""
-        configs = {"default": self.cfg.teacher, **self.cfg.teachers}
-        return {name: build_teacher(cfg, device=self.device) for name, cfg in configs.items()}
-
-    def build_data(self) -> None:
+    def describe_data(self, teachers: Mapping[str, Any]) -> DataInfo:
+        """What :meth:`build_data` would report, cheaply and offline (no download, no
+        tokenizing): ``alignkit check`` builds the models on the meta device from it. What
+        cannot be known offline is filled in as documented by the task and said in ``notes``."""
         raise NotImplementedError
+
+    def check_student(self, student: nn.Module, data: DataInfo) -> None:
+        """Refuse a student that cannot take this data (after it is built, before training)."""
 
     # --- the trainer's Task protocol ------------------------------------------------------
     def train_batches(self, micro_batch_size: int) -> Iterator[Batch]:

@@ -1,57 +1,106 @@
-"""Causal-LM pretraining with LET: packed text -> next-token NLL; eval loss and perplexity."""
+"""Causal-LM pretraining with LET: packed text -> next-token NLL; eval loss and perplexity.
+
+Its data depends on the teachers: when the main teacher's tokenizer differs from the
+student's (the paper's LET-dagger), batches also carry the teacher's own token ids and the
+student-to-teacher position index (:mod:`alignkit.tasks.text_data`); logit KD and extra
+teachers need a shared tokenizer, which is decided here, before any text is tokenized.
+"""
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from alignkit.adapters.hf_causal import load_tokenizer
-from alignkit.core.adapter import Batch, TeacherAdapter
-from alignkit.core.config import ConfigError
-from alignkit.core.registry import build_student
+from alignkit.core.adapter import Batch, DataInfo
+from alignkit.core.config import ConfigError, at_least, checked
 from alignkit.core.trainer import to_device
-from alignkit.tasks.base import TaskBase
-from alignkit.tasks.text_data import TextData, build_text_data
+from alignkit.tasks.base import TaskBase, TaskConfig
+from alignkit.tasks.text_data import TextData, TextDataConfig, _Encoder, build_text_data, teacher_encoder
+
+
+@dataclass
+class TextTaskConfig(TaskConfig):
+    """``task`` section of ``text_pretrain``."""
+
+    seq_len: int = checked(256, at_least(2))  # tokens per sequence
+    text: TextDataConfig = field(default_factory=TextDataConfig)
+
+
+def _tokenizer_is_local(model: Any) -> bool:
+    """True when ``model``'s tokenizer loads without the network (a package, a path, a GGUF)."""
+    from alignkit.adapters.hf_causal import hf_options
+
+    tokenizer = hf_options(model).tokenizer
+    spec = tokenizer or ("" if model.source == "config" else model.name_or_path)
+    if model.source == "gguf" and not tokenizer:
+        return True
+    return not spec or spec.startswith("pkg:") or os.path.exists(os.path.expanduser(spec))
 
 
 class TextPretrainTask(TaskBase):
     loss_name = "nll"
 
-    def build_student(self) -> nn.Module:
-        self.tokenizer = load_tokenizer(self.cfg.student)
-        student = build_student(self.cfg.student, device=self.device)
-        vocab = student.model.get_input_embeddings().num_embeddings
-        if len(self.tokenizer) > vocab:
-            raise ConfigError(
-                f"student.options.arch.vocab_size={vocab} is smaller than the tokenizer's {len(self.tokenizer)} tokens"
-            )
-        self.student = student
-        return student
+    def _tokenizers(self, teachers: Mapping[str, Any], offline: bool) -> tuple[Any, Any]:
+        """(student tokenizer, main teacher tokenizer or None); ``offline``: a tokenizer that
+        only the hub has is not loaded (None, with a note) -- `alignkit check` never goes online."""
+        from alignkit.adapters.hf_causal import hf_options, load_tokenizer
 
-    def build_teachers(self) -> dict[str, TeacherAdapter]:
-        teachers = super().build_teachers()
-        self.teacher_tokenizer = load_tokenizer(self.cfg.teacher)
-        return teachers
+        loaded = []
+        for key, model in (("student", self.cfg.student), ("teacher", teachers.get("default"))):
+            if model is None:
+                loaded.append(None)
+            elif offline and not _tokenizer_is_local(model):
+                self.notes.append(f"{key} tokenizer {hf_options(model).tokenizer or model.name_or_path!r} is on the hub: "
+                                  "not loaded offline (vocabulary and tokenizer match unchecked)")
+                loaded.append(None)
+            else:
+                loaded.append(load_tokenizer(model))
+        return loaded[0], loaded[1]
 
-    def build_data(self) -> None:
-        # text_data decides whether the tokenizers differ (LET-dagger: positions matched by
-        # character spans) and then adds the teacher's own token ids to every batch
+    def _refuse_mismatch(self, student_tokenizer: Any, teacher_tokenizer: Any) -> bool:
+        """Whether the tokenizers differ (LET-dagger), refusing what needs them equal."""
+        if student_tokenizer is None or teacher_tokenizer is None:
+            return False
+        differ = teacher_encoder(_Encoder(student_tokenizer, "student tokenizer"), teacher_tokenizer) is not None
+        if differ and self.cfg.teachers:
+            raise ConfigError("teachers: extra teachers need the student's tokenizer (only `teacher` may differ)")
+        if differ and self.cfg.align.method in ("rkd", "salt"):
+            raise ConfigError(f"align.method={self.cfg.align.method} (logit KD) needs teacher and student to share a tokenizer")
+        return differ
+
+    def _info(self, tokenizer: Any) -> DataInfo:
+        return DataInfo(tokenizer=tokenizer, vocab_size=len(tokenizer) if tokenizer is not None else None,
+                        seq_len=self.cfg.task.seq_len)
+
+    def describe_data(self, teachers: Mapping[str, Any]) -> DataInfo:
+        tokenizer, teacher_tokenizer = self._tokenizers(teachers, offline=True)
+        self._refuse_mismatch(tokenizer, teacher_tokenizer)
+        return self._info(tokenizer)
+
+    def build_data(self, teachers: Mapping[str, Any]) -> DataInfo:
+        self.tokenizer, teacher_tokenizer = self._tokenizers(teachers, offline=False)
+        differ = self._refuse_mismatch(self.tokenizer, teacher_tokenizer)
         self.data: TextData = build_text_data(
-            self.cfg.task.text,
-            self.tokenizer,
-            self.cfg.task.seq_len,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            teacher_tokenizer=getattr(self, "teacher_tokenizer", None),
+            self.cfg.task.text, self.tokenizer, self.cfg.task.seq_len, rank=self.dist.rank,
+            world_size=self.dist.world_size, teacher_tokenizer=teacher_tokenizer if differ else None,
         )
-        if self.data.aligns_teacher:
-            if self.cfg.teachers:
-                raise ConfigError("teachers: extra teachers need the student's tokenizer (only `teacher` may differ)")
-            if self.cfg.align.method in ("rkd", "salt"):
-                raise ConfigError(f"align.method={self.cfg.align.method} (logit KD) needs teacher and student to share a tokenizer")
+        return self._info(self.tokenizer)
+
+    def check_student(self, student: nn.Module, data: DataInfo) -> None:
+        model = getattr(student, "model", None)
+        embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+        if data.vocab_size is not None and embeddings is not None and data.vocab_size > embeddings.num_embeddings:
+            raise ConfigError(f"student.options.arch.vocab_size={embeddings.num_embeddings} is smaller than the "
+                              f"tokenizer's {data.vocab_size} tokens")
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if positions is not None and positions < self.cfg.task.seq_len:
+            raise ConfigError(f"task.seq_len={self.cfg.task.seq_len} exceeds the student's "
+                              f"max_position_embeddings={positions}")
 
     def train_batches(self, micro_batch_size: int) -> Iterator[Batch]:
         return self.data.train_batches(micro_batch_size)

@@ -2,56 +2,86 @@
 while its layer ``align.early_layer`` (default: a quarter of its depth) is aligned to a small
 pretrained TimesNet teacher's final-layer features, time step by time step.
 
-If ``teacher.name_or_path`` is empty, the TimesNet teacher is first pre-trained (same trainer,
-no teacher of its own) on ``task.teacher_datasets`` (default: the task's datasets), selected
-on the validation split carved from TRAIN, and cached under
-``<output_dir>/teachers/<datasets>-<hash>/final`` for reuse by later runs.
+The task is data, evaluation and export; a TimesNet teacher without weights is pre-trained
+first by its own stage (:mod:`alignkit.teacher_stage`, configured by ``task.teacher_pretrain``).
+Batches: ``x`` [B, T, C] float32, ``attention_mask`` [B, T] long, ``labels`` [B] long (and
+``dataset`` [B] when several datasets are combined), see :mod:`alignkit.tasks.uea`.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
-from safetensors.torch import save_model
 from torch import nn
 
-import alignkit.adapters  # noqa: F401  (registers timesnet / hf_ts_classifier)
-from alignkit.adapters.timesnet import TimesNetClassifier, save_timesnet
-from alignkit.core.adapter import Batch, TeacherAdapter
-from alignkit.core.checkpoint import rng_snapshot, rng_state, seed_everything, set_rng_state
-from alignkit.core.config import AlignConfig, ConfigError
-from alignkit.core.distributed import DistInfo, resolve_device
-from alignkit.core.folder_lock import FolderLock
-from alignkit.core.registry import build_student, build_teacher
-from alignkit.core.trainer import Trainer, to_device
-from alignkit.tasks.base import TaskBase
-from alignkit.tasks.uea import UEASplits, load_uea
+from alignkit.core.adapter import Batch, DataInfo
+from alignkit.core.config import ConfigError, TrainConfig, above, at_least, checked
+from alignkit.core.distributed import DistInfo
+from alignkit.core.trainer import to_device
+from alignkit.tasks.base import TaskBase, TaskConfig
+from alignkit.tasks.uea import UEADataConfig, UEASplits, describe_uea, load_uea
+
+PLACEHOLDER = DataInfo(num_classes=2, num_channels=1)  # `alignkit check` when the data is not local
+
+
+@dataclass
+class TeacherPretrainConfig(TrainConfig):
+    """``task.teacher_pretrain``: the training of a TimesNet teacher that has no weights yet.
+    Budget: ``epochs`` over the training split (``steps`` > 0 overrides it), stopped early when
+    ``patience`` evals in a row bring no better ``select_metric``."""
+
+    steps: int = checked(0, at_least(0))  # 0 = epochs x batches per epoch
+    epochs: int = checked(100, at_least(1))
+    patience: int = checked(10, at_least(0))  # evals without a better select_metric; 0 = never stop early
+    micro_batch_size: int = checked(32, at_least(1))
+    lr: float = checked(1e-3, above(0))
+    eval_every: int = checked(10, at_least(0))
+    select_metric: str = "val_accuracy"
+
+
+@dataclass
+class TSTaskConfig(TaskConfig):
+    """``task`` section of ``ts_classify``."""
+
+    uea: UEADataConfig = field(default_factory=UEADataConfig)
+    teacher_pretrain: TeacherPretrainConfig = field(default_factory=TeacherPretrainConfig)
+    teacher_datasets: list[str] = field(default_factory=list)  # [] = task.uea.datasets
 
 
 class TSClassifyTask(TaskBase):
     loss_name = "ce"
 
-    def build_student(self) -> nn.Module:
-        if self.dist.world_size > 1:
+    def __init__(self, cfg: Any, *, dist: DistInfo, device: torch.device) -> None:
+        super().__init__(cfg, dist=dist, device=device)
+        if dist.world_size > 1:
             raise ConfigError("task.name=ts_classify runs in one process (the UEA sets are small); drop torchrun")
-        self.splits: UEASplits = load_uea(self.cfg.task.uea)
-        self.student = build_student(self.cfg.student, device=self.device, data=self.splits.data_info())
-        return self.student
 
-    def build_teachers(self) -> dict[str, TeacherAdapter]:
-        teacher = self.cfg.teacher
-        if teacher.kind == "timesnet" and not teacher.name_or_path:
-            path = pretrain_timesnet_teacher(self.cfg, self.device)
-            teacher = dataclasses.replace(teacher, source="checkpoint", name_or_path=str(path))
-        return {"default": build_teacher(teacher, device=self.device)}
-
-    def build_data(self) -> None:
+    def build_data(self, teachers: Mapping[str, Any]) -> DataInfo:
         uea = self.cfg.task.uea
+        self.splits: UEASplits = load_uea(uea)
         self.stream = self.splits.train_batches(self.cfg.train.micro_batch_size, crop_min=uea.crop_min, jitter=uea.jitter)
+        return self.splits.data_info()
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.splits.train)
+
+    def describe_data(self, teachers: Mapping[str, Any]) -> DataInfo:
+        """From the headers of the local ``.ts`` files; a dataset that is not local gives the
+        sizes the student's options set, else :data:`PLACEHOLDER` (said in ``notes``)."""
+        info, notes = describe_uea(self.cfg.task.uea)
+        self.notes += notes
+        if info is not None:
+            return info
+        options = self.cfg.student.options
+        self.notes.append("the student is sized from student.options.num_classes / num_channels where set, "
+                          f"else the placeholder {PLACEHOLDER.num_classes} classes, {PLACEHOLDER.num_channels} channel")
+        return DataInfo(num_classes=options.get("num_classes") or PLACEHOLDER.num_classes,
+                        num_channels=options.get("num_channels") or PLACEHOLDER.num_channels,
+                        datasets=tuple(self.cfg.task.uea.datasets))
 
     def train_batches(self, micro_batch_size: int) -> Iterator[Batch]:
         return self.stream
@@ -80,6 +110,10 @@ class TSClassifyTask(TaskBase):
         return {"val_accuracy": float((predicted == labels).float().mean()), "val_loss": loss}
 
     def export(self, student: nn.Module, directory: Path) -> None:
+        from safetensors.torch import save_model
+
+        from alignkit.adapters.timesnet import TimesNetClassifier, save_timesnet
+
         directory.mkdir(parents=True, exist_ok=True)
         if isinstance(student, TimesNetClassifier):
             save_timesnet(student, directory)
@@ -106,60 +140,6 @@ class TSClassifyTask(TaskBase):
         plot_confusion(confusion, self.splits.class_names, run_dir / "confusion_matrix.png", results["test_accuracy"])
         print(f"test accuracy: {results['test_accuracy']:.4f} ({len(labels)} series)")
         return {k: results[k] for k in ("test_accuracy", "test_loss", "test_size")}
-
-
-def teacher_cache_dir(cfg: Any) -> Path:
-    datasets = list(cfg.task.teacher_datasets or cfg.task.uea.datasets)
-    spec = json.dumps(
-        {"datasets": datasets, "teacher": dataclasses.asdict(cfg.teacher), "train": dataclasses.asdict(cfg.task.teacher_pretrain),
-         "uea": {k: v for k, v in dataclasses.asdict(cfg.task.uea).items() if k != "datasets"}},
-        sort_keys=True, default=str,
-    )
-    digest = hashlib.sha256(spec.encode()).hexdigest()[:10]
-    name = "+".join(datasets) if len(datasets) <= 3 else f"{len(datasets)}datasets"
-    return Path(cfg.output_dir) / "teachers" / f"timesnet-{name}-{digest}"
-
-
-def pretrain_timesnet_teacher(cfg: Any, device: torch.device) -> Path:
-    """Pre-train (or reuse) the TimesNet teacher described by ``cfg.teacher``; returns the
-    folder of the selected model."""
-    run_dir = teacher_cache_dir(cfg)
-    final = run_dir / "final"
-    if (final / "timesnet.json").is_file():
-        print(f"reusing pre-trained TimesNet teacher {final}")
-        return final
-    with FolderLock(run_dir, "teacher cache folder"):  # two runs never train one teacher together
-        if (final / "timesnet.json").is_file():  # finished by another run just before the lock
-            return final
-        _pretrain(cfg, run_dir, device)
-    return final
-
-
-def _pretrain(cfg: Any, run_dir: Path, device: torch.device) -> None:
-    datasets = list(cfg.task.teacher_datasets or cfg.task.uea.datasets)
-    sub = dataclasses.replace(
-        cfg,
-        student=cfg.teacher,
-        align=AlignConfig(method="none"),
-        train=cfg.task.teacher_pretrain,
-        task=dataclasses.replace(cfg.task, uea=dataclasses.replace(cfg.task.uea, datasets=datasets)),
-    )
-    outer_rng = rng_snapshot()  # the run's own RNG must not depend on whether the cache was hit
-    seed_everything(sub.train.seed)
-    device = device if sub.train.device == "auto" else resolve_device(sub.train.device, DistInfo())
-    task = TSClassifyTask(sub, DistInfo(), device)
-    student = task.build_student()
-    task.build_data()
-    trainer = Trainer(cfg=sub.train, student=student, engine=None, task=task, run_dir=run_dir, device=device)
-    trainer.resume_hint = ""  # the outer run says how to continue
-    resumed = trainer.resume_latest()
-    if resumed is None:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # an attempt killed before its first checkpoint
-    print(f"{'continuing' if resumed else 'pre-training'} the TimesNet teacher on {', '.join(datasets)} "
-          f"({sub.train.steps} steps) -> {run_dir / 'final'}")
-    trainer.fit()
-    (run_dir / "results.json").write_text(json.dumps(task.report(student, run_dir), indent=2))
-    set_rng_state(rng_state(outer_rng))
 
 
 def plot_confusion(confusion: torch.Tensor, names: list[str], path: Path, accuracy: float) -> None:

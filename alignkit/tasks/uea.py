@@ -31,9 +31,12 @@ gives an endless stream of shuffled micro-batches with an exactly resumable posi
 (the permutation of epoch ``e`` comes from ``seed + e``); :meth:`UEASplits.eval_batches` gives
 the validation or test split in order.
 
-Offline, aeon ships JapaneseVowels and BasicMotions; any other dataset needs a local copy of the
-UEA archive under ``extract_path`` (``<extract_path>/<Name>/<Name>_TRAIN.ts`` and ``_TEST.ts``)
-or network access.
+Offline, aeon ships the multivariate JapaneseVowels (12 channels, unequal lengths) and
+BasicMotions (6 channels), and the univariate (1-channel) UCR sets ACSF1, ArrowHead, GunPoint,
+ItalyPowerDemand, OSULeaf, PickupGestureWiimoteZ (unequal lengths) and UnitTest; any other
+dataset needs a local copy of the archive under ``extract_path``
+(``<extract_path>/<Name>/<Name>_TRAIN.ts`` and ``_TEST.ts``) or network access.
+:func:`describe_uea` reads only the ``.ts`` headers (what ``alignkit check`` needs).
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ from alignkit.core.config import above, at_least, between, checked
 from alignkit.core.errors import ConfigError, DataError
 
 __all__ = ["UEADataConfig", "UEASplits", "TSSplit", "UEABatches", "UEADataError", "load_uea",
-           "load_uea_dataset", "dataset_available"]
+           "load_uea_dataset", "dataset_available", "describe_uea"]
 
 _SOURCES_HINT = (
     "Get the UEA archive on a machine with network access (e.g. "
@@ -283,6 +286,45 @@ def dataset_available(name: str, extract_path: str = "") -> bool:
     return any(_has_files(root, name) for root in roots)
 
 
+def _header(path: str) -> dict[str, str]:
+    """The ``@key value`` lines of a ``.ts`` file, up to ``@data`` (keys lower-cased)."""
+    found = {}
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            line = line.strip()
+            if line.lower().startswith("@data"):
+                break
+            if line.startswith("@"):
+                key, _, value = line[1:].partition(" ")
+                found[key.lower()] = value.strip()
+    return found
+
+
+def describe_uea(cfg: UEADataConfig) -> tuple[DataInfo | None, list[str]]:
+    """What :meth:`UEASplits.data_info` would report, from the TRAIN file headers only (no
+    series read, no download): classes, channels, and the length when the set declares one
+    (``max_len`` when set). (None, a note) when a dataset is not local."""
+    names: list[str] = []
+    channels, lengths = [], []
+    for name in cfg.datasets:
+        roots = [os.path.abspath(os.path.expanduser(cfg.extract_path))] if cfg.extract_path else _aeon_roots()
+        root = next((r for r in roots if _has_files(r, name)), None)
+        if root is None:
+            return None, [f"UEA dataset {name!r} is not local: classes and channels not read (task.uea.extract_path)"]
+        header = _header(os.path.join(root, name, f"{name}_TRAIN.ts"))
+        labels = header.get("classlabel", "").split()[1:]  # "true 1 2 3"
+        if not labels:
+            raise UEADataError(f"{os.path.join(root, name, name + '_TRAIN.ts')}: no @classLabel in the header")
+        univariate = header.get("univariate", "true").lower() == "true"
+        channels.append(1 if univariate else int(header.get("dimensions", "1")))
+        lengths.append(int(header["serieslength"]) if "serieslength" in header else 0)
+        ordered = _class_order(labels)
+        names += [f"{name}:{c}" for c in ordered] if len(cfg.datasets) > 1 else ordered
+    length = cfg.max_len or (max(lengths) if all(lengths) else None)
+    return DataInfo(num_classes=len(names), num_channels=max(channels), seq_len=length,
+                    class_names=tuple(names), datasets=tuple(cfg.datasets)), []
+
+
 def _aeon_load(name: str, split: str, extract_path: str | None) -> tuple[Any, np.ndarray]:
     from aeon.datasets import load_classification
 
@@ -296,7 +338,7 @@ def _load_raw(name: str, extract_path: str, download: bool) -> dict[str, tuple[l
     if not local and not download:
         raise UEADataError(
             f"UEA dataset {name!r} is not available offline ({where}; aeon ships only "
-            f"JapaneseVowels and BasicMotions among the UEA sets) and download=False. "
+            f"a few sets: see alignkit.tasks.uea) and download=False. "
             + _SOURCES_HINT.format(name=name)
         )
     out = {}

@@ -1,0 +1,171 @@
+"""The build chain: tasks registered with their own config, `alignkit check` running the chain
+of `train` on the meta device (every recipe, offline, fast; what train rejects, check rejects),
+and the teacher pre-training stage (budget, early stopping, cache key, progress, extra teachers)."""
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.cli import main
+from alignkit.core.config import ConfigError
+from alignkit.experiment import load_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
+DEBUG = str(REPO / "configs" / "debug.yaml")
+TS = str(REPO / "configs" / "ts" / "japanese_vowels.yaml")
+TINY_TEACHER = ["teacher.options.d_model=8", "teacher.options.d_ff=8", "teacher.options.num_kernels=2",
+                "teacher.options.e_layers=1"]
+TINY_TS = ["student.preset=llama-tiny-ts", *TINY_TEACHER, "task.teacher_pretrain.micro_batch_size=8",
+           "train.micro_batch_size=8", "train.eval_every=0", "align.early_layer=1"]
+
+
+@pytest.fixture
+def one_thread():
+    """Small convolutions: threads only add contention on 2 cores (restored after the test, so
+    later tests that compare against a spawned process keep the default)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- tasks and their config ----------------------------------------------------------------------
+
+
+def test_each_task_types_its_own_config_section():
+    from alignkit.tasks.text_pretrain import TextTaskConfig
+    from alignkit.tasks.ts_classify import TSTaskConfig
+
+    text, ts = load_experiment(DEBUG), load_experiment(TS)
+    assert isinstance(text.task, TextTaskConfig) and text.task.seq_len == 32
+    assert isinstance(ts.task, TSTaskConfig) and ts.task.uea.datasets == ["JapaneseVowels"]
+    with pytest.raises(ConfigError, match=r"task\.uea.*task\.name=text_pretrain"):
+        load_experiment(DEBUG, ["task.uea.seed=1"])  # a time-series key on a text task
+    with pytest.raises(ConfigError, match=r"task\.seq_lenn"):
+        load_experiment(DEBUG, ["task.seq_lenn=8"])
+    with pytest.raises(ConfigError, match=r"task\.name='nope' is not a registered task \(known: text_pretrain, ts_classify"):
+        load_experiment(DEBUG, ["task.name=nope"])
+    with pytest.raises(ConfigError, match=r"task\.teacher_pretrain\.select_metric='eval_loss'"):
+        load_experiment(TS, ["task.teacher_pretrain.select_metric=eval_loss"])
+
+
+# --- check: the chain on meta ----------------------------------------------------------------------
+
+
+def test_check_runs_the_chain_on_every_recipe_offline_in_under_a_minute(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.check import check_experiment
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("check reached for the network or for weights")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)  # a TS recipe read the LLM's weights
+    start = time.perf_counter()
+    reports = {recipe.stem: check_experiment(load_experiment(recipe)) for recipe in RECIPES}
+    seconds = time.perf_counter() - start
+    print(f"check on {len(reports)} recipes: {seconds:.1f} s")
+    assert seconds < 60
+    jv = reports["japanese_vowels"]  # sized from the local data's header: 9 classes, 12 channels
+    assert jv["data"]["num_classes"] == 9 and jv["data"]["num_channels"] == 12 and jv["notes"] == []
+    assert jv["teachers"]["default"]["width"] == 64 and jv["student_layers"] == 30
+    assert any("not local" in note for note in reports["heartbeat"]["notes"])
+    assert any("on the hub" in note for note in reports["llama-1.4b_smollm2-135m"]["notes"])
+    assert reports["quickstart"]["data"]["vocab_size"] == 49152 and reports["quickstart"]["teacher_params"] == 134_515_008
+
+
+def test_check_sizes_a_time_series_student_from_the_data(capsys):
+    student = ["student.preset=llama-tiny-ts", *TINY_TEACHER]
+    assert main(["check", TS, *student, "student.options.num_classes=9", "student.options.num_channels=12"]) == 0
+    assert main(["check", TS, *student, "student.options.num_classes=5"]) == 2
+    assert "options.num_classes=5 but the data has 9" in capsys.readouterr().err
+
+
+def _other_tokenizer(folder: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(["a small corpus for a small tokenizer"] * 4,
+                                  trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                            eos_token="[EOS]").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["align.projection=none"], "projection"),  # student width 64, teacher 48
+    (["align.early_layer=9"], "layer"),  # the student has 4 layers
+    (["align.pairs=[{teacher_layer: 5, student_layer: 1}]"], "teacher_layer"),  # the teacher has 2
+    (["align.strategy=X2Y"], "align.strategy"),
+    (["align.method=rkd", "teacher.options.tokenizer=OTHER"], "share a tokenizer"),
+    (["task.seq_len=4096"], "task.seq_len"),  # beyond max_position_embeddings
+], ids=["projection-none", "early-layer", "teacher-layer", "strategy", "kd-tokenizers", "seq-len"])
+def test_check_rejects_what_train_rejects(tmp_path, capsys, overrides, named):
+    overrides = [o.replace("OTHER", str(_other_tokenizer(tmp_path / "tok"))) for o in overrides]
+    assert main(["check", DEBUG, *overrides]) == 2
+    assert named in capsys.readouterr().err
+
+
+# --- the teacher pre-training stage ---------------------------------------------------------------
+
+
+def test_teacher_cache_is_keyed_on_what_changes_the_teacher():
+    from alignkit.teacher_stage import teacher_cache_dir, teacher_run_config
+
+    def folder(*overrides: str) -> Path:
+        cfg = load_experiment(TS, list(overrides))
+        return teacher_cache_dir(teacher_run_config(cfg, cfg.teacher))
+
+    base = folder()
+    for no_effect in ("task.teacher_pretrain.device=cpu", "task.teacher_pretrain.log_every=5",
+                      "task.teacher_pretrain.save_every=7", "task.uea.download=false", "task.uea.extract_path=/x",
+                      "train.lr=0.5", "align.lambda0=0.5", "teacher.preset=timesnet"):
+        assert folder(no_effect) == base, no_effect
+    for effect in ("task.teacher_pretrain.seed=1", "task.teacher_pretrain.lr=0.01", "task.teacher_pretrain.epochs=3",
+                   "teacher.options.d_model=16", "task.uea.val_fraction=0.3", "task.teacher_datasets=[BasicMotions]"):
+        assert folder(effect) != base, effect
+    # with steps given, the epoch budget does nothing
+    assert folder("task.teacher_pretrain.steps=5") == folder("task.teacher_pretrain.steps=5", "task.teacher_pretrain.epochs=3")
+
+
+def test_pretrain_teacher_stage_on_a_univariate_set_budgets_epochs_and_stops_early(tmp_path, capsys, one_thread):
+    """UnitTest (shipped by aeon, 1 channel): `alignkit pretrain-teacher` announces its budget,
+    stops once the validation accuracy stops improving, shows no progress bar under
+    --no-progress, and `train` then reuses the cached teacher for a univariate LET run."""
+    overrides = [f"output_dir={tmp_path}", "task.uea.datasets=[UnitTest]", *TINY_TS, "task.teacher_pretrain.epochs=40",
+                 "task.teacher_pretrain.eval_every=1", "task.teacher_pretrain.patience=3", "task.teacher_pretrain.lr=0.01"]
+    assert main(["pretrain-teacher", TS, *overrides, "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "up to 40 epochs = 80 steps of 8" in out  # 16 training series after the validation carve-out
+    assert "stopping early after 3 evals" in out and "no better val_accuracy in 3 evals" in out
+    assert "it/s" not in err and "%|" not in err  # --no-progress reaches the stage's trainer
+    cache = next((tmp_path / "teachers").glob("timesnet-UnitTest-*"))
+    steps = [r["step"] for r in rows(cache) if "ce" in r]
+    assert 3 <= steps[-1] < 80 and (cache / "final" / "timesnet.json").is_file()
+    evals = [r["val_accuracy"] for r in rows(cache) if "val_accuracy" in r]
+    assert evals.index(max(evals)) == len(evals) - 4  # the best, then three evals without a better one
+    assert json.loads((cache / "final" / "timesnet.json").read_text())["num_channels"] == 1
+    assert main(["train", TS, *overrides, "run_name=uni", "train.steps=2", "align.stop_step=1", "--no-progress"]) == 0
+    assert "reusing the pre-trained TimesNet teacher" in capsys.readouterr().out
+    assert "cos/t-1-s1" in rows(tmp_path / "uni")[0]
+
+
+def test_pairs_may_name_an_extra_time_series_teacher(tmp_path, one_thread):
+    extra = ["teachers.small.preset=timesnet", "teachers.small.options.d_model=4", "teachers.small.options.d_ff=4",
+             "teachers.small.options.num_kernels=1", "teachers.small.options.e_layers=1"]
+    pairs = "align.pairs=[{teacher_layer: -1, student_layer: 1}, {teacher_layer: -1, student_layer: 2, teacher: small}]"
+    assert main(["train", TS, f"output_dir={tmp_path}", "run_name=two", "task.uea.datasets=[BasicMotions]", *TINY_TS,
+                 *extra, pairs, "task.teacher_pretrain.steps=2", "train.steps=2", "align.stop_step=2", "--no-progress"]) == 0
+    first = rows(tmp_path / "two")[0]
+    assert len([k for k in first if k.startswith("cos/")]) == 2
+    assert len(list((tmp_path / "teachers").glob("timesnet-BasicMotions-*/final"))) == 2  # each teacher pre-trained
