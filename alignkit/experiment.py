@@ -39,7 +39,10 @@ def structure_task(section: Any) -> TaskConfig:
         return section
     values = dict(section or {})
     name = str(values.get("name") or DEFAULT_TASK)
-    return structured(task_spec(name).config, {**values, "name": name}, "task")
+    try:
+        return structured(task_spec(name).config, {**values, "name": name}, "task")
+    except ConfigError as err:  # the valid keys depend on the task: say which one
+        raise ConfigError(f"{err} for task.name={name}") from None
 
 
 @dataclass

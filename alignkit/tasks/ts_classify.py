@@ -79,8 +79,8 @@ class TSClassifyTask(TaskBase):
         options = self.cfg.student.options
         self.notes.append("the student is sized from student.options.num_classes / num_channels where set, "
                           f"else the placeholder {PLACEHOLDER.num_classes} classes, {PLACEHOLDER.num_channels} channel")
-        return DataInfo(num_classes=options.get("num_classes") or PLACEHOLDER.num_classes,
-                        num_channels=options.get("num_channels") or PLACEHOLDER.num_channels,
+        return DataInfo(num_classes=getattr(options, "num_classes", 0) or PLACEHOLDER.num_classes,
+                        num_channels=getattr(options, "num_channels", 0) or PLACEHOLDER.num_channels,
                         datasets=tuple(self.cfg.task.uea.datasets))
 
     def train_batches(self, micro_batch_size: int) -> Iterator[Batch]:
