@@ -169,7 +169,7 @@ def corpus_and_tokenizer(tmp_path_factory) -> tuple[Path, list[str]]:
     fast = PreTrainedTokenizerFast(tokenizer_object=bpe_tokenizer(docs[:50], vocab_size=300), eos_token="<eos>",
                                    pad_token="<pad>", unk_token="<unk>")
     fast.save_pretrained(tmp / "bpe")
-    return write_pile(tmp / "00.jsonl.zst", docs), [f"{m}.tokenizer={tmp / 'bpe'}" for m in ("student", "teacher")]
+    return write_pile(tmp / "00.jsonl.zst", docs), [f"{m}.options.tokenizer={tmp / 'bpe'}" for m in ("student", "teacher")]
 
 
 def test_training_from_shards_equals_training_from_the_text(tmp_path, corpus_and_tokenizer):
