@@ -20,7 +20,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -198,15 +198,20 @@ def _load_weights(directory: Path, module: nn.Module, optimizer: torch.optim.Opt
 
 
 def load_checkpoint(
-    directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int, device: torch.device
+    directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int, device: torch.device,
+    prepare: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore module, optimizer (from ``sharded/`` under FSDP) and this rank's RNG; return
-    (trainer state, data state). Any unreadable part raises :class:`CheckpointError` naming the file."""
+    (trainer state, data state). ``prepare(step)`` runs before the weights are loaded (the trainer
+    drops the parameters the run had dropped by that step). Any unreadable part raises
+    :class:`CheckpointError` naming the file."""
     rng_file = directory / f"rng_rank{rank}.json"
     if not rng_file.is_file():
         raise CheckpointError(f"{rng_file} missing: resume with the same number of processes as the run")
     trainer = _read_json(directory / "trainer.json")
     data_state, rng = _read_json(directory / f"data_rank{rank}.json"), _read_json(rng_file)
+    if prepare is not None:
+        prepare(trainer["step"])
     _load_weights(directory, module, optimizer, device)
     try:
         set_rng_state(rng)
@@ -216,12 +221,13 @@ def load_checkpoint(
 
 
 def load_latest(
-    run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int, device: torch.device
+    run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int, device: torch.device,
+    prepare: Callable[[int], None] | None = None,
 ) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
     """Load the newest readable checkpoint (falling back to older ones with a warning)."""
     for directory in reversed(checkpoint_dirs(run_dir)):
         try:
-            return directory, *load_checkpoint(directory, module, optimizer, rank, device)
+            return directory, *load_checkpoint(directory, module, optimizer, rank, device, prepare)
         except CheckpointError as err:
             warnings.warn(f"skipping checkpoint {directory.name}: {err}; trying the one before it", stacklevel=2)
     return None

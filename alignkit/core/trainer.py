@@ -138,7 +138,8 @@ class Trainer:
     # --- resume / checkpoints ---------------------------------------------------------------
     def resume(self, directory: Path) -> None:
         """Continue from the checkpoint in ``directory``."""
-        state, data_state = ckpt.load_checkpoint(directory, self.module, self.optimizer, self.dist.rank, self.device)
+        state, data_state = ckpt.load_checkpoint(directory, self.module, self.optimizer, self.dist.rank, self.device,
+                                                 prepare=self._retire_parameters)
         self._restore(directory, state, data_state)
 
     def resume_latest(self) -> Path | None:
@@ -148,7 +149,8 @@ class Trainer:
             for leftover in ckpt.remove_staging(self.run_dir):
                 warnings.warn(f"removed {leftover}: a checkpoint write that never finished", stacklevel=2)
         barrier(self.dist)
-        found = ckpt.load_latest(self.run_dir, self.module, self.optimizer, self.dist.rank, self.device)
+        found = ckpt.load_latest(self.run_dir, self.module, self.optimizer, self.dist.rank, self.device,
+                                 prepare=self._retire_parameters)
         steps = all_reduce_mean(torch.tensor([float(found[1]["step"]) if found else -1.0]), self.dist)
         if found and float(steps) != found[1]["step"]:
             raise CheckpointError(f"{self.run_dir}: ranks found different usable checkpoints; check the rank files")
@@ -167,8 +169,7 @@ class Trainer:
         self.task.load_state_dict(data_state)
         if self.ema is not None:
             self.ema.load(directory)
-        if self.engine is not None and self.engine.release_step is not None and self.step >= self.engine.release_step:
-            self.engine.release()
+        if self.engine is not None and self.engine.after_step(self.step - 1):  # teachers over before this step
             self._teacher_released()
         self._truncate_metrics(self.step)
 
@@ -387,6 +388,7 @@ class Trainer:
         teacher_active = self.engine is not None and self.engine.active(step)
         if self.engine is not None and self.engine.after_step(step):
             self._teacher_released()
+        self._retire_parameters(step + 1)
         self.step += 1
         self._pending_tokens += tokens
         self._window[1] += tokens * self.dist.world_size
@@ -403,6 +405,23 @@ class Trainer:
             self._log(record)
             self._window = [time.perf_counter(), 0]
             self._bar.set_postfix(loss=f"{record['loss']:.3f}", lam=f"{record.get('lambda', 0.0):.3g}")
+
+    def _retire_parameters(self, step: int) -> None:
+        """The learned projections of alignment terms that are over by ``step`` leave the step
+        module (and so checkpoints), the optimizer (groups and state) and gradient clipping;
+        DDP is rewrapped without them. Called after each step, and on resume before the
+        checkpoint's weights are loaded (whose optimizer state no longer holds them)."""
+        retired = {id(p) for p in self.engine.retire(step)} if self.engine is not None else set()
+        if not retired:
+            return
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                if id(param) in retired:
+                    self.optimizer.state.pop(param, None)
+            group["params"] = [p for p in group["params"] if id(p) not in retired]
+        self.params = [p for p in self.params if id(p) not in retired]
+        if self.parallel == "ddp":
+            self.model = parallel.ddp(self.module)
 
     def _teacher_released(self) -> None:
         release = getattr(self.task, "release_teacher", None)  # optional in the Task protocol
