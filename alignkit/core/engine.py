@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from alignkit.core.adapter import Batch, StudentOutput, TeacherAdapter, align_teacher, alignment_mask
+from alignkit.core.adapter import Batch, StudentOutput, TeacherAdapter, align_teacher, alignment_mask, resolve_layer
 from alignkit.core.config import AlignConfig, ConfigError
 from alignkit.core.objectives import Objective, cosine_similarity, kd
 from alignkit.core.pairing import DEFAULT_EARLY_LAYER, Pair, strategy_pairs, validate_pairs
@@ -220,7 +220,7 @@ def _early_layer(term: Term, student: nn.Module) -> int:
     """The E of a strategy: the term's ``early_layer``, else the student adapter's ``align_layer``,
     else 3 (the paper's); a key-naming error when it is beyond the student."""
     if term.cfg.early_layer is not None:
-        return term.cfg.early_layer
+        return resolve_layer(term.cfg.early_layer, student.num_layers, term.key("early_layer"))
     early = getattr(student, "align_layer", None) or DEFAULT_EARLY_LAYER
     if early > student.num_layers:
         raise ConfigError(f"{term.key('early_layer')} is unset and the default early layer {early} (the paper's third "
@@ -236,10 +236,9 @@ def _feature_term(term: Term, student: nn.Module, teachers: dict[str, TeacherAda
         pairs = [Pair(p.teacher_layer, p.student_layer, p.weight, p.teacher or c.teacher) for p in c.pairs]
         validate_pairs(pairs, depths, student.num_layers, term.key("pairs"))
     else:
+        # L and M are in range by construction; E is checked against the student here
         early = _early_layer(term, student) if c.strategy.endswith("E") else DEFAULT_EARLY_LAYER
         pairs = strategy_pairs(c.strategy, depths[c.teacher], student.num_layers, early, c.teacher, term.key("strategy"))
-        key = term.key("early_layer") if c.strategy.endswith("E") else term.key("strategy")
-        validate_pairs(pairs, depths, student.num_layers, key)
     projections = [build_projection(c.projection, student.width(p.student_layer),
                                     teachers[p.teacher].width(p.teacher_layer), term.key("projection")) for p in pairs]
     return FeatureTerm(pairs, projections, objective_of(term), _schedule(term), term.stop, prefix)
