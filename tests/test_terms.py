@@ -122,18 +122,21 @@ def test_linear_projection_leaves_the_optimizer_at_its_stop_and_resume_is_exact(
         assert all(torch.equal(final[0][k], final[1][k]) for k in final[1])
 
 
-def test_a_plugin_objective_is_usable_by_name_with_its_options():
-    OBJECTIVES.register("test_scaled_mse", lambda s, t, mask=None, scale=1.0: scale * ((s - t) ** 2).mean(), replace=True)
+def test_the_readme_plugin_objective_is_usable_by_name_with_its_options(monkeypatch):
+    monkeypatch.setattr(OBJECTIVES, "_items", dict(OBJECTIVES._items))  # registered for this test only
+    readme = (REPO / "README.md").read_text()
+    exec(readme.split("# my_project/objectives.py")[1].split("\n", 1)[1].split("```")[0], {})
     student, teacher = ToyStudent(width=8), ToyTeacher(width=8)
-    term = TermConfig(objective="test_scaled_mse", objective_options={"scale": 3.0}, early_layer=2, stop_step=5)
+    term = TermConfig(objective="smooth_l1", objective_options={"beta": 0.5}, early_layer=2, stop_step=5)
     check_align_config(AlignConfig(terms=[term]), total_steps=10)
     engine = build_engine(AlignConfig(terms=[term]), student, {"default": teacher})
     out = student(batch(), engine.student_layers(0))
     loss, _ = engine(out, batch(), 0)
-    expected = 0.1 * 3.0 * ((out.features[2] - teacher.features(batch(), [-1])[-1]) ** 2).mean()
+    target = teacher.features(batch(), [-1])[-1]
+    expected = 0.1 * torch.nn.functional.smooth_l1_loss(out.features[2].reshape(-1, 8), target.reshape(-1, 8), beta=0.5)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    with pytest.raises(ConfigError, match=r"align.terms.0.objective_options=\{'scal': 3.0\}: .* takes the options scale"):
-        check_align_config(AlignConfig(terms=[TermConfig(objective="test_scaled_mse", objective_options={"scal": 3.0})]), 1000)
+    with pytest.raises(ConfigError, match=r"align.terms.0.objective_options=\{'bta': 0.5\}: .* takes the options beta"):
+        check_align_config(AlignConfig(terms=[TermConfig(objective="smooth_l1", objective_options={"bta": 0.5})]), 1000)
 
 
 @pytest.mark.parametrize("align, message", [
