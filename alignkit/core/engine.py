@@ -23,8 +23,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from alignkit.core.adapter import Batch, StudentOutput, TeacherAdapter, align_teacher, alignment_mask, resolve_layer
-from alignkit.core.config import AlignConfig, ConfigError
+from alignkit.core.adapter import LOGITS_KINDS, Batch, StudentOutput, TeacherAdapter, align_teacher, alignment_mask, resolve_layer
+from alignkit.core.config import AlignConfig, ConfigError, problems
 from alignkit.core.objectives import Objective, cosine_similarity, kd
 from alignkit.core.pairing import DEFAULT_EARLY_LAYER, Pair, strategy_pairs, validate_pairs
 from alignkit.core.projections import build_projection
@@ -210,8 +210,9 @@ class AlignmentEngine(nn.Module):
 
 
 def check_align_config(cfg: AlignConfig, total_steps: int) -> None:
-    """Checks that need no model (:func:`alignkit.core.terms.check_terms`)."""
-    if cfg.method == "none" and not cfg.terms:
+    """Checks that need no model (:func:`alignkit.core.terms.check_terms`), once the fields
+    keep their own rules (a broken one is reported by :func:`alignkit.core.config.problems`)."""
+    if (cfg.method == "none" and not cfg.terms) or problems(cfg):
         return
     check_terms(cfg, total_steps)
 
@@ -251,6 +252,8 @@ def _logit_term(term: Term, student: nn.Module, teachers: dict[str, TeacherAdapt
     if kind is None:
         raise ConfigError(f"{where}: logit KD, but teacher {c.teacher!r} ({type(teachers[c.teacher]).__name__}) "
                           "gives no logits (its logits_kind is None)")
+    if kind not in LOGITS_KINDS:
+        raise ConfigError(f"{where}: teacher {c.teacher!r} declares logits_kind={kind!r} (known: {', '.join(LOGITS_KINDS)})")
     student_kind = getattr(student, "logits_kind", None)
     if student_kind is not None and student_kind != kind:
         raise ConfigError(f"{where}: logit KD needs logits of one kind, but teacher {c.teacher!r} gives {kind} "
