@@ -163,7 +163,7 @@ def test_teacher_stops_after_deepest_layer(family: str) -> None:
     assert "head" not in counts and counts["norm"] == 1
 
     counts.clear()
-    feats, logits = teacher.features_and_logits(batch, [-1])
+    feats, logits = teacher.run(batch, [-1], logits=True)
     torch.testing.assert_close(feats[-1], reference[-1])
     assert logits.shape == (2, 10, VOCAB) and counts["head"] == 1
     assert teacher.calls == 3
@@ -189,7 +189,7 @@ def test_teacher_release_frees_model() -> None:
     with pytest.raises(RuntimeError, match="released"):
         teacher.features(make_batch(), [-1])
     with pytest.raises(RuntimeError, match="released"):
-        teacher.features_and_logits(make_batch(), [-1])
+        teacher.run(make_batch(), [-1], logits=True)
     assert teacher.calls == calls
 
 
@@ -286,7 +286,7 @@ def test_real_gguf_teacher(gguf_teacher: HFCausalTeacher) -> None:
         assert features[layer].shape == (2, batch["input_ids"].shape[1], 576)
         assert torch.isfinite(features[layer]).all()
     # a real model, not random weights: "Paris" is the top next token
-    _, logits = gguf_teacher.features_and_logits({"input_ids": batch["input_ids"][:1]}, [])
+    _, logits = gguf_teacher.run({"input_ids": batch["input_ids"][:1]}, [], logits=True)
     assert tokenizer.decode(logits[0, -1].argmax()).strip() == "Paris"
 
 

@@ -61,7 +61,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     "overrides, message",
     [
         (["align.lamda0=0.3"], "unknown config key 'align.lamda0'"),
-        (["align.pairs=[{teacher_layer: -1, student_layer: 9}]"], r"align.pairs\[0\].student_layer=9"),
+        (["align.pairs=[{teacher_layer: -1, student_layer: 9}]"], r"align.pairs.0.student_layer=9"),
         (["align.projection=none"], "align.projection='none'"),
         (["align.stop_step=50"], "align.stop_step=50 is beyond the run"),
         (["teacher.source=gguf", "teacher.name_or_path=/nonexistent/dir"], "/nonexistent/dir"),

@@ -48,6 +48,10 @@ class ToyStudent(ToyNet):
 
 
 class ToyTeacher:
+    """A custom teacher written against the protocol only (no FrozenTeacher base)."""
+
+    logits_kind = "per_token"
+
     def __init__(self, depth: int = 3, width: int = 8) -> None:
         self.net = ToyNet(width=width, depth=depth, seed=1).eval()
         self.num_layers = depth
@@ -57,21 +61,16 @@ class ToyTeacher:
     def width(self, layer: int) -> int:
         return self.net.hidden
 
-    def features(self, batch: dict, layers: list[int]) -> dict:
+    def run(self, batch: dict, layers: list[int], logits: bool = False) -> tuple[dict, torch.Tensor | None]:
         if self.released:
             raise RuntimeError("teacher released")
         self.calls += 1
         with torch.no_grad():
-            _, feats = self.net.taps.run(lambda: self.net.run(batch["input_ids"]), layers, stop_early=True)
-        return feats
+            out, feats = self.net.taps.run(lambda: self.net.run(batch["input_ids"]), layers, stop_early=not logits)
+        return feats, out if logits else None
 
-    def features_and_logits(self, batch: dict, layers: list[int]) -> tuple[dict, torch.Tensor]:
-        if self.released:
-            raise RuntimeError("teacher released")
-        self.calls += 1
-        with torch.no_grad():
-            logits, feats = self.net.taps.run(lambda: self.net.run(batch["input_ids"]), layers)
-        return feats, logits
+    def features(self, batch: dict, layers: list[int]) -> dict:
+        return self.run(batch, layers)[0]
 
     def release(self) -> None:
         self.released = True

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import gc
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from alignkit.core.adapter import Batch, DataInfo, StudentOutput, resolve_layer
 from alignkit.core.linear_ce import IGNORE_INDEX, linear_cross_entropy
 from alignkit.core.registry import register_adapter
 from alignkit.core.taps import LayerTaps
+from alignkit.core.teacher import FrozenTeacher
 
 __all__ = [
     "FINAL_NAMES",
@@ -443,6 +443,8 @@ def _inputs(batch: Batch, device: torch.device, prefix: str = "") -> dict[str, T
 class HFCausalStudent(nn.Module, _Layered):
     """A causal LM being trained: returns its token-mean NLL, tapped features and (on request) logits."""
 
+    logits_kind = "per_token"  # what a logit_kd term compares (core/adapter.py LOGITS_KINDS)
+
     def __init__(self, model: nn.Module, final_layer: str = "post_norm") -> None:
         super().__init__()
         self.model = model
@@ -503,60 +505,31 @@ class HFCausalStudent(nn.Module, _Layered):
             tokenizer.save_pretrained(str(directory))
 
 
-class HFCausalTeacher(_Layered):
-    """A frozen pretrained causal LM queried for features (and logits for KD baselines).
+class HFCausalTeacher(_Layered, FrozenTeacher):
+    """A frozen pretrained causal LM queried for features and per-token logits (logit KD).
 
-    Not an ``nn.Module`` on purpose: it must never end up in a student's state dict or
-    optimizer. ``release()`` drops the model so its memory can be returned."""
+    Uses ``teacher_input_ids``/``teacher_attention_mask`` from the batch when present (a teacher
+    with its own tokenizer). Without logits only the base model runs, and only the blocks up to
+    the deepest layer asked for (no LM head)."""
+
+    logits_kind = "per_token"
 
     def __init__(self, model: nn.Module, final_layer: str = "post_norm") -> None:
-        model.eval()
-        model.requires_grad_(False)
+        FrozenTeacher.__init__(self, model)
         model.config.use_cache = False
-        self.model: nn.Module | None = model
         self._init_layers(model, final_layer)
-        self.calls = 0
-        self.released = False
 
-    def _live(self) -> nn.Module:
-        if self.model is None:
-            raise RuntimeError("this teacher was released (after stop_step); it cannot be queried")
-        self.calls += 1
-        return self.model
-
-    @property
-    def device(self) -> torch.device:
-        if self.model is None:
-            raise RuntimeError("this teacher was released (after stop_step)")
-        return next(self.model.parameters()).device
-
-    @torch.no_grad()
-    def features(self, batch: Batch, layers: Sequence[int]) -> dict[int, Tensor]:
-        """Features of ``layers``; runs the base model only (no LM head) and only the blocks up
-        to the deepest layer asked for. Uses ``teacher_input_ids``/``teacher_attention_mask`` if present."""
-        model = self._live()
+    def _forward(self, model: nn.Module, batch: Batch, layers: list[int], logits: bool) -> tuple[dict[int, Tensor], Tensor | None]:
         inputs = _inputs(batch, self.device, prefix="teacher_")
-        _, captured = self._taps.run(lambda: model.base_model(**inputs, use_cache=False), self._tap_layers(layers), stop_early=True)
-        return self._collect(layers, captured)
-
-    @torch.no_grad()
-    def features_and_logits(self, batch: Batch, layers: Sequence[int]) -> tuple[dict[int, Tensor], Tensor]:
-        """Features and LM logits from one full forward (logit-KD baselines: RKD, SALT)."""
-        model = self._live()
-        inputs = _inputs(batch, self.device, prefix="teacher_")
-        output, captured = self._taps.run(lambda: model(**inputs, use_cache=False), self._tap_layers(layers))
-        return self._collect(layers, captured), output.logits  # type: ignore[union-attr]
+        forward = model if logits else model.base_model
+        output, captured = self._taps.run(lambda: forward(**inputs, use_cache=False), self._tap_layers(layers),
+                                          stop_early=not logits)
+        return self._collect(layers, captured), output.logits if logits else None  # type: ignore[union-attr]
 
     def release(self) -> None:
-        """Drop the model (and every reference to its modules) so its memory can be freed."""
-        on_cuda = self.model is not None and self.device.type == "cuda"
-        self.model = None
         self._parts = Blocks(nn.ModuleList(), None, nn.Identity())
         self._taps = None  # it holds the blocks
-        self.released = True
-        gc.collect()
-        if on_cuda:
-            torch.cuda.empty_cache()
+        super().release()
 
 
 # --------------------------------------------------------------------------- registry

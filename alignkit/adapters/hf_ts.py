@@ -77,6 +77,8 @@ class HFTimeSeriesClassifier(nn.Module, _Layered):
     """Student adapter: ``forward(batch, layers) -> StudentOutput(loss, features, logits)`` with
     ``batch = {"x": [B, T, C], "attention_mask": [B, T], "labels": [B]}``."""
 
+    logits_kind = "per_sample"  # what a logit_kd term compares (core/adapter.py LOGITS_KINDS)
+
     def __init__(self, causal_lm: nn.Module, num_channels: int, num_classes: int,
                  freeze: str = "none", align_layer: int | None = None, head_dropout: float = 0.1,
                  final_layer: str = "post_norm", keep_layers: int = 0, pooling: str = "mean") -> None:

@@ -33,7 +33,6 @@ are averaged over the batch, and the FFT length is ``L``.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -51,6 +50,7 @@ from alignkit.adapters.hf_causal import resolve_path
 from alignkit.core.adapter import Batch, DataInfo, StudentOutput, resolve_layer
 from alignkit.core.registry import register_adapter, typed_options
 from alignkit.core.taps import LayerTaps
+from alignkit.core.teacher import FrozenTeacher
 
 __all__ = ["DEFAULTS", "TimesBlock", "TimesNetClassifier", "TimesNetTeacher", "save_timesnet",
            "load_timesnet", "build_timesnet_student", "build_timesnet_teacher"]
@@ -164,6 +164,8 @@ def _masks(batch: Batch, x: Tensor) -> Tensor:
 class TimesNetClassifier(nn.Module):
     """TimesNet with a classification head; a student adapter (``forward(batch, layers)``)."""
 
+    logits_kind = "per_sample"  # what a logit_kd term compares (core/adapter.py LOGITS_KINDS)
+
     def __init__(self, num_channels: int, num_classes: int, d_model: int = 32, d_ff: int = 32,
                  e_layers: int = 2, top_k: int = 3, num_kernels: int = 6, dropout: float = 0.1,
                  seq_len: int = 0, class_names: Sequence[str] | None = None,
@@ -255,54 +257,30 @@ class TimesNetClassifier(nn.Module):
         return StudentOutput(loss=loss, features=features, logits=logits)
 
 
-class TimesNetTeacher:
-    """A frozen pretrained TimesNet queried for per-time-step features [B, T, d_model].
+class TimesNetTeacher(FrozenTeacher):
+    """A frozen pretrained TimesNet queried for per-time-step features [B, T, d_model] and
+    per-sample class logits [B, C] (logit KD on time series).
 
-    Not an ``nn.Module`` (never in a student's state dict or optimizer). Batches with fewer
-    channels than the teacher was trained on are zero-padded (as the multi-dataset loader does)."""
+    Batches with fewer channels than the teacher was trained on are zero-padded (as the
+    multi-dataset loader does)."""
+
+    logits_kind = "per_sample"
 
     def __init__(self, model: TimesNetClassifier) -> None:
-        model.eval()
-        model.requires_grad_(False)
-        self.model: TimesNetClassifier | None = model
+        super().__init__(model)
+        self.model: TimesNetClassifier | None
         self.num_layers = model.num_layers
         self.d_model = model.d_model
         self.options = dict(model.options)
-        self.calls = 0
-        self.released = False
 
     def width(self, layer: int) -> int:
         resolve_layer(layer, self.num_layers)
         return self.d_model
 
-    def _live(self) -> TimesNetClassifier:
-        if self.model is None:
-            raise RuntimeError("this teacher was released (after stop_step); it cannot be queried")
-        self.calls += 1
-        return self.model
-
-    @torch.no_grad()
-    def features(self, batch: Batch, layers: Sequence[int]) -> dict[int, Tensor]:
-        """Features of ``layers``; the forward stops after the deepest layer asked for."""
-        model = self._live()
-        _, features, _ = model._run(batch, list(layers), stop_early=True)
-        return features
-
-    @torch.no_grad()
-    def logits(self, batch: Batch) -> Tensor:
-        model = self._live()
-        logits, _, _ = model._run(batch, [], stop_early=False)
-        assert logits is not None
-        return logits
-
-    def release(self) -> None:
-        """Drop the model so its memory can be freed."""
-        on_cuda = self.model is not None and self.model.device.type == "cuda"
-        self.model = None
-        self.released = True
-        gc.collect()
-        if on_cuda:
-            torch.cuda.empty_cache()
+    def _forward(self, model: nn.Module, batch: Batch, layers: list[int], logits: bool) -> tuple[dict[int, Tensor], Tensor | None]:
+        # without logits the forward stops after the deepest layer asked for
+        out, features, _ = model._run(batch, layers, stop_early=not logits)
+        return features, out
 
 
 # --------------------------------------------------------------------------- save / load

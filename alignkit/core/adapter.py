@@ -60,23 +60,33 @@ class StudentOutput:
         return self.logits
 
 
+LOGITS_KINDS = ("per_token", "per_sample")  # [B, S, V] (language models) | [B, C] (classifiers)
+
+
 @runtime_checkable
 class TeacherAdapter(Protocol):
-    """A frozen pretrained model queried for hidden states (and, for KD methods, logits)."""
+    """A frozen pretrained model the alignment terms query. It declares what it can give:
+    features at any layer ``0..num_layers`` (and -1), and logits of the kind ``logits_kind``
+    (``per_token`` [B, S, V], ``per_sample`` [B, C], or None: a feature-only teacher, which a
+    ``logit_kd`` term rejects at build time). :class:`alignkit.core.teacher.FrozenTeacher`
+    implements the lifecycle (eval mode, no_grad, ``release``) for a wrapped ``nn.Module``."""
 
     num_layers: int
+    logits_kind: str | None
 
     def width(self, layer: int) -> int: ...
 
-    def features(self, batch: Batch, layers: list[int]) -> dict[int, Tensor]:
-        """Hidden states [B, S, D] of ``layers``; runs under no_grad in eval mode and stops
-        after the deepest layer asked for."""
+    def run(self, batch: Batch, layers: list[int], logits: bool) -> tuple[dict[int, Tensor], Tensor | None]:
+        """Hidden states [B, S, D] of ``layers`` and, if ``logits``, the logits (else None), from
+        one forward under no_grad in eval mode; without logits it may stop after the deepest
+        layer asked for. Called at most once per training step."""
         ...
 
 
 @runtime_checkable
 class StudentAdapter(Protocol):
-    """The model being trained (an ``nn.Module``)."""
+    """The model being trained (an ``nn.Module``). ``logits_kind`` (optional, one of
+    :data:`LOGITS_KINDS`) lets ``build_engine`` check a ``logit_kd`` term against its teacher."""
 
     num_layers: int
 

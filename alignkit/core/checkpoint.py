@@ -20,11 +20,12 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -176,38 +177,59 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is corrupt ({err})") from None
 
 
-def _load_weights(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+def _unreadable(path: Path, err: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path} is unreadable ({first_line(err)})")
+
+
+def _load_weights(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                  prepare: Callable[[], None]) -> None:
+    """Load weights and optimizer state; ``prepare()`` runs first (for a single-file checkpoint:
+    once both files have proved readable, so a corrupt one changes nothing before the fallback)."""
     if (directory / SHARDED).is_dir():  # FSDP: a collective, every rank reads its shards
+        prepare()
         model_state, optim_state = get_state_dict(module, optimizer)
         state = {"model": model_state, "optim": optim_state}
         try:
             dcp.load(state, checkpoint_id=str(directory / SHARDED))
         except Exception as err:  # noqa: BLE001 -- DCP wraps file errors in its own types
-            raise CheckpointError(f"{directory / SHARDED} is unreadable ({first_line(err)})") from None
+            raise _unreadable(directory / SHARDED, err) from None
         set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         return
     state_file, optimizer_file = directory / "state.safetensors", directory / "optimizer.pt"
     try:
-        load_model(module, str(state_file), device=str(device))
+        with safe_open(str(state_file), framework="pt"):
+            pass  # the header parses
     except Exception as err:  # noqa: BLE001 -- safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{state_file} is unreadable ({first_line(err)})") from None
+        raise _unreadable(state_file, err) from None
     try:
-        optimizer.load_state_dict(torch.load(optimizer_file, map_location=device, weights_only=True))
+        optimizer_state = torch.load(optimizer_file, map_location=device, weights_only=True)
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"{optimizer_file} is unreadable ({first_line(err)})") from None
+        raise _unreadable(optimizer_file, err) from None
+    prepare()
+    try:
+        load_model(module, str(state_file), device=str(device))
+    except Exception as err:  # noqa: BLE001
+        raise _unreadable(state_file, err) from None
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except Exception as err:  # noqa: BLE001
+        raise _unreadable(optimizer_file, err) from None
 
 
 def load_checkpoint(
-    directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int, device: torch.device
+    directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int, device: torch.device,
+    prepare: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore module, optimizer (from ``sharded/`` under FSDP) and this rank's RNG; return
-    (trainer state, data state). Any unreadable part raises :class:`CheckpointError` naming the file."""
+    (trainer state, data state). ``prepare(step)`` runs before the weights are loaded (the trainer
+    drops the parameters the run had dropped by that step). Any unreadable part raises
+    :class:`CheckpointError` naming the file."""
     rng_file = directory / f"rng_rank{rank}.json"
     if not rng_file.is_file():
         raise CheckpointError(f"{rng_file} missing: resume with the same number of processes as the run")
     trainer = _read_json(directory / "trainer.json")
     data_state, rng = _read_json(directory / f"data_rank{rank}.json"), _read_json(rng_file)
-    _load_weights(directory, module, optimizer, device)
+    _load_weights(directory, module, optimizer, device, lambda: prepare(trainer["step"]) if prepare else None)
     try:
         set_rng_state(rng)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
@@ -216,12 +238,13 @@ def load_checkpoint(
 
 
 def load_latest(
-    run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int, device: torch.device
+    run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int, device: torch.device,
+    prepare: Callable[[int], None] | None = None,
 ) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
     """Load the newest readable checkpoint (falling back to older ones with a warning)."""
     for directory in reversed(checkpoint_dirs(run_dir)):
         try:
-            return directory, *load_checkpoint(directory, module, optimizer, rank, device)
+            return directory, *load_checkpoint(directory, module, optimizer, rank, device, prepare)
         except CheckpointError as err:
             warnings.warn(f"skipping checkpoint {directory.name}: {err}; trying the one before it", stacklevel=2)
     return None

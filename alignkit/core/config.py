@@ -101,23 +101,52 @@ class PairConfig:
     teacher_layer: int = -1
     student_layer: int = 3
     weight: float = checked(1.0, at_least(0))
-    teacher: str = "default"
+    teacher: str = ""  # "" = the term's teacher (presets: the main one, `default`)
+
+
+STRATEGIES = ("L2E", "L2M", "L2L", "M2E", "M2M", "M2L")
+TERM_TYPES = ("feature", "logit_kd")
+
+
+@dataclass
+class TermConfig:
+    """One alignment term (``align.terms.<i>``). ``type: feature`` pulls student layers toward a
+    teacher's layers; ``type: logit_kd`` distils the teacher's logits into the student's. Fields
+    marked (feature) / (logit_kd) belong to that type only. Objective, projection and schedule
+    names are registry names (:mod:`alignkit.core.registry`), checked when the config is validated."""
+
+    type: str = checked("feature", one_of(*TERM_TYPES))
+    teacher: str = "default"  # `default` = the `teacher` section; other names: entries of `teachers`
+    pairs: list[PairConfig] = field(default_factory=list)  # (feature) explicit pairs; [] = `strategy`
+    strategy: str = checked("L2E", one_of(*STRATEGIES))  # (feature)
+    early_layer: Optional[int] = None  # (feature) E of the strategy; None: see AlignConfig.early_layer
+    objective: str = "cosine"  # (feature) registered objective
+    objective_options: dict[str, Any] = field(default_factory=dict)  # (feature) keyword options, e.g. {alpha: 4} for logsum
+    projection: str = "interpolate"  # (feature) registered projection
+    temperature: float = checked(1.0, above(0))  # (logit_kd)
+    lambda0: Optional[float] = checked(None, at_least(0))  # weight at step 0; None: 0.1 (feature), 1.0 (logit_kd)
+    schedule: Optional[str] = None  # registered schedule; None: linear_decay (feature), constant (logit_kd)
+    stop_step: int = checked(200, at_least(-1))  # weight 0 from here on; -1 = never (schedule `constant` only)
 
 
 @dataclass
 class AlignConfig:
+    """Alignment: ``terms`` (a list of :class:`TermConfig`), or -- when ``terms`` is empty -- the
+    one-word preset ``method`` with the fields below, which expands to terms
+    (:func:`alignkit.core.terms.expand_terms`)."""
+
+    terms: list[TermConfig] = field(default_factory=list)
     method: str = checked("let", one_of("none", "let", "rkd", "salt"))
-    strategy: str = checked("L2E", one_of("L2E", "L2M", "L2L", "M2E", "M2M", "M2L"))  # ignored when `pairs` is given
-    # the student's "early" layer for E strategies; None = the student adapter's default
-    # (`align_layer` attribute: 3 for causal LMs as in the paper, a quarter of the depth for
-    # time-series students as in App. E)
+    strategy: str = checked("L2E", one_of(*STRATEGIES))  # ignored when `pairs` is given
+    # the student's "early" layer for E strategies; None = the student adapter's `align_layer`
+    # (hf_ts_classifier: a quarter of its depth, as in App. E), else 3 (the paper's)
     early_layer: Optional[int] = None
     pairs: list[PairConfig] = field(default_factory=list)
-    objective: str = checked("cosine", one_of("cosine", "logsum", "cca", "mse"))
+    objective: str = "cosine"  # registered objective: cosine | logsum | cca | mse | (yours)
     logsum_alpha: float = checked(4.0, above(0))
-    projection: str = checked("interpolate", one_of("interpolate", "linear", "none"))
+    projection: str = "interpolate"  # registered projection: interpolate | linear | none | (yours)
     lambda0: float = checked(0.1, above(0))
-    schedule: str = checked("linear_decay", one_of("linear_decay", "constant", "cosine", "step"))
+    schedule: str = "linear_decay"  # registered schedule: linear_decay | constant | cosine | step | (yours)
     stop_step: int = checked(200, at_least(1))  # a fifth of the default run, as the paper's 1500 of 7630
     kd_weight: float = checked(1.0, at_least(0))  # rkd / salt: weight of the logit-KD term
     kd_temperature: float = checked(1.0, above(0))

@@ -3,7 +3,11 @@
 
 All feature objectives are means over the counted positions, so ``lambda`` keeps the paper's
 meaning next to a token-averaged NLL (eq. 7 writes a sum; its mean is what pairs with a mean NLL).
-``kd`` is the logit distillation term (paper eq. 2) used by the RKD and SALT methods.
+``kd`` is the logit distillation term (paper eq. 2) of ``logit_kd`` terms (the RKD and SALT presets).
+
+The feature objectives register in :data:`~alignkit.core.registry.OBJECTIVES` at import; a
+plug-in adds its own with ``OBJECTIVES.register("name", f)``, ``f(s, t, mask, **options)``
+(``options``: a term's ``objective_options``).
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignkit.core.errors import ConfigError
+from alignkit.core.registry import OBJECTIVES
 
 Objective = Callable[..., Tensor]
 
@@ -33,16 +37,19 @@ def cosine_similarity(s: Tensor, t: Tensor, mask: Tensor | None = None) -> Tenso
     return (sim * weights).sum() / weights.sum().clamp(min=1.0)
 
 
+@OBJECTIVES.register("cosine")
 def cosine(s: Tensor, t: Tensor, mask: Tensor | None = None) -> Tensor:
     """Paper eq. 4/7: negative cosine similarity of the normalised vectors, averaged."""
     return -cosine_similarity(s, t, mask)
 
 
+@OBJECTIVES.register("mse")
 def mse(s: Tensor, t: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean squared error over counted positions and feature dimensions."""
     return F.mse_loss(_masked_rows(s.float(), mask), _masked_rows(t.float(), mask))
 
 
+@OBJECTIVES.register("logsum")
 def logsum(s: Tensor, t: Tensor, mask: Tensor | None = None, alpha: float = 4.0) -> Tensor:
     """Appendix H (Miles & Mikolajczyk, AAAI 2024): features are standardised per dimension
     over the counted positions (batch norm without affine, so scale gaps between a small and a
@@ -62,6 +69,7 @@ def _whitener(cov: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(torch.linalg.cholesky(cov), eye, upper=False)
 
 
+@OBJECTIVES.register("cca")
 def cca(s: Tensor, t: Tensor, mask: Tensor | None = None, ridge: float = 1e-3) -> Tensor:
     """Table 5's CCA objective: negative mean canonical correlation between the two feature
     sets over the counted positions (float64; covariances ridge-regularised relative to their
@@ -91,22 +99,14 @@ def kd(
 ) -> Tensor:
     """Paper eq. 2 at temperature T: cross-entropy of the teacher's softened next-token
     distribution under the student's, times T^2 (Hinton et al.), averaged over counted
-    positions. The two vocabularies are compared on their common prefix (same tokenizer,
+    positions ([B, S, V] per-token logits) or over samples ([B, C] per-sample class logits,
+    ``mask`` None). The two vocabularies are compared on their common prefix (same tokenizer,
     possibly padded embedding matrices)."""
     vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
     log_p_student = F.log_softmax(student_logits[..., :vocab].float() / temperature, dim=-1)
     p_teacher = F.softmax(teacher_logits[..., :vocab].float() / temperature, dim=-1)
-    per_position = -(p_teacher * log_p_student).sum(-1) * temperature**2
+    per_position = -(p_teacher * log_p_student).sum(-1) * temperature**2  # [B, S] per token, [B] per sample
     if mask is None:
         return per_position.mean()
     weights = mask.to(per_position.dtype)
     return (per_position * weights).sum() / weights.sum().clamp(min=1.0)
-
-
-FEATURE_OBJECTIVES: dict[str, Objective] = {"cosine": cosine, "logsum": logsum, "cca": cca, "mse": mse}
-
-
-def get_objective(name: str) -> Objective:
-    if name not in FEATURE_OBJECTIVES:
-        raise ConfigError(f"align.objective={name!r} is unknown (choose from {sorted(FEATURE_OBJECTIVES)})")
-    return FEATURE_OBJECTIVES[name]

@@ -69,8 +69,7 @@ def wrap_model(module: nn.Module, cfg: TrainConfig, dist: DistInfo) -> tuple[nn.
             if cfg.compile:
                 block.compile()
     if parallel == "ddp":
-        has_projection_params = module.engine is not None and any(True for _ in module.engine.parameters())
-        return DistributedDataParallel(module, find_unused_parameters=has_projection_params), parallel
+        return ddp(module), parallel
     if parallel == "fsdp":
         ensure_process_group(next(module.parameters()).device)
         policy = _mixed_precision(cfg)
@@ -79,6 +78,14 @@ def wrap_model(module: nn.Module, cfg: TrainConfig, dist: DistInfo) -> tuple[nn.
         fully_shard(student, mp_policy=policy)  # embedding, final norm, head
         fully_shard(module, mp_policy=policy)  # learned projections of the engine
     return module, parallel
+
+
+def ddp(module: nn.Module) -> DistributedDataParallel:
+    """DDP over the step module, without ``find_unused_parameters`` (a graph walk every step):
+    every parameter takes part in every step -- the engine keeps an idle term's learned
+    projection in the graph, and the trainer rewraps the module when a stopped term's
+    projection leaves it."""
+    return DistributedDataParallel(module)
 
 
 def shard_teacher(teacher: Any, device: torch.device) -> None:

@@ -1,8 +1,12 @@
 """Projections from the student's width to the teacher's (paper Appendix G).
 
 ``interpolate`` is eq. 6: endpoint-aligned linear interpolation along the hidden dimension,
-parameter-free. ``linear`` is a learned map trained with the student and dropped at stop_step.
+parameter-free. ``linear`` is a learned map trained with the student; the engine drops it (and the
+trainer takes it out of the optimizer) at its term's stop step.
 ``none`` is the identity and requires equal widths.
+
+Each registers in :data:`~alignkit.core.registry.PROJECTIONS` as ``f(student_width,
+teacher_width, key) -> nn.Module`` (``key``: the config key that chose it, for errors).
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.core.errors import ConfigError
+from alignkit.core.registry import PROJECTIONS
 
 
 def interpolate(h: Tensor, width: int) -> Tensor:
@@ -36,16 +41,26 @@ class Interpolate(nn.Module):
         return interpolate(h, self.width)
 
 
+@PROJECTIONS.register("interpolate")
+def interpolated(student_width: int, teacher_width: int, key: str = "align.projection") -> nn.Module:
+    return Interpolate(teacher_width) if student_width != teacher_width else nn.Identity()
+
+
+@PROJECTIONS.register("linear")
+def linear(student_width: int, teacher_width: int, key: str = "align.projection") -> nn.Module:
+    return nn.Linear(student_width, teacher_width, bias=False)
+
+
+@PROJECTIONS.register("none")
+def identity(student_width: int, teacher_width: int, key: str = "align.projection") -> nn.Module:
+    if student_width != teacher_width:
+        raise ConfigError(
+            f"{key}='none' but the student's width {student_width} differs from the teacher's "
+            f"{teacher_width}; use 'interpolate' or 'linear'"
+        )
+    return nn.Identity()
+
+
 def build_projection(kind: str, student_width: int, teacher_width: int, key: str = "align.projection") -> nn.Module:
-    if kind == "interpolate":
-        return Interpolate(teacher_width) if student_width != teacher_width else nn.Identity()
-    if kind == "linear":
-        return nn.Linear(student_width, teacher_width, bias=False)
-    if kind == "none":
-        if student_width != teacher_width:
-            raise ConfigError(
-                f"{key}='none' but the student's width {student_width} differs from the teacher's "
-                f"{teacher_width}; use 'interpolate' or 'linear'"
-            )
-        return nn.Identity()
-    raise ConfigError(f"{key}={kind!r} is unknown (choose from interpolate, linear, none)")
+    """The registered projection ``kind`` (an error naming ``key`` and the known names if none)."""
+    return PROJECTIONS.get(kind, key)(student_width, teacher_width, key)

@@ -6,6 +6,8 @@ schedule is exactly 0 from ``stop_step`` on, which is when the engine frees the 
   constant      lambda0 until stop_step
   cosine        lambda0 * (1 + cos(pi * s / stop)) / 2 until stop_step
   step          lambda0 * gamma ** (s // step_size) until stop_step
+Each registers in :data:`~alignkit.core.registry.SCHEDULES` as ``f(lambda0, stop_step) -> (step -> weight)``;
+a term that never stops passes ``stop_step = math.inf`` (only ``constant`` accepts it).
 Learning-rate schedules are in :mod:`alignkit.core.optim`.
 """
 from __future__ import annotations
@@ -13,11 +15,12 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from alignkit.core.errors import ConfigError
+from alignkit.core.registry import SCHEDULES
 
 Schedule = Callable[[int], float]
 
 
+@SCHEDULES.register("linear_decay")
 def linear_decay(lambda0: float, stop_step: int) -> Schedule:
     """Paper eq. 5. ``linear_decay(0.1, 1500)(750) == 0.05``."""
 
@@ -27,6 +30,7 @@ def linear_decay(lambda0: float, stop_step: int) -> Schedule:
     return weight
 
 
+@SCHEDULES.register("constant")
 def constant(lambda0: float, stop_step: int) -> Schedule:
     def weight(step: int) -> float:
         return lambda0 if step < stop_step else 0.0
@@ -34,6 +38,7 @@ def constant(lambda0: float, stop_step: int) -> Schedule:
     return weight
 
 
+@SCHEDULES.register("cosine")
 def cosine(lambda0: float, stop_step: int) -> Schedule:
     def weight(step: int) -> float:
         if step >= stop_step:
@@ -43,6 +48,7 @@ def cosine(lambda0: float, stop_step: int) -> Schedule:
     return weight
 
 
+@SCHEDULES.register("step")
 def step(lambda0: float, stop_step: int, step_size: int = 0, gamma: float = 0.5) -> Schedule:
     size = step_size or max(1, stop_step // 4)
 
@@ -52,15 +58,6 @@ def step(lambda0: float, stop_step: int, step_size: int = 0, gamma: float = 0.5)
     return weight
 
 
-WEIGHT_SCHEDULES: dict[str, Callable[..., Schedule]] = {
-    "linear_decay": linear_decay,
-    "constant": constant,
-    "cosine": cosine,
-    "step": step,
-}
-
-
-def build_weight_schedule(name: str, lambda0: float, stop_step: int) -> Schedule:
-    if name not in WEIGHT_SCHEDULES:
-        raise ConfigError(f"align.schedule={name!r} is unknown (choose from {sorted(WEIGHT_SCHEDULES)})")
-    return WEIGHT_SCHEDULES[name](lambda0, stop_step)
+def build_weight_schedule(name: str, lambda0: float, stop_step: float, key: str = "align.schedule") -> Schedule:
+    """The registered schedule ``name`` (an error naming ``key`` and the known names if none)."""
+    return SCHEDULES.get(name, key)(lambda0, stop_step)

@@ -160,7 +160,8 @@ class Trainer:
     # --- resume / checkpoints ---------------------------------------------------------------
     def resume(self, directory: Path) -> None:
         """Continue from the checkpoint in ``directory``."""
-        state, data_state = ckpt.load_checkpoint(directory, self.module, self.optimizer, self.dist.rank, self.device)
+        state, data_state = ckpt.load_checkpoint(directory, self.module, self.optimizer, self.dist.rank, self.device,
+                                                 prepare=self._retire_parameters)
         self._restore(directory, state, data_state)
 
     def resume_latest(self) -> Path | None:
@@ -170,7 +171,8 @@ class Trainer:
             for leftover in ckpt.remove_staging(self.run_dir):
                 warnings.warn(f"removed {leftover}: a checkpoint write that never finished", stacklevel=2)
         barrier(self.dist)
-        found = ckpt.load_latest(self.run_dir, self.module, self.optimizer, self.dist.rank, self.device)
+        found = ckpt.load_latest(self.run_dir, self.module, self.optimizer, self.dist.rank, self.device,
+                                 prepare=self._retire_parameters)
         steps = all_reduce_mean(torch.tensor([float(found[1]["step"]) if found else -1.0]), self.dist)
         if found and float(steps) != found[1]["step"]:
             raise CheckpointError(f"{self.run_dir}: ranks found different usable checkpoints; check the rank files")
@@ -183,8 +185,7 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens"]
         self.eval_pending, self.last_eval = state.get("eval_pending", False), state.get("last_eval", {})
         self.task.load_state_dict(data_state)
-        if self.engine is not None and self.engine.release_step is not None and self.step >= self.engine.release_step:
-            self.engine.release()
+        if self.engine is not None and self.engine.after_step(self.step - 1):  # teachers over before this step
             self._teacher_released()
         self._call("on_load", directory, state)
 
@@ -347,6 +348,7 @@ class Trainer:
         teacher_active = self.engine is not None and self.engine.active(step)
         if self.engine is not None and self.engine.after_step(step):
             self._teacher_released()
+        self._retire_parameters(step + 1)
         self.step += 1
         self._pending_tokens += tokens
         record = None
@@ -358,6 +360,23 @@ class Trainer:
             record = {"step": self.step, **dict(zip(keys, values[:-1])), "lr": lr, "grad_norm": values[-1],
                       "tokens": self.tokens, "teacher_active": teacher_active}
         self._call("on_step_end", record)
+
+    def _retire_parameters(self, step: int) -> None:
+        """The learned projections of alignment terms that are over by ``step`` leave the step
+        module (and so checkpoints), the optimizer (groups and state) and gradient clipping;
+        DDP is rewrapped without them. Called after each step, and on resume before the
+        checkpoint's weights are loaded (whose optimizer state no longer holds them)."""
+        retired = {id(p) for p in self.engine.retire(step)} if self.engine is not None else set()
+        if not retired:
+            return
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                if id(param) in retired:
+                    self.optimizer.state.pop(param, None)
+            group["params"] = [p for p in group["params"] if id(p) not in retired]
+        self.params = [p for p in self.params if id(p) not in retired]
+        if self.parallel == "ddp":
+            self.model = parallel.ddp(self.module)
 
     def _teacher_released(self) -> None:
         release = getattr(self.task, "release_teacher", None)  # optional in the Task protocol
