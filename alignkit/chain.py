@@ -19,12 +19,13 @@ from alignkit.core.adapter import DataInfo, TeacherAdapter
 from alignkit.core.config import ModelConfig
 from alignkit.core.engine import AlignmentEngine, build_engine
 from alignkit.core.registry import build_student, build_teacher
+from alignkit.core.terms import expand_terms
 
 
 def teacher_configs(cfg: Any) -> dict[str, ModelConfig]:
     """The teachers a run uses: the main one as ``default``, then the named extras (none
-    when ``align.method`` is ``none``)."""
-    if cfg.align.method == "none":
+    when no alignment term is set, e.g. ``align.method: none``)."""
+    if not expand_terms(cfg.align):
         return {}
     return {"default": cfg.teacher, **cfg.teachers}
 

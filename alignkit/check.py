@@ -20,6 +20,7 @@ import torch
 from alignkit.chain import build_models, teacher_configs
 from alignkit.core.config import ConfigError, resolve_grad_accum
 from alignkit.core.distributed import DistInfo
+from alignkit.core.terms import logit_kd_terms
 from alignkit.experiment import ExperimentConfig
 from alignkit.memory import GB, GPU_BYTES, RunSetting, estimate_memory, transformer_shape
 from alignkit.tasks import build_task
@@ -44,7 +45,7 @@ def _memory(cfg: ExperimentConfig, student: Any, main_teacher: Any, seq_len: int
     run = RunSetting(
         micro_batch=cfg.train.micro_batch_size, seq_len=seq_len, precision=cfg.train.precision,
         processes=processes, grad_accum=grad_accum, teacher_params=teacher[0], teacher_width=teacher[1],
-        teacher_bytes_per_param=teacher[2], logit_kd=cfg.align.method in ("rkd", "salt"),
+        teacher_bytes_per_param=teacher[2], logit_kd=bool(logit_kd_terms(cfg.align)),
     )
     from alignkit.adapters.hf_causal import find_blocks
 

@@ -83,13 +83,14 @@ def _cmd_pretrain_teacher(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from alignkit.adapters.hf_causal import load_tokenizer
+    from alignkit.chain import teacher_configs
     from alignkit.experiment import load_experiment
     from alignkit.tasks.token_shards import prepare
 
     cfg = load_experiment(args.config, args.overrides)
     if not hasattr(cfg.task, "text"):
         raise ConfigError(f"alignkit prepare tokenizes text: task.name={cfg.task.name} has no task.text section")
-    teacher = load_tokenizer(cfg.teacher) if cfg.align.method != "none" else None
+    teacher = load_tokenizer(cfg.teacher) if teacher_configs(cfg) else None
     name = lambda m: m.options.tokenizer or m.name_or_path  # noqa: E731
     manifest = prepare(cfg.task.text, load_tokenizer(cfg.student), args.out, workers=args.workers,
                        tokenizer_name=name(cfg.student), teacher_tokenizer=teacher, teacher_name=name(cfg.teacher),

@@ -108,8 +108,7 @@ def type_model_options(cfg: ExperimentConfig) -> None:
     """Each model's ``options`` mapping becomes its adapter's options dataclass (unknown or
     mistyped options fail here, naming the key; their range rules join :func:`validate`)."""
     cfg.student = typed_options(cfg.student, "student")
-    if cfg.align.method != "none":
-        cfg.teacher = typed_options(cfg.teacher, "teacher")
+    cfg.teacher = typed_options(cfg.teacher, "teacher")
     cfg.teachers = {name: typed_options(model, f"teachers.{name}") for name, model in cfg.teachers.items()}
 
 

@@ -34,7 +34,8 @@ def fit(run_dir: Path, align: AlignConfig, steps: int = 6, resume: str = "", sto
     engine = build_engine(align, student, teachers)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(steps=steps, micro_batch_size=4, lr=1e-2, eval_every=0, **train)
-    trainer = Trainer(cfg, student, engine, ToyTask(), run_dir, torch.device("cpu"), progress=False)
+    trainer = Trainer(cfg=cfg, student=student, engine=engine, task=ToyTask(), run_dir=run_dir, device=torch.device("cpu"),
+                      progress=False)
     if resume:
         trainer.resume(run_dir / "checkpoints" / resume)
     trainer.cfg.steps = stop_at or steps  # stop early, on the schedules of the full run

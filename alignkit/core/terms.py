@@ -98,6 +98,11 @@ def expand_terms(cfg: AlignConfig) -> list[Term]:
             for i, term in enumerate(cfg.terms)]
 
 
+def logit_kd_terms(cfg: AlignConfig, teacher: str = "default") -> list[Term]:
+    """The logit-distillation terms that use ``teacher``."""
+    return [term for term in expand_terms(cfg) if term.kind == "logit_kd" and term.cfg.teacher == teacher]
+
+
 def objective_of(term: Term) -> Objective:
     """The registered objective of a feature term with its ``objective_options`` bound."""
     objective = OBJECTIVES.get(term.cfg.objective, term.key("objective"))

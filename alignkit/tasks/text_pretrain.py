@@ -18,6 +18,7 @@ from torch import nn
 
 from alignkit.core.adapter import Batch, DataInfo
 from alignkit.core.config import ConfigError, at_least, checked
+from alignkit.core.terms import logit_kd_terms
 from alignkit.core.trainer import to_device
 from alignkit.tasks.base import TaskBase, TaskConfig
 from alignkit.tasks.text_data import TextData, TextDataConfig, _Encoder, build_text_data, teacher_encoder
@@ -69,8 +70,9 @@ class TextPretrainTask(TaskBase):
         differ = teacher_encoder(_Encoder(student_tokenizer, "student tokenizer"), teacher_tokenizer) is not None
         if differ and self.cfg.teachers:
             raise ConfigError("teachers: extra teachers need the student's tokenizer (only `teacher` may differ)")
-        if differ and self.cfg.align.method in ("rkd", "salt"):
-            raise ConfigError(f"align.method={self.cfg.align.method} (logit KD) needs teacher and student to share a tokenizer")
+        kd_terms = logit_kd_terms(self.cfg.align)
+        if differ and kd_terms:
+            raise ConfigError(f"{kd_terms[0].origin} (logit KD) needs teacher and student to share a tokenizer")
         return differ
 
     def _info(self, tokenizer: Any) -> DataInfo:
