@@ -49,7 +49,10 @@ class Registry(Generic[T]):
         return item
 
     def get(self, name: str, key: str) -> T:
-        """The component called ``name``; ``key`` is the config key that named it (for the error)."""
+        """The component called ``name``; ``key`` is the config key that named it (for the error).
+        The built-ins and plug-ins are loaded first if nothing has loaded them yet."""
+        if name not in self._items and not _LOADED:
+            load_plugins()
         if name not in self._items:
             known = ", ".join(sorted(self._items)) or "none registered"
             raise ConfigError(f"{key}={name!r} is not a registered {self.kind} (known: {known})")

@@ -1,0 +1,143 @@
+"""The README's "Extend alignkit" plug-in, run as written: a teacher adapter with typed options
+and an objective, plus (written here) a task, all registered by plug-in modules and used end to end."""
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = ("{model_type: llama, hidden_size: %d, intermediate_size: 64, num_hidden_layers: 3, num_attention_heads: 4,"
+        " num_key_value_heads: 4, vocab_size: 64, max_position_embeddings: 64}")
+
+REPEAT_TASK = '''
+"""A synthetic task: sequences whose second half repeats the first (only that half is learnable)."""
+from dataclasses import dataclass
+
+import torch
+
+from alignkit.core.adapter import DataInfo
+from alignkit.core.registry import TASKS
+from alignkit.tasks.base import TaskBase, TaskConfig, TaskSpec
+
+
+@dataclass
+class RepeatConfig(TaskConfig):
+    vocab: int = 64
+    seq_len: int = 16
+    eval_batches: int = 2
+
+
+class RepeatTask(TaskBase):
+    loss_name = "nll"
+
+    def _batch(self, generator, size):
+        half = torch.randint(0, self.cfg.task.vocab, (size, self.cfg.task.seq_len // 2), generator=generator)
+        ids = torch.cat([half, half], 1)
+        return {"input_ids": ids, "labels": ids}
+
+    def describe_data(self, teachers):
+        return DataInfo(vocab_size=self.cfg.task.vocab, seq_len=self.cfg.task.seq_len)
+
+    def build_data(self, teachers):
+        self.position = 0
+        return self.describe_data(teachers)
+
+    def train_batches(self, micro_batch_size):
+        while True:
+            generator = torch.Generator().manual_seed(self.position)
+            self.position += 1
+            yield self._batch(generator, micro_batch_size)
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+    def evaluate(self, student, device):
+        generator = torch.Generator().manual_seed(10**6)
+        losses = [float(student(self._batch(generator, 4), []).loss) for _ in range(self.cfg.task.eval_batches)]
+        return {"eval_loss": sum(losses) / len(losses)}
+
+    def export(self, student, directory):
+        student.save_pretrained(directory)
+
+
+TASKS.register("repeat", TaskSpec(RepeatConfig, RepeatTask, ("eval_loss",)))
+'''
+
+
+def readme_plugin() -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"```python\n# my_alignkit_plugin.py\n(.*?)```", text, re.S)
+    assert match, "README lost its 'Extend alignkit' plug-in"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("plugins")
+    (folder / "my_alignkit_plugin.py").write_text(readme_plugin())
+    (folder / "repeat_task.py").write_text(REPEAT_TASK)
+    return folder
+
+
+def test_readme_plugin_teacher_and_objective_compute_what_they_say(plugin_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(plugin_dir))
+    import my_alignkit_plugin as plugin
+
+    from alignkit.adapters.hf_causal import HFCausalTeacher, load_hf_causal_lm
+    from alignkit.core.config import ModelConfig
+    from alignkit.core.registry import OBJECTIVES, build_teacher
+
+    arch = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 64}
+    torch.manual_seed(0)
+    teacher = build_teacher(ModelConfig(kind="hf_layer_average", options={"arch": arch, "average_last": 2}))
+    plain = HFCausalTeacher(teacher.model, "post_norm")
+    batch = {"input_ids": torch.randint(0, 64, (2, 8))}
+    blocks = plain.features(batch, [2, 3])
+    assert torch.allclose(teacher.features(batch, [-1])[-1], (blocks[2] + blocks[3]) / 2)
+    with pytest.raises(ValueError, match=r"teacher.options.average_last=5 must be in 1..3"):
+        build_teacher(ModelConfig(kind="hf_layer_average", options={"arch": arch, "average_last": 5}))
+    s = torch.randn(2, 8, 16)
+    centered = OBJECTIVES.get("centered_cosine", "objective")
+    assert float(centered(s, s + 5.0)) == pytest.approx(-1.0, abs=1e-5)  # a shared offset does not count
+    assert float(OBJECTIVES.get("cosine", "objective")(s, s + 5.0)) > -0.9  # the plain cosine sees it
+    assert plugin.LayerAverageOptions().average_last == 4
+
+
+def test_plugin_adapter_task_and_objective_train_end_to_end(plugin_dir, tmp_path):
+    recipe = tmp_path / "plugged.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        output_dir: {tmp_path / 'runs'}
+        run_name: plugged
+        student: {{kind: hf_causal, source: config, options: {{arch: {ARCH % 32}}}}}
+        teacher: {{kind: hf_layer_average, source: config, options: {{average_last: 2, arch: {ARCH % 24}}}}}
+        task: {{name: repeat, seq_len: 16}}
+        align: {{objective: centered_cosine, early_layer: 2, stop_step: 4}}
+        train: {{steps: 6, micro_batch_size: 4, eval_every: 3, lr: 3.0e-3, select_metric: eval_loss, select_mode: min}}
+        """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_dir), str(ROOT)]),
+           "ALIGNKIT_PLUGINS": "my_alignkit_plugin,repeat_task", "OMP_NUM_THREADS": "1"}
+    for command in (["check", str(recipe)], ["train", str(recipe), "--no-progress"]):
+        done = subprocess.run([sys.executable, "-m", "alignkit", *command], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "runs" / "plugged"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    aligned = [r for r in rows if "align/t-1-s2" in r]
+    assert [r["step"] for r in aligned] == [1, 2, 3, 4] and all(-1.0 <= r["align/t-1-s2"] <= 1.0 for r in aligned)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]
+    assert json.loads((run / "results.json").read_text())["best_eval_loss"] > 0
+    saved = (run / "config.yaml").read_text()
+    assert "name: repeat" in saved and "average_last: 2" in saved and "eval_batches: 2" in saved
+    bad = subprocess.run([sys.executable, "-m", "alignkit", "check", str(recipe), "teacher.options.average_lst=2"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "teacher.options.average_lst" in bad.stderr and "average_last" in bad.stderr
