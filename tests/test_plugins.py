@@ -89,7 +89,13 @@ def plugin_dir(tmp_path_factory) -> Path:
 
 
 def test_readme_plugin_teacher_and_objective_compute_what_they_say(plugin_dir, monkeypatch):
+    from alignkit.core import registry
+
+    registry.load_plugins()
+    for table in (registry.ADAPTERS, registry.OBJECTIVES):  # the plug-in's names leave with this test
+        monkeypatch.setattr(table, "_items", dict(table._items))
     monkeypatch.syspath_prepend(str(plugin_dir))
+    monkeypatch.delitem(sys.modules, "my_alignkit_plugin", raising=False)
     import my_alignkit_plugin as plugin
 
     from alignkit.adapters.hf_causal import HFCausalTeacher, load_hf_causal_lm
@@ -111,6 +117,7 @@ def test_readme_plugin_teacher_and_objective_compute_what_they_say(plugin_dir, m
     assert float(centered(s, s + 5.0)) == pytest.approx(-1.0, abs=1e-5)  # a shared offset does not count
     assert float(OBJECTIVES.get("cosine", "objective")(s, s + 5.0)) > -0.9  # the plain cosine sees it
     assert plugin.LayerAverageOptions().average_last == 4
+    del sys.modules["my_alignkit_plugin"]
 
 
 def test_plugin_adapter_task_and_objective_train_end_to_end(plugin_dir, tmp_path):
