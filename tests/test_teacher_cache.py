@@ -122,3 +122,18 @@ def test_cache_settings_go_with_terms_and_refuse_a_sharded_teacher(tmp_path):
     sharded = {"default": ModelConfig(options={"shard": True})}
     with pytest.raises(ConfigError, match="teacher.options.shard"):
         chain.build_teachers(sharded, device=torch.device("cpu"), data=None, align=AlignConfig(teacher_cache=str(tmp_path)))
+
+
+def test_time_series_rkd_replays_per_sample_logits(tmp_path, monkeypatch):
+    """A pre-trained TimesNet teacher's class logits: the replay equals the recording run."""
+    pytest.importorskip("aeon")
+    from test_ts_e2e import RECIPE, TINY
+
+    torch.set_num_threads(1)
+    overrides = [*TINY, "task.teacher_pretrain.steps=4", "train.steps=3", "train.eval_every=3", "align.method=rkd",
+                 f"align.teacher_cache={tmp_path / 'cache'}", "align.teacher_cache_dtype=float32", "--no-progress"]
+    for name in ("record", "replay"):
+        counter = Counter(monkeypatch)
+        assert main(["train", RECIPE, f"output_dir={tmp_path}", f"run_name={name}", *overrides]) == 0
+    assert counter.calls == 0 and metrics(tmp_path / "replay") == metrics(tmp_path / "record")
+    assert all(row["kd"] > 0 for row in metrics(tmp_path / "replay") if "ce" in row)
