@@ -6,7 +6,8 @@
 
 A TimesNet teacher without weights is trained by the teacher pre-training stage before the
 chain runs; on the meta device (``check``) it is built untrained from its options instead,
-which gives the same layers and widths.
+which gives the same layers and widths. With ``align.teacher_cache`` set, each teacher is a
+:class:`~alignkit.core.teacher_cache.CachedTeacher`, built only when the cache cannot answer.
 """
 from __future__ import annotations
 
