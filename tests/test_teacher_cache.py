@@ -75,15 +75,20 @@ def test_changed_batches_miss_and_run_the_teacher(recorded, monkeypatch, capsys)
 
 def test_an_interrupted_recording_is_used_and_resume_replays(recorded, monkeypatch, capsys):
     """The teacher dies at step 3 (after the step-2 checkpoint): the two batches it recorded are
-    replayed by the next run, which records the rest; the resumed first run then replays all."""
+    replayed by the next run (a damaged shard is skipped), which records the rest; the resumed
+    first run then replays all."""
     monkeypatch.setattr(teacher_cache, "SHARD_CALLS", 1)
     cache = [f"align.teacher_cache={recorded / 'partial'}", "align.teacher_cache_dtype=float32", "train.save_every=2"]
     Counter(monkeypatch, fail_at=3)
     with pytest.raises(RuntimeError, match="went away"):
         train(recorded, "cut", *cache)
-    assert len(list((recorded / "partial").glob("*/shard-*.safetensors"))) == 2
+    shards = list((recorded / "partial").glob("*/shard-*.safetensors"))
+    assert len(shards) == 2
+    (shards[0].parent / "shard-damaged.safetensors").write_bytes(b"not a shard")  # skipped with a warning
     counter = Counter(monkeypatch)
-    assert train(recorded, "after-cut", *cache) == 0
+    with pytest.warns(UserWarning, match="skipping unreadable"):
+        assert train(recorded, "after-cut", *cache) == 0
+    (shards[0].parent / "shard-damaged.safetensors").unlink()
     assert counter.calls == 2 and "replayed 2 of 4 batches" in capsys.readouterr().err
     counter = Counter(monkeypatch)
     assert train(recorded, "cut", *cache, resume=True) == 0

@@ -28,17 +28,19 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from alignkit.core.adapter import Batch, TeacherAdapter
 from alignkit.core.checkpoint import kept_rng
+from alignkit.core.errors import ConfigError
 
 __all__ = ["CachedTeacher", "open_cached_teacher", "file_identity"]
 
@@ -69,22 +71,29 @@ def file_identity(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _weights_digest(teacher: Any) -> str:
+def _weights_digest(teacher: Any, label: str) -> str:
     model = getattr(teacher, "model", None)
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"{type(teacher).__name__} has no weight files and no .model to hash")
+        raise ConfigError(f"align.teacher_cache: teacher {label!r} ({type(teacher).__name__}) has no weight files and "
+                          "no .model to hash, so the cache cannot be keyed on its weights; run it without the cache")
     return digest(sorted(model.state_dict().items(), key=lambda kv: kv[0]))
 
 
 def _size(n: float) -> str:
-    unit = max((u for u in enumerate(("B", "KB", "MB", "GB")) if n >= 1024 ** u[0] or u[0] == 0))
-    return f"{n / 1024 ** unit[0]:.1f} {unit[1]}"
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def _say(message: str) -> None:
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    prefix = f"[rank {rank}] " if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 else ""
-    print(f"{prefix}teacher cache: {message}", file=sys.stderr, flush=True)
+    many = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    print(f"{f'[rank {_rank()}] ' if many else ''}teacher cache: {message}", file=sys.stderr, flush=True)
 
 
 class _Shards:
@@ -93,19 +102,24 @@ class _Shards:
 
     def __init__(self, folder: Path, dtype: torch.dtype) -> None:
         self.folder, self.dtype = folder, dtype
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        self.writer = f"r{rank}-{os.getpid()}-{os.urandom(4).hex()}"
+        self.writer = f"r{_rank()}-{os.getpid()}-{os.urandom(4).hex()}"
         self.where: dict[str, Path] = {}
         self.handles: dict[Path, Any] = {}
         self.buffer: dict[str, Tensor] = {}
         self.buffered_calls, self.buffered_bytes, self.written = 0, 0, 0
+        self.failed = False
         self.scan()
 
     def scan(self) -> None:
         """Index the finished shards not seen yet (ours and other writers')."""
         for path in sorted(self.folder.glob("shard-*.safetensors")):
             if path not in self.handles:
-                self.handles[path] = safe_open(str(path), framework="pt")
+                try:
+                    self.handles[path] = safe_open(str(path), framework="pt")
+                except (OSError, SafetensorError) as err:  # damaged on disk: its batches run the teacher again
+                    warnings.warn(f"teacher cache: skipping unreadable {path}: {err}", stacklevel=2)
+                    self.handles[path] = None
+                    continue
                 self.where.update(dict.fromkeys(self.handles[path].keys(), path))
 
     def entries(self) -> int:
@@ -119,6 +133,8 @@ class _Shards:
 
     def put(self, tensors: Mapping[str, Tensor]) -> int:
         """Buffer one batch's tensors (in the cache dtype); returns their size in bytes."""
+        if self.failed:
+            return 0
         stored = {name: t.detach().to("cpu", self.dtype, copy=True).contiguous() for name, t in tensors.items()}
         size = sum(t.numel() * t.element_size() for t in stored.values())
         self.buffer.update(stored)
@@ -132,9 +148,14 @@ class _Shards:
             return
         name = f"shard-{self.writer}-{self.written:05d}.safetensors"
         temporary = self.folder / f".tmp-{name}"
-        save_file(self.buffer, str(temporary))
-        os.chmod(temporary, 0o644)  # shared like the run folders (safetensors writes 0600)
-        os.replace(temporary, self.folder / name)  # readers only ever see finished shards
+        try:
+            save_file(self.buffer, str(temporary))
+            os.chmod(temporary, 0o644)  # shared like the run folders (safetensors writes 0600)
+            os.replace(temporary, self.folder / name)  # readers only ever see finished shards
+        except (OSError, SafetensorError) as err:  # a full disk costs the recording, never the run
+            warnings.warn(f"teacher cache: cannot write {self.folder / name} ({err}); recording stops", stacklevel=2)
+            temporary.unlink(missing_ok=True)
+            self.failed = True
         self.written += 1
         self.buffer, self.buffered_calls, self.buffered_bytes = {}, 0, 0
         self.scan()
@@ -226,7 +247,7 @@ def open_cached_teacher(root: Path, *, config: Mapping[str, Any], weight_files: 
         weights: Any = [file_identity(Path(p)) for p in weight_files]
     else:
         teacher = build()
-        weights = _weights_digest(teacher)
+        weights = _weights_digest(teacher, label)
     key = {"format": FORMAT, "teacher": dict(config), "weights": weights, "cache_dtype": dtype,
            "device": torch.device(device).type, "torch": torch.__version__}
     text = json.dumps(key, sort_keys=True, default=str)
