@@ -258,9 +258,12 @@ def open_cached_teacher(root: Path, *, config: Mapping[str, Any], weight_files: 
     else:
         teacher = teacher or build()
         layout = _layout(teacher)
-        folder.mkdir(parents=True, exist_ok=True)
         temporary = folder / f".tmp-{os.getpid()}-{MANIFEST}"
-        temporary.write_text(json.dumps({**layout, "key": json.loads(text)}, indent=2))
-        os.replace(temporary, manifest)  # concurrent writers write the same content
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps({**layout, "key": json.loads(text)}, indent=2))
+            os.replace(temporary, manifest)  # concurrent writers write the same content
+        except OSError as err:
+            raise ConfigError(f"align.teacher_cache={root}: cannot write {folder} ({err.strerror})") from None
     return CachedTeacher(folder=folder, layout=layout, build=build, teacher=teacher, dtype=DTYPES[dtype],
                          device=device, label=label)
