@@ -6,20 +6,31 @@
 
 A TimesNet teacher without weights is trained by the teacher pre-training stage before the
 chain runs; on the meta device (``check``) it is built untrained from its options instead,
-which gives the same layers and widths.
+which gives the same layers and widths. With ``align.teacher_cache`` set, each teacher is a
+:class:`~alignkit.core.teacher_cache.CachedTeacher`, built only when the cache cannot answer.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from alignkit.core.adapter import DataInfo, TeacherAdapter
-from alignkit.core.config import ModelConfig
+from alignkit.core.checkpoint import kept_rng
+from alignkit.core.config import AlignConfig, ConfigError, ModelConfig
 from alignkit.core.engine import AlignmentEngine, build_engine
-from alignkit.core.registry import build_student, build_teacher
+from alignkit.core.registry import build_student, build_teacher, typed_options
+from alignkit.core.teacher_cache import CachedTeacher, open_cached_teacher
 from alignkit.core.terms import expand_terms
+
+
+# files whose identity keys the teacher cache (weights and the model's config; not tokenizers,
+# whose effect is in the batches, nor files an import writes, such as __pycache__)
+WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json")
 
 
 def teacher_configs(cfg: Any) -> dict[str, ModelConfig]:
@@ -40,16 +51,47 @@ def needs_pretraining(model: ModelConfig) -> bool:
     return model.kind == "timesnet" and not model.name_or_path
 
 
-def build_teachers(configs: Mapping[str, ModelConfig], *, device: torch.device, data: DataInfo) -> dict[str, TeacherAdapter]:
+def build_teachers(configs: Mapping[str, ModelConfig], *, device: torch.device, data: DataInfo,
+                   align: AlignConfig | None = None) -> dict[str, TeacherAdapter]:
+    """The teachers, each behind the teacher cache when ``align.teacher_cache`` is set (not on
+    the meta device). Building a teacher leaves the random streams as they were, so what is
+    drawn next (a ``linear`` projection) does not depend on whether a teacher was built."""
     teachers = {}
     for name, model in configs.items():
-        if needs_pretraining(model) and device.type == "meta":  # `check`: the shape the stage would train
-            from alignkit.adapters.timesnet import TimesNetTeacher
+        with kept_rng():
+            if needs_pretraining(model) and device.type == "meta":  # `check`: the shape the stage would train
+                from alignkit.adapters.timesnet import TimesNetTeacher
 
-            teachers[name] = TimesNetTeacher(build_student(model, device=device, data=data))
-        else:
-            teachers[name] = build_teacher(model, device=device, data=data, key=teacher_key(name))
+                teachers[name] = TimesNetTeacher(build_student(model, device=device, data=data))
+            elif align is not None and align.teacher_cache and device.type != "meta":
+                teachers[name] = _cached_teacher(name, model, device, data, align)
+            else:
+                teachers[name] = build_teacher(model, device=device, data=data, key=teacher_key(name))
     return teachers
+
+
+def weight_files(model: ModelConfig) -> list[Path]:
+    """The local files a teacher's weights come from (none: a random init or a hub id)."""
+    from alignkit.adapters.hf_causal import resolve_path
+
+    if model.source == "config" or not model.name_or_path:
+        return []
+    path = Path(resolve_path(model.name_or_path))
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.glob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES) if path.is_dir() else []
+
+
+def _cached_teacher(name: str, model: ModelConfig, device: torch.device, data: DataInfo, align: AlignConfig) -> TeacherAdapter:
+    key = teacher_key(name)
+    typed = typed_options(model, key)
+    if getattr(typed.options, "shard", False):  # a sharded teacher runs on all ranks together, a cache hit on one
+        raise ConfigError(f"align.teacher_cache does not work with {key}.options.shard=true (ranks would miss "
+                          "different batches); drop one of them")
+    config = {k: v for k, v in dataclasses.asdict(typed).items() if k != "preset"}
+    return open_cached_teacher(Path(align.teacher_cache), config=config, weight_files=weight_files(model),
+                               build=functools.partial(build_teacher, model, device=device, data=data, key=key),
+                               dtype=align.teacher_cache_dtype, device=device, label=name)
 
 
 def build_models(cfg: Any, task: Any, data: DataInfo, teachers: Mapping[str, ModelConfig],
@@ -57,5 +99,10 @@ def build_models(cfg: Any, task: Any, data: DataInfo, teachers: Mapping[str, Mod
     """Student (sized by ``data``, checked by the task), teachers and the alignment engine."""
     student = build_student(cfg.student, device=device, data=data)
     task.check_student(student, data)
-    built = build_teachers(teachers, device=device, data=data)
-    return student, built, build_engine(cfg.align, student, built)
+    built = build_teachers(teachers, device=device, data=data, align=cfg.align)
+    engine = build_engine(cfg.align, student, built)
+    for name, teacher in built.items():  # the cache's size estimate: batches while each teacher is active
+        if isinstance(teacher, CachedTeacher) and engine is not None:
+            stop = engine.teacher_stops[name]
+            teacher.expected_calls = min(cfg.train.steps, cfg.train.steps if stop is None else stop) * cfg.train.grad_accum
+    return student, built, engine

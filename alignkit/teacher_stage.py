@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from alignkit.chain import build_models, needs_pretraining, teacher_configs
-from alignkit.core.checkpoint import rng_snapshot, rng_state, seed_everything, set_rng_state
+from alignkit.core.checkpoint import kept_rng, seed_everything
 from alignkit.core.config import AlignConfig, ConfigError, ModelConfig
 from alignkit.core.distributed import DistInfo, resolve_device
 from alignkit.core.folder_lock import FolderLock
@@ -114,11 +114,8 @@ def pretrain_teacher(cfg: Any, teacher: ModelConfig, *, device: torch.device, pr
         return final
     with FolderLock(run_dir, "teacher cache folder"):  # two runs never train one teacher together
         if not (final / DONE).is_file():  # else finished by another run just before the lock
-            outer = rng_snapshot()  # the run's own RNG must not depend on whether the cache was hit
-            try:
+            with kept_rng():  # the run's own RNG must not depend on whether the cache was hit
                 _train(sub, run_dir, device, progress)
-            finally:
-                set_rng_state(rng_state(outer))
     return final
 
 

@@ -20,7 +20,8 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -70,6 +71,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+@contextmanager
+def kept_rng() -> Iterator[None]:
+    """Every RNG state as it was before the block (what the block draws leaves no trace)."""
+    outer = rng_snapshot()
+    try:
+        yield
+    finally:
+        set_rng_state(rng_state(outer))
 
 
 def checkpoint_step(path: Path) -> int | None:

@@ -151,6 +151,10 @@ class AlignConfig:
     kd_weight: float = checked(1.0, at_least(0))  # rkd / salt: weight of the logit-KD term
     kd_temperature: float = checked(1.0, above(0))
     n_kd: int = checked(-1, at_least(-1))  # salt: KD for the first n_kd steps; -1 = stop_step
+    # record the teachers' outputs into this folder on a first run, replay them on later runs
+    # with the same teacher and batches (alignkit.core.teacher_cache); "" = off
+    teacher_cache: str = ""
+    teacher_cache_dtype: str = checked("bfloat16", one_of("bfloat16", "float32"))
 
 
 @dataclass

@@ -191,6 +191,12 @@ class AlignmentEngine(nn.Module):
                 torch.cuda.empty_cache()
         return bool(done) and self.released
 
+    def release_all(self) -> None:
+        """Release every teacher still held (the run is over; a term that never stops keeps its
+        teacher until then)."""
+        for name in list(self.teachers):
+            self._release(name)
+
     def retire(self, step: int) -> list[nn.Parameter]:
         """Drop the projections of the feature terms whose weight is 0 from ``step`` on, so
         checkpoints no longer hold them; returns their parameters (for the optimizer to drop)."""

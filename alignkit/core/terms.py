@@ -23,6 +23,7 @@ FEATURE_ONLY = ("pairs", "strategy", "early_layer", "objective", "objective_opti
 KD_ONLY = ("temperature",)
 DEFAULTS = {"feature": {"lambda0": 0.1, "schedule": "linear_decay"}, "logit_kd": {"lambda0": 1.0, "schedule": "constant"}}
 NEVER = -1  # stop_step of a term that runs the whole run
+NOT_PRESET = ("terms", "teacher_cache", "teacher_cache_dtype")  # align fields that go with terms too
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def _check_preset_fields_unset(cfg: AlignConfig) -> None:
     default = AlignConfig()
     for spec in fields(AlignConfig):
         value = getattr(cfg, spec.name)
-        if spec.name != "terms" and value != getattr(default, spec.name):
+        if spec.name not in NOT_PRESET and value != getattr(default, spec.name):
             raise ConfigError(f"align.terms and align.{spec.name}={value!r} are both set: align.{spec.name} belongs to "
                               f"the one-word presets, which align.terms replaces (set it inside a term, or drop it)")
 

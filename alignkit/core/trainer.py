@@ -262,6 +262,8 @@ class Trainer:
                 if self.signals.forced:
                     raise
                 self._save_after_exception()
+        if self.engine is not None:  # the run is over: free the teachers (a cached one writes what it holds)
+            self.engine.release_all()
         results = dict(self.last_eval)
         self._call("on_fit_end", results)  # e.g. the EMA or the selected weights into the student
         with parallel.gathered(self.student, self.dist):  # fsdp: full weights on the main rank
