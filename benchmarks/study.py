@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 
 from common import RESULTS, SMALL_TEACHER_ARCH, wikitext_overrides, write_json
-from study_analysis import TIME_SOURCE, VERDICT_RULE, best_verdict, paired, run_numbers, summarize, verdict
+from study_analysis import TIME_SOURCE, VERDICT_RULE, best_verdict, larger_verdict, paired, run_numbers, summarize, verdict
 from study_report import plot_study, write_report
 
 HERE = Path(__file__).resolve().parent
@@ -214,10 +214,7 @@ def claims(grid: dict[str, Any], configs: dict[str, Any]) -> list[dict[str, Any]
         if kind == "best":
             result = best_verdict(summaries, name)
         elif kind == "larger_than":
-            other = claim["than"]
-            a, b = summaries[name].get("speedup"), summaries.get(other, {}).get("speedup")
-            result = "no data" if not (a and b) else ("holds" if a["mean"] - b["mean"] > max(a["std"], b["std"])
-                                                      else "holds weaker" if a["mean"] > b["mean"] else "does not hold")
+            result = larger_verdict(summaries[name], summaries.get(claim["than"], {}))
         else:
             result = configs[name]["verdict"]
         out.append(claim | {"verdict": result})
@@ -290,6 +287,9 @@ def main() -> None:
         for run in runs:
             print(f"{run.name:28s} {' '.join(run.overrides)}")
         return
+    unfinished = [r.name for r in runs if runner.state(r) == "unfinished"]  # also stops on foreign folders
+    if unfinished and not args.resume:
+        raise SystemExit(f"unfinished run folders in {out}: {', '.join(unfinished)} (pass --resume to continue them, or delete them)")
     started = time.time()
     if args.teacher == "small":
         teacher = small_teacher(runner, shared, args.teacher_steps)

@@ -20,7 +20,9 @@ VERDICT_RULE = (f"holds: mean speedup >= {HOLDS_MEAN} and every seed > 1.0; hold
                 "does not hold: otherwise. A seed that never reaches the baseline's loss counts at its upper bound "
                 "(baseline steps / its last step, <= 1). For 'best of the grid' claims: holds when the named "
                 "configuration has the highest mean speedup, holds weaker when it is within one std of the best, "
-                "does not hold otherwise.")
+                "does not hold otherwise; a best configuration whose own speedup does not hold only holds weaker. "
+                "For 'A grows over B' claims: holds when A's mean exceeds B's by more than the larger of their stds, "
+                "holds weaker when it exceeds it at all.")
 TIME_SOURCE = "sum over train log intervals of (tokens in the interval / tokens_per_s): training steps only, teacher included, eval and saves excluded"
 
 
@@ -102,5 +104,15 @@ def best_verdict(summaries: dict[str, dict[str, Any]], name: str) -> str:
         return "no data"
     best = max(ranked, key=lambda n: ranked[n]["mean"])
     if best == name:
-        return "holds"
+        return "holds" if verdict(summaries[name]) != "does not hold" else "holds weaker"
     return "holds weaker" if ranked[best]["mean"] - ranked[name]["mean"] <= ranked[best]["std"] else "does not hold"
+
+
+def larger_verdict(summary: dict[str, Any], other: dict[str, Any]) -> str:
+    """Whether ``summary``'s mean speedup exceeds ``other``'s (VERDICT_RULE)."""
+    a, b = summary.get("speedup"), other.get("speedup")
+    if not (a and b):
+        return "no data"
+    if a["mean"] - b["mean"] > max(a["std"], b["std"]):
+        return "holds"
+    return "holds weaker" if a["mean"] > b["mean"] else "does not hold"
