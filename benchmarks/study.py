@@ -70,6 +70,9 @@ def load_grid(name: str) -> tuple[str, dict[str, Any]]:
     # an item may itself be a list (a YAML alias for overrides that several configurations share)
     flat = lambda items: [o for item in items for o in (item if isinstance(item, list) else [item])]  # noqa: E731
     grid["configs"] = {name: flat(items) for name, items in grid["configs"].items()}
+    comments = path.read_text().splitlines()  # the leading comment block describes the grid
+    grid["description"] = " ".join(line.lstrip("# ") for line in comments[:next(
+        (i for i, line in enumerate(comments) if not line.startswith("#")), len(comments))])
     return path.stem, grid
 
 
@@ -99,13 +102,16 @@ def run_steps(overrides: list[str], default: int) -> int:
     return int(given[-1]) if given else default
 
 
-def plan(grid: dict[str, Any], seeds: list[int], steps: int, shared: list[str], only: list[str]) -> tuple[list[Run], dict[str, str]]:
-    """Every run in launch order, and each configuration's baseline name."""
+def plan(grid: dict[str, Any], seeds: list[int], steps: int, shared: list[str], only: list[str],
+         teacher: list[str]) -> tuple[list[Run], dict[str, str]]:
+    """Every run in launch order, and each configuration's baseline name (``teacher``: overrides
+    for the configurations only)."""
     configs = {n: o for n, o in grid["configs"].items() if not only or n in only}
     if only and len(configs) != len(only):
         raise SystemExit(f"--only: unknown configuration(s) {sorted(set(only) - set(configs))} (grid has {sorted(grid['configs'])})")
     baselines: dict[tuple[str, ...], str] = {}
     baseline_of: dict[str, str] = {}
+    configs = {n: list(grid.get("common", [])) + list(o) + teacher for n, o in configs.items()}
     for name, overrides in configs.items():
         own = tuple(o for o in overrides if not _key(o).startswith(BASELINE_ONLY_PREFIXES))
         baseline_of[name] = baselines.setdefault(own, "baseline" if not baselines else f"baseline@{name}")
@@ -115,7 +121,7 @@ def plan(grid: dict[str, Any], seeds: list[int], steps: int, shared: list[str], 
         order = []
         for baseline, own, members in groups:
             order.append(_run(baseline, seed, steps, shared, list(own) + ["align.method=none"]))
-            order += [_run(n, seed, steps, shared, list(grid.get("common", [])) + list(configs[n])) for n in members]
+            order += [_run(n, seed, steps, shared, configs[n]) for n in members]
         runs += order if index % 2 == 0 else order[::-1]
     return runs, baseline_of
 
@@ -123,11 +129,11 @@ def plan(grid: dict[str, Any], seeds: list[int], steps: int, shared: list[str], 
 def _run(config: str, seed: int, steps: int, shared: list[str], overrides: list[str]) -> Run:
     n = run_steps(overrides, steps)
     defaults = [f"train.steps={n}", f"train.eval_every={max(1, n // 15)}", f"train.seed={seed}"]
-    return Run(f"{config}-s{seed}", config, seed, merged(shared, defaults, [expand(o, n) for o in overrides]))
+    return Run(f"{config}-s{seed}", config, seed, merged(defaults, shared, [expand(o, n) for o in overrides]))
 
 
 class Runner:
-    """Runs (or reuses, or resumes) one run folder at a time; thread-safe printing."""
+    """Runs, reuses or resumes one run folder per call (called from worker threads)."""
 
     def __init__(self, base: Path, out: Path, resume: bool, keep_weights: bool, threads: int) -> None:
         self.base, self.out, self.resume, self.keep_weights = base, out, resume, keep_weights
@@ -240,7 +246,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep-weights", action="store_true", help="keep checkpoints and final weights of finished runs")
     parser.add_argument("--out", help="run folders and NAME.json (default benchmarks/results/study/NAME)")
     parser.add_argument("--report", default=str(RESULTS / "study.md"), help="markdown report, rebuilt from every study JSON next to --out")
-    parser.add_argument("--dry-run", action="store_true", help="print the run list and stop")
+    parser.add_argument("--dry-run", action="store_true", help="print the run list, check each run's config, and stop")
     return parser.parse_args()
 
 
@@ -261,13 +267,28 @@ def data_overrides(args: argparse.Namespace) -> tuple[list[str], str]:
     return [], ""
 
 
-def small_teacher(runner: Runner, shared: list[str], steps: int) -> list[str]:
-    """Pre-train (or reuse) the small teacher in OUT/small_teacher-s0; the overrides that use it."""
+def check_configs(base: Path, runs: list[Run]) -> None:
+    """Print each run and load its config (no models): a bad key or value stops here, naming the run."""
+    from alignkit.core.errors import AlignkitError
+    from alignkit.experiment import load_experiment
+
+    bad = 0
+    for run in runs:
+        print(f"{run.name:28s} {' '.join(run.overrides)}")
+        try:
+            load_experiment(base, run.overrides)
+        except AlignkitError as err:
+            print(f"  config error: {err}")
+            bad += 1
+    if bad:
+        raise SystemExit(f"{bad} run(s) have config errors")
+
+
+def small_teacher(out: Path, shared: list[str], steps: int) -> tuple[Run, list[str]]:
+    """The small teacher's pre-training run (OUT/small_teacher-s0) and the overrides that use it."""
     teacher = _run("small_teacher", 0, steps, shared, SMALL_TEACHER_ARCH + ["align.method=none"])
-    if not runner(teacher, keep_weights=True):
-        raise SystemExit("the small teacher's pre-training failed (see its study.log)")
-    return ["teacher.preset=''", "teacher.kind=hf_causal", "teacher.source=checkpoint",
-            f"teacher.name_or_path={runner.out / teacher.name / 'final'}"]
+    return teacher, ["teacher.preset=''", "teacher.kind=hf_causal", "teacher.source=checkpoint",
+                     f"teacher.name_or_path={out / teacher.name / 'final'}"]
 
 
 def main() -> None:
@@ -282,19 +303,17 @@ def main() -> None:
         raise SystemExit(f"--base: file not found: {base}")
     runner = Runner(base, out, args.resume, args.keep_weights, max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
     shared = data + list(args.set)
-    runs, baseline_of = plan(grid, seeds, args.steps, shared, [n for n in args.only.split(",") if n])
+    pretrain, teacher = small_teacher(out, shared, args.teacher_steps) if args.teacher == "small" else (None, [])
+    runs, baseline_of = plan(grid, seeds, args.steps, shared, [n for n in args.only.split(",") if n], teacher)
     if args.dry_run:
-        for run in runs:
-            print(f"{run.name:28s} {' '.join(run.overrides)}")
+        check_configs(base, ([pretrain] if pretrain else []) + runs)
         return
     unfinished = [r.name for r in runs if runner.state(r) == "unfinished"]  # also stops on foreign folders
     if unfinished and not args.resume:
         raise SystemExit(f"unfinished run folders in {out}: {', '.join(unfinished)} (pass --resume to continue them, or delete them)")
     started = time.time()
-    if args.teacher == "small":
-        teacher = small_teacher(runner, shared, args.teacher_steps)
-        runs = [Run(r.name, r.config, r.seed, r.overrides if r.config.startswith("baseline") else merged(r.overrides, teacher))
-                for r in runs]
+    if pretrain and not runner(pretrain, keep_weights=True):
+        raise SystemExit("the small teacher's pre-training failed (see its study.log)")
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         ok = list(pool.map(runner, runs))
     result = analyse(runs, baseline_of, out)

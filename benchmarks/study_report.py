@@ -77,10 +77,10 @@ def _per_seed(pairs: dict[Any, dict[str, Any]], key: str, fmt: str) -> str:
 
 def grid_table(payload: dict[str, Any]) -> list[str]:
     settings = payload["settings"]
-    lines = [f"## {payload['name']}", "",
+    lines = [f"## {payload['name']}", "", payload.get("description", ""), "",
              f"Grid `{payload['grid']}`, seeds {payload['seeds']}, {settings['steps']} steps unless the configuration sets "
              f"its own, base `{Path(settings['base']).name}`, teacher: {settings['teacher']}, "
-             f"{len(payload['runs'])} runs, {payload['wall_clock_s'] / 60:.0f} min"
+             f"{len(payload['runs'])} runs, {sum(r['train_seconds'] for r in payload['runs'].values()) / 60:.1f} min of training steps"
              + (f"; **failed: {', '.join(payload['runs_failed'])}**" if payload["runs_failed"] else "") + ".", "",
              "| configuration | speedup in steps (mean ± std) | per seed (min) | reached | wall-clock speedup | "
              "throughput vs baseline | final eval loss | minus baseline, per seed | cosine while aligned | verdict |",
