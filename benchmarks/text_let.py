@@ -19,13 +19,8 @@ import argparse
 import time
 from pathlib import Path
 
-from common import RESULTS, eval_curve, plot_curves, run_experiment, speedup, train_summary, wikitext_overrides, write_json
-
-# the small scenario's teacher (same tokenizer): 5.2M parameters vs the student's 25.6M, 22x
-# fewer outside the 49k-token embedding that both carry (at this size the embedding dominates)
-SMALL_TEACHER_ARCH = ["student.options.arch.hidden_size=96", "student.options.arch.intermediate_size=256",
-                      "student.options.arch.num_hidden_layers=4", "student.options.arch.num_attention_heads=3",
-                      "student.options.arch.num_key_value_heads=3"]
+from common import (RESULTS, SMALL_TEACHER_ARCH, eval_curve, plot_curves, run_experiment, speedup, train_summary,
+                    wikitext_overrides, write_json)
 
 
 def parse_args() -> argparse.Namespace:

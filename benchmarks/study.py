@@ -1,0 +1,338 @@
+"""The speedup study (issue 12): a declared grid of configurations against the baseline, over
+seeds, each run an ``alignkit train`` process; then steps and wall-clock speedups, paired loss
+differences and verdicts.
+
+  python benchmarks/study.py lambda0 --data WIKITEXT2_DIR --jobs 2            # benchmarks/grids/lambda0.yaml
+  python benchmarks/study.py budget --data WIKITEXT2_DIR --seeds 0,1,2 --resume
+  python benchmarks/study.py lambda0 --data WIKITEXT2_DIR --teacher small      # a pre-trained 5x smaller teacher
+  python benchmarks/study.py lambda0 --corpus TRAIN.txt EVAL.txt --only lam0.1 # confirm on another corpus
+  python benchmarks/study.py stop_step --base configs/debug.yaml --steps 8 --dry-run
+
+A grid (benchmarks/grids/NAME.yaml, or a path) declares ``configs`` (name: [key=value, ...]),
+``common`` overrides for all of them (items may be lists, for YAML aliases), and the paper
+``claims`` it tests (kind speedup, best or larger_than: see study_analysis.VERDICT_RULE). Values may hold
+``{expr}`` in ``steps`` (the run's train.steps), e.g. ``align.stop_step={steps//3}``. Each
+configuration's baseline is the base recipe with ``align.method=none`` plus the
+configuration's keys outside align.* and teacher.* (run length, student), so configurations
+that change those get their own baseline.
+
+Runs are ordered seed by seed, each baseline next to its configurations, the order reversed on
+every other seed, so machine load drifts into neither side. A run folder holding results.json
+and study_run.json with the same base recipe and overrides is reused; an unfinished one is
+continued with ``--resume`` (alignkit's exact resume). Weights are deleted after each finished
+run (``--keep-weights`` keeps them). Writes OUT/NAME.json (settings, per-run numbers, paired
+figures per seed, summaries, verdicts), OUT/NAME.png, and regenerates the report
+(benchmarks/results/study.md by default) from every study JSON next to OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common import RESULTS, SMALL_TEACHER_ARCH, wikitext_overrides, write_json
+from study_analysis import TIME_SOURCE, VERDICT_RULE, best_verdict, larger_verdict, paired, run_numbers, summarize, verdict
+from study_report import plot_study, write_report
+
+HERE = Path(__file__).resolve().parent
+BASELINE_ONLY_PREFIXES = ("align.", "teacher.", "teachers.")  # keys a baseline does not take over
+RUN_RECORD = "study_run.json"
+
+
+@dataclass
+class Run:
+    name: str  # folder name: <configuration>-s<seed>
+    config: str  # configuration name (a baseline's is "baseline" or "baseline@<configuration>")
+    seed: int
+    overrides: list[str]
+
+
+def load_grid(name: str) -> tuple[str, dict[str, Any]]:
+    path = Path(name) if name.endswith((".yaml", ".yml")) else HERE / "grids" / f"{name}.yaml"
+    if not path.is_file():
+        available = ", ".join(sorted(p.stem for p in (HERE / "grids").glob("*.yaml")))
+        raise SystemExit(f"grid {name!r}: no file {path} (available: {available})")
+    grid = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(grid.get("configs"), dict) or not grid["configs"]:
+        raise SystemExit(f"{path}: needs a 'configs' mapping of name: [key=value, ...]")
+    # an item may itself be a list (a YAML alias for overrides that several configurations share)
+    flat = lambda items: [o for item in items for o in (item if isinstance(item, list) else [item])]  # noqa: E731
+    grid["configs"] = {name: flat(items) for name, items in grid["configs"].items()}
+    comments = path.read_text().splitlines()  # the leading comment block describes the grid
+    grid["description"] = " ".join(line.lstrip("# ") for line in comments[:next(
+        (i for i, line in enumerate(comments) if not line.startswith("#")), len(comments))])
+    return path.stem, grid
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0]
+
+
+def expand(override: str, steps: int) -> str:
+    """``align.stop_step={steps//3}`` -> ``align.stop_step=100`` for a 300-step run."""
+    key, _, value = override.partition("=")
+    if value.startswith("{") and value.endswith("}"):
+        value = str(int(eval(value[1:-1], {"__builtins__": {}}, {"steps": steps})))  # noqa: S307 (a local grid file)
+    return f"{key}={value}"
+
+
+def merged(*groups: list[str]) -> list[str]:
+    """Overrides with later groups winning per key, in first-seen key order."""
+    out: dict[str, str] = {}
+    for group in groups:
+        for item in group:
+            out[_key(item)] = item
+    return list(out.values())
+
+
+def run_steps(overrides: list[str], default: int) -> int:
+    given = [o.split("=", 1)[1] for o in overrides if _key(o) == "train.steps"]
+    return int(given[-1]) if given else default
+
+
+def plan(grid: dict[str, Any], seeds: list[int], steps: int, shared: list[str], only: list[str],
+         teacher: list[str]) -> tuple[list[Run], dict[str, str]]:
+    """Every run in launch order, and each configuration's baseline name (``teacher``: overrides
+    for the configurations only)."""
+    configs = {n: o for n, o in grid["configs"].items() if not only or n in only}
+    if only and len(configs) != len(only):
+        raise SystemExit(f"--only: unknown configuration(s) {sorted(set(only) - set(configs))} (grid has {sorted(grid['configs'])})")
+    baselines: dict[tuple[str, ...], str] = {}
+    baseline_of: dict[str, str] = {}
+    configs = {n: list(grid.get("common", [])) + list(o) + teacher for n, o in configs.items()}
+    for name, overrides in configs.items():
+        own = tuple(o for o in overrides if not _key(o).startswith(BASELINE_ONLY_PREFIXES))
+        baseline_of[name] = baselines.setdefault(own, "baseline" if not baselines else f"baseline@{name}")
+    groups = [(b, list(own), [n for n in configs if baseline_of[n] == b]) for own, b in baselines.items()]
+    runs = []
+    for index, seed in enumerate(seeds):
+        order = []
+        for baseline, own, members in groups:
+            order.append(_run(baseline, seed, steps, shared, list(own) + ["align.method=none"]))
+            order += [_run(n, seed, steps, shared, configs[n]) for n in members]
+        runs += order if index % 2 == 0 else order[::-1]
+    return runs, baseline_of
+
+
+def _run(config: str, seed: int, steps: int, shared: list[str], overrides: list[str]) -> Run:
+    n = run_steps(overrides, steps)
+    defaults = [f"train.steps={n}", f"train.eval_every={max(1, n // 15)}", f"train.seed={seed}"]
+    return Run(f"{config}-s{seed}", config, seed, merged(defaults, shared, [expand(o, n) for o in overrides]))
+
+
+class Runner:
+    """Runs, reuses or resumes one run folder per call (called from worker threads)."""
+
+    def __init__(self, base: Path, out: Path, resume: bool, keep_weights: bool, threads: int) -> None:
+        self.base, self.out, self.resume, self.keep_weights = base, out, resume, keep_weights
+        self.env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+        self.lock = threading.Lock()
+        self.base_sha = hashlib.sha256(base.read_bytes()).hexdigest()
+
+    def say(self, text: str) -> None:
+        with self.lock:
+            print(text, flush=True)
+
+    def record(self, run: Run) -> dict[str, Any]:
+        return {"base": str(self.base), "base_sha256": self.base_sha, "overrides": run.overrides}
+
+    def state(self, run: Run) -> str:
+        """new | done | unfinished; a folder made with other settings stops the study."""
+        folder = self.out / run.name
+        if not folder.exists():
+            return "new"
+        saved = folder / RUN_RECORD
+        if not saved.is_file() or json.loads(saved.read_text()) != self.record(run):
+            raise SystemExit(f"{folder} holds a run with other settings (see its {RUN_RECORD}); delete it or choose another --out")
+        return "done" if (folder / "results.json").is_file() else "unfinished"
+
+    def __call__(self, run: Run, keep_weights: bool = False) -> bool:
+        folder, state = self.out / run.name, self.state(run)
+        if state == "done":
+            self.say(f"reuse  {run.name}")
+            return True
+        if state == "unfinished" and not self.resume:
+            raise SystemExit(f"{folder} is unfinished: pass --resume to continue it, or delete it")
+        command = [sys.executable, "-m", "alignkit", "train"]
+        if state == "unfinished":
+            command += ["--resume", str(folder)]
+        else:
+            folder.mkdir(parents=True)
+            (folder / RUN_RECORD).write_text(json.dumps(self.record(run), indent=2))
+            command += [str(self.base), *run.overrides, f"output_dir={self.out}", f"run_name={run.name}"]
+        self.say(f"{'resume' if state == 'unfinished' else 'start'}  {run.name}")
+        started = time.time()
+        with open(folder / "study.log", "a") as log:
+            code = subprocess.run(command + ["--no-progress"], stdout=log, stderr=subprocess.STDOUT, env=self.env).returncode
+        if code != 0 or not (folder / "results.json").is_file():
+            tail = (folder / "study.log").read_text().splitlines()[-5:]
+            self.say(f"FAILED {run.name} (exit {code}; {folder / 'study.log'}):\n  " + "\n  ".join(tail))
+            return False
+        if not (self.keep_weights or keep_weights):
+            for weights in ("checkpoints", "final"):
+                shutil.rmtree(folder / weights, ignore_errors=True)
+        self.say(f"done   {run.name} ({time.time() - started:.0f} s)")
+        return True
+
+
+def records(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def analyse(runs: list[Run], baseline_of: dict[str, str], out: Path) -> dict[str, Any]:
+    """Per-run numbers, per-seed paired figures and the summary of every configuration."""
+    numbers = {r.name: run_numbers(records(out / r.name)) for r in runs if (out / r.name / "results.json").is_file()}
+    by_config: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in runs:
+        if r.name in numbers:
+            by_config.setdefault(r.config, {})[r.seed] = numbers[r.name]
+    configs = {}
+    for name, baseline in baseline_of.items():
+        seeds = sorted(set(by_config.get(name, {})) & set(by_config.get(baseline, {})))
+        pairs = {s: paired(by_config[name][s], by_config[baseline][s]) for s in seeds}
+        summary = summarize(pairs, {s: by_config[name][s] for s in seeds})
+        configs[name] = {"baseline": baseline, "per_seed": pairs, "summary": summary, "verdict": verdict(summary)}
+    baselines = {b: {s: by_config[b][s]["final_eval_loss"] for s in sorted(by_config.get(b, {}))}
+                 for b in sorted(set(baseline_of.values()))}
+    return {"runs": numbers, "configs": configs, "baseline_final_eval_loss": baselines}
+
+
+def claims(grid: dict[str, Any], configs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The grid's paper claims with a verdict computed from the summaries (VERDICT_RULE)."""
+    summaries = {n: c["summary"] for n, c in configs.items()}
+    out = []
+    for claim in grid.get("claims", []):
+        name, kind = claim["config"], claim.get("kind", "speedup")
+        if name not in configs:
+            continue
+        if kind == "best":
+            result = best_verdict(summaries, name)
+        elif kind == "larger_than":
+            result = larger_verdict(summaries[name], summaries.get(claim["than"], {}))
+        else:
+            result = configs[name]["verdict"]
+        out.append(claim | {"verdict": result})
+    return out
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", help="grid name in benchmarks/grids/ (lambda0, stop_step, ...) or a YAML path")
+    parser.add_argument("--base", default=str(HERE / "study_base.yaml"), help="base recipe (default: benchmarks/study_base.yaml)")
+    parser.add_argument("--data", help="WikiText-2 folder (valid.txt to train, test.txt to evaluate)")
+    parser.add_argument("--corpus", nargs=2, metavar=("TRAIN", "EVAL"), help="another corpus: train and eval text files")
+    parser.add_argument("--corpus-name", default="corpus", help="tag for --corpus in the study name (e.g. kjv)")
+    parser.add_argument("--teacher", default="base", choices=("base", "small"),
+                        help="base: the recipe's teacher; small: pre-train text_let's 5x smaller teacher first (once per --out)")
+    parser.add_argument("--teacher-steps", type=int, default=300, help="steps to pre-train the small teacher")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=300, help="train.steps (a configuration may set its own)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run (repeatable)")
+    parser.add_argument("--only", default="", help="comma-separated configuration names")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores / jobs threads)")
+    parser.add_argument("--resume", action="store_true", help="continue unfinished run folders")
+    parser.add_argument("--keep-weights", action="store_true", help="keep checkpoints and final weights of finished runs")
+    parser.add_argument("--out", help="run folders and NAME.json (default benchmarks/results/study/NAME)")
+    parser.add_argument("--report", default=str(RESULTS / "study.md"), help="markdown report, rebuilt from every study JSON next to --out")
+    parser.add_argument("--dry-run", action="store_true", help="print the run list, check each run's config, and stop")
+    return parser.parse_args()
+
+
+def data_overrides(args: argparse.Namespace) -> tuple[list[str], str]:
+    """The data overrides and the study-name suffix they imply."""
+    if args.data and args.corpus:
+        raise SystemExit("pass --data or --corpus, not both")
+    if args.corpus:
+        for path in args.corpus:
+            if not Path(path).is_file():
+                raise SystemExit(f"--corpus: file not found: {path}")
+        train, evaluate = (str(Path(p).resolve()) for p in args.corpus)
+        return ["task.text.source=files", f"task.text.train_path={train}", f"task.text.eval_path={evaluate}"], f"-{args.corpus_name}"
+    if args.data:
+        return wikitext_overrides(Path(args.data).resolve()), ""
+    if Path(args.base).resolve() == (HERE / "study_base.yaml").resolve():
+        raise SystemExit("the study's base recipe reads WikiText-2 from files: pass --data WIKITEXT2_DIR (or --corpus TRAIN EVAL)")
+    return [], ""
+
+
+def check_configs(base: Path, runs: list[Run]) -> None:
+    """Print each run and load its config (no models): a bad key or value stops here, naming the run."""
+    from alignkit.core.errors import AlignkitError
+    from alignkit.experiment import load_experiment
+
+    bad = 0
+    for run in runs:
+        print(f"{run.name:28s} {' '.join(run.overrides)}")
+        try:
+            load_experiment(base, run.overrides)
+        except AlignkitError as err:
+            print(f"  config error: {err}")
+            bad += 1
+    if bad:
+        raise SystemExit(f"{bad} run(s) have config errors")
+
+
+def small_teacher(out: Path, shared: list[str], steps: int) -> tuple[Run, list[str]]:
+    """The small teacher's pre-training run (OUT/small_teacher-s0) and the overrides that use it."""
+    teacher = _run("small_teacher", 0, steps, shared, SMALL_TEACHER_ARCH + ["align.method=none"])
+    return teacher, ["teacher.preset=''", "teacher.kind=hf_causal", "teacher.source=checkpoint",
+                     f"teacher.name_or_path={out / teacher.name / 'final'}"]
+
+
+def main() -> None:
+    args = parse_args()
+    grid_name, grid = load_grid(args.grid)
+    data, suffix = data_overrides(args)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    name = grid_name + ("-small-teacher" if args.teacher == "small" else "") + suffix
+    out = Path(args.out or RESULTS / "study" / name).resolve()
+    base = Path(args.base).resolve()
+    if not base.is_file():
+        raise SystemExit(f"--base: file not found: {base}")
+    runner = Runner(base, out, args.resume, args.keep_weights, max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
+    shared = data + list(args.set)
+    pretrain, teacher = small_teacher(out, shared, args.teacher_steps) if args.teacher == "small" else (None, [])
+    runs, baseline_of = plan(grid, seeds, args.steps, shared, [n for n in args.only.split(",") if n], teacher)
+    if args.dry_run:
+        check_configs(base, ([pretrain] if pretrain else []) + runs)
+        return
+    unfinished = [r.name for r in runs if runner.state(r) == "unfinished"]  # also stops on foreign folders
+    if unfinished and not args.resume:
+        raise SystemExit(f"unfinished run folders in {out}: {', '.join(unfinished)} (pass --resume to continue them, or delete them)")
+    started = time.time()
+    if pretrain and not runner(pretrain, keep_weights=True):
+        raise SystemExit("the small teacher's pre-training failed (see its study.log)")
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        ok = list(pool.map(runner, runs))
+    result = analyse(runs, baseline_of, out)
+    payload = {"kind": "alignkit-study", "name": name, "grid": grid_name, "description": grid.get("description", ""),
+               "settings": vars(args) | {"base": str(base), "shared_overrides": shared}, "seeds": seeds,
+               "wall_clock_s": time.time() - started, "time_source": TIME_SOURCE, "verdict_rule": VERDICT_RULE,
+               "runs_failed": [r.name for r, good in zip(runs, ok) if not good],
+               "run_overrides": {r.name: r.overrides for r in runs}, **result, "claims": claims(grid, result["configs"])}
+    write_json(out / f"{name}.json", payload)
+    plot_study(out / f"{name}.png", payload)
+    write_report(Path(args.report), out.parent)
+    for config, entry in payload["configs"].items():
+        s = entry["summary"]
+        fmt = lambda f: "-" if not s.get(f) else f"{s[f]['mean']:.3f} +- {s[f]['std']:.3f}"  # noqa: E731
+        print(f"{config:16s} speedup {fmt('speedup')} (reached {s['reached']}/{len(s['seeds'])})  wall {fmt('wall_speedup')}  "
+              f"loss diff {fmt('loss_diff')}  -> {entry['verdict']}")
+    if payload["runs_failed"]:
+        raise SystemExit(f"{len(payload['runs_failed'])} run(s) failed: {', '.join(payload['runs_failed'])}")
+
+
+if __name__ == "__main__":
+    main()

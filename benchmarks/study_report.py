@@ -1,0 +1,134 @@
+"""What the study writes for people: one PNG per grid (eval-loss curves, mean over seeds with
+a min-max band; speedups in steps and wall-clock with per-seed dots) and the markdown report
+(a table per grid and the paper's claims against our measurement), rebuilt from the JSONs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from study_analysis import HOLDS_MEAN, VERDICT_RULE
+
+
+def _curves(payload: dict[str, Any], config: str) -> list[list[tuple[int, float]]]:
+    return [payload["runs"][f"{config}-s{seed}"]["eval_loss_curve"] for seed in payload["seeds"]
+            if f"{config}-s{seed}" in payload["runs"]]
+
+
+def plot_study(path: Path, payload: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    configs = payload["configs"]
+    baselines = sorted({c["baseline"] for c in configs.values()})
+    for name in baselines + list(configs):
+        curves = _curves(payload, name)
+        if not curves:
+            continue
+        steps = [s for s, _ in curves[0]]
+        columns = [[c[i][1] for c in curves if len(c) > i] for i in range(len(steps))]
+        mean = [sum(col) / len(col) for col in columns]
+        style = {"color": "black", "linewidth": 2} if name in baselines else {}
+        line, = left.plot(steps, mean, label=name, **style)
+        left.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], alpha=0.15, color=line.get_color())
+    left.set_xlabel("step")
+    left.set_ylabel("eval loss (mean over seeds, band min-max)")
+    left.set_title(f"{payload['name']}: eval loss, seeds {payload['seeds']}")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    names = list(configs)
+    for offset, (key, label) in ((-0.2, ("speedup", "steps")), (0.2, ("wall_speedup", "wall-clock"))):
+        means = [(configs[n]["summary"].get(key) or {}).get("mean", 0.0) for n in names]
+        right.bar([i + offset for i in range(len(names))], means, width=0.4, alpha=0.6, label=f"{label} (mean)")
+        for i, name in enumerate(names):
+            for seed, pair in configs[name]["per_seed"].items():
+                if pair.get(key) is not None:
+                    right.scatter(i + offset, pair[key], s=18, color="black",
+                                  facecolors="black" if pair["reached"] else "none", zorder=3)
+    right.axhline(1.0, color="grey", linewidth=1)
+    right.axhline(HOLDS_MEAN, color="grey", linestyle="--", linewidth=1, label=f"'holds' threshold {HOLDS_MEAN}")
+    right.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    right.set_ylabel("speedup to the baseline's final eval loss")
+    right.set_title("per seed: dots (hollow: never reached, upper bound)")
+    right.grid(alpha=0.3, axis="y")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def _figure(summary: dict[str, Any], key: str, digits: int = 3) -> str:
+    value = summary.get(key)
+    if not value:
+        return "-"
+    return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
+
+
+def _per_seed(pairs: dict[Any, dict[str, Any]], key: str, fmt: str) -> str:
+    values = [pairs[s][key] for s in sorted(pairs, key=int)]
+    return " / ".join("-" if v is None else format(v, fmt) for v in values)
+
+
+def grid_table(payload: dict[str, Any]) -> list[str]:
+    settings = payload["settings"]
+    lines = [f"## {payload['name']}", "", payload.get("description", ""), "",
+             f"Grid `{payload['grid']}`, seeds {payload['seeds']}, {settings['steps']} steps unless the configuration sets "
+             f"its own, base `{Path(settings['base']).name}`, teacher: {settings['teacher']}, "
+             f"{len(payload['runs'])} runs, {sum(r['train_seconds'] for r in payload['runs'].values()) / 60:.1f} min of training steps"
+             + (f"; **failed: {', '.join(payload['runs_failed'])}**" if payload["runs_failed"] else "") + ".", "",
+             "| configuration | speedup in steps (mean ± std) | per seed (min) | reached | wall-clock speedup | "
+             "throughput vs baseline | final eval loss | minus baseline, per seed | cosine while aligned | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in payload["configs"].items():
+        s, pairs = entry["summary"], entry["per_seed"]
+        bound = " (upper bound)" if s.get("speedup_is_upper_bound") else ""
+        minimum = f" ({s['speedup']['min']:.2f})" if s.get("speedup") else ""
+        lines.append(f"| {name} | {_figure(s, 'speedup', 2)}{bound} | {_per_seed(pairs, 'speedup', '.2f')}{minimum} | "
+                     f"{s['reached']}/{len(s['seeds'])} | {_figure(s, 'wall_speedup', 2)} | {_figure(s, 'throughput_ratio', 2)} | "
+                     f"{_figure(s, 'final_eval_loss')} | {_per_seed(pairs, 'loss_diff', '+.3f')} | "
+                     f"{_figure(s, 'cosine_aligned')} | {entry['verdict']} |")
+    return lines + [""]
+
+
+def _measured(payload: dict[str, Any], claim: dict[str, Any]) -> str:
+    speed = lambda n: _figure(payload["configs"][n]["summary"], "speedup", 2) if n in payload["configs"] else "-"  # noqa: E731
+    if claim.get("kind") == "best":
+        ranked = sorted(payload["configs"], key=lambda n: -((payload["configs"][n]["summary"].get("speedup") or {}).get("mean", 0)))
+        return f"{claim['config']}: {speed(claim['config'])}x; best {ranked[0]}: {speed(ranked[0])}x"
+    if claim.get("kind") == "larger_than":
+        return f"{claim['config']}: {speed(claim['config'])}x vs {claim['than']}: {speed(claim['than'])}x"
+    reached = payload["configs"][claim["config"]]["summary"]["reached"]
+    return f"{claim['config']}: {speed(claim['config'])}x, reached {reached}/{len(payload['seeds'])}"
+
+
+def write_report(path: Path, root: Path) -> None:
+    """Rebuild the markdown report from every study JSON under ``root`` (one folder per study)."""
+    studies = []
+    for candidate in sorted(root.glob("*/*.json")):
+        payload = json.loads(candidate.read_text())
+        if isinstance(payload, dict) and payload.get("kind") == "alignkit-study":
+            studies.append(payload)
+    lines = ["# The speedup study", "",
+             "Written by `benchmarks/study.py` from the study JSONs (do not edit by hand). Speedup = steps the "
+             "baseline of the same seed needs to reach its final eval loss / steps the configuration needs (linear "
+             "interpolation between evals); wall-clock speedup = that x the throughput ratio (total tokens / total "
+             "training time, teacher included). "
+             f"Verdict rule: {VERDICT_RULE}", "",
+             "## The paper's claims against our measurement", "",
+             "| claim | paper | study | our measurement (mean ± std over seeds) | seeds | verdict |", "|---|---|---|---|---|---|"]
+    for payload in studies:
+        for claim in payload.get("claims", []):
+            lines.append(f"| {claim['claim']} | {claim.get('paper', '')} | {payload['name']} | {_measured(payload, claim)} | "
+                         f"{len(payload['seeds'])} | {claim['verdict']} |")
+    lines.append("")
+    for payload in studies:
+        lines += grid_table(payload)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    print(f"wrote {path} ({len(studies)} studies)")

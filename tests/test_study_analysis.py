@@ -1,0 +1,113 @@
+"""The study's analysis math (benchmarks/study_analysis.py) on synthetic metric records:
+steps-to-target interpolation, speedups, throughput from log intervals, paired differences,
+summaries over seeds and the verdict rule. No training, no timing."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from study_analysis import (aligned_cosine, best_verdict, larger_verdict, paired, run_numbers,  # noqa: E402
+                            summarize, train_time, verdict)
+
+
+def records(evals: list[tuple[int, float]], tokens_per_s: float, tokens_per_step: int = 100,
+            cos: float | None = None, active_until: int = 0) -> list[dict]:
+    """Train records for every step up to the last eval, plus the eval records."""
+    out = []
+    for step in range(1, evals[-1][0] + 1):
+        row = {"step": step, "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_s,
+               "teacher_active": step <= active_until}
+        if cos is not None and step <= active_until:
+            row["cos/t-1-s3"] = cos
+        out.append(row)
+        out += [{"step": s, "eval_loss": v} for s, v in evals if s == step]
+    return out
+
+
+BASE = [(10, 5.0), (20, 4.0), (30, 3.0)]
+
+
+def test_steps_to_target_interpolates_between_evals() -> None:
+    base = run_numbers(records(BASE, 100.0))
+    # reaches 3.0 half-way between step 10 (4.0) and step 20 (2.0): step 15 -> 30 / 15 = 2x
+    faster = run_numbers(records([(10, 4.0), (20, 2.0), (30, 1.5)], 100.0))
+    pair = paired(faster, base)
+    assert pair["steps"] == pytest.approx(15.0)
+    assert pair["baseline_steps"] == 30
+    assert pair["speedup"] == pytest.approx(2.0)
+    assert pair["reached"]
+    assert pair["loss_diff"] == pytest.approx(1.5 - 3.0)
+
+
+def test_never_reached_is_an_upper_bound_and_fails_the_verdict() -> None:
+    base = run_numbers(records(BASE, 100.0))
+    slower = run_numbers(records([(10, 5.5), (20, 4.5), (30, 3.2)], 100.0))
+    pair = paired(slower, base)
+    assert pair["steps"] is None and not pair["reached"]
+    assert pair["speedup"] == pytest.approx(1.0)  # baseline's 30 steps / its last step 30
+    assert pair["loss_diff"] == pytest.approx(0.2)
+    summary = summarize({0: pair}, {0: slower})
+    assert summary["speedup_is_upper_bound"] and summary["reached"] == 0
+    assert verdict(summary) == "does not hold"
+
+
+def test_throughput_and_wall_clock_speedup() -> None:
+    base = run_numbers(records(BASE, 100.0))
+    # teacher on for 10 steps at 50 tokens/s, then 100 tokens/s: 10*100/50 + 20*100/100 = 40 s for 3000 tokens
+    rows = records([(10, 4.0), (20, 2.0), (30, 1.5)], 100.0, cos=0.4, active_until=10)
+    for row in rows:
+        if row.get("teacher_active"):
+            row["tokens_per_s"] = 50.0
+    tokens, seconds = train_time(rows)
+    assert (tokens, seconds) == (3000, pytest.approx(40.0))
+    run = run_numbers(rows)
+    pair = paired(run, base)
+    assert pair["throughput_ratio"] == pytest.approx(75.0 / 100.0)
+    assert pair["wall_speedup"] == pytest.approx(2.0 * 0.75)
+    assert aligned_cosine(rows) == pytest.approx(0.4)
+    assert run["cosine_aligned"] == pytest.approx(0.4)
+
+
+def test_summary_over_seeds_and_verdicts() -> None:
+    base = run_numbers(records(BASE, 100.0))
+    runs = {seed: run_numbers(records([(10, 4.0), (20, target), (30, target - 0.5)], 100.0))
+            for seed, target in ((0, 2.0), (1, 3.0), (2, 2.5))}
+    pairs = {seed: paired(run, base) for seed, run in runs.items()}
+    # steps to 3.0: 15, 20, 50/3 -> speedups 2.0, 1.5, 1.8
+    summary = summarize(pairs, runs)
+    assert summary["speedup"]["values"] == pytest.approx([2.0, 1.5, 1.8])
+    assert summary["speedup"]["mean"] == pytest.approx(1.7667, abs=1e-4)
+    assert summary["speedup"]["std"] == pytest.approx(0.2517, abs=1e-4)  # sample std
+    assert summary["speedup"]["min"] == pytest.approx(1.5)
+    assert summary["loss_diff"]["values"] == pytest.approx([-1.5, -0.5, -1.0])
+    assert verdict(summary) == "holds"
+    weaker = dict(summary, speedup=dict(summary["speedup"], mean=1.2))
+    assert verdict(weaker) == "holds weaker"
+    assert verdict(dict(summary, speedup=dict(summary["speedup"], mean=1.04))) == "does not hold"
+    one_seed_short = dict(summary, reached=2)
+    assert verdict(one_seed_short) == "holds weaker"
+
+
+def entry(mean: float, std: float) -> dict:
+    return {"seeds": [0, 1, 2], "reached": 3, "speedup": {"mean": mean, "std": std, "min": mean - std}}
+
+
+def test_best_of_grid_verdict() -> None:
+    grid = {"a": entry(1.5, 0.2), "b": entry(1.4, 0.05), "c": entry(1.0, 0.1)}
+    assert best_verdict(grid, "a") == "holds"
+    assert best_verdict(grid, "b") == "holds weaker"  # within the best's std
+    assert best_verdict(grid, "c") == "does not hold"
+    assert best_verdict(grid, "missing") == "no data"
+    # best of a grid where nothing speeds up: only weaker
+    assert best_verdict({"a": entry(1.02, 0.01), "b": entry(0.9, 0.01)}, "a") == "holds weaker"
+
+
+def test_grows_verdict() -> None:
+    assert larger_verdict(entry(1.6, 0.1), entry(1.2, 0.2)) == "holds"
+    assert larger_verdict(entry(1.3, 0.1), entry(1.2, 0.2)) == "holds weaker"
+    assert larger_verdict(entry(1.1, 0.1), entry(1.2, 0.2)) == "does not hold"
+    assert larger_verdict(entry(1.1, 0.1), {}) == "no data"
