@@ -64,7 +64,7 @@ def random_init_overrides(config: str, overrides: list[str]) -> list[str]:
     is read without weights (a GGUF student's from the file's header)."""
     from alignkit.adapters.hf_causal import load_hf_causal_lm
 
-    student = load_experiment(config, overrides).student
+    student = load_experiment(config, [*overrides, "align.method=none"]).student  # the student alone
     arch = load_hf_causal_lm(student, meta=True).config.to_diff_dict()
     skip = {"transformers_version", "use_cache", "dtype"}
     fields = {key: value for key, value in arch.items() if not key.startswith("_") and key not in skip}
