@@ -4,11 +4,15 @@
   python benchmarks/ts_uea.py --datasets JapaneseVowels --seeds 0,1,2,3,4,5,6,7 --lambda0 1 --jobs 2 --out ts_uea_jv_8seeds
   python benchmarks/ts_uea.py --datasets JapaneseVowels --lambda0 1 --override student.options.pooling=mean --out ts_uea_jv_meanpool
   python benchmarks/ts_uea.py --datasets Heartbeat,PEMS-SF --student qwen2.5-0.5b-ts --keep-layers 0 --device cuda
+  python benchmarks/ts_uea.py --init pretrained,random --lambda0 1 --out ts_uea_random_init
 
 For each dataset and seed: test accuracy of aeon's MiniRocket (the classical reference, on the
 same padded, normalised series, trained on train+val), the TimesNet teacher (pre-trained by
 alignkit, selected on validation), the LLM baseline (fine-tuned without alignment) and LLM + LET
-(same budget and hyperparameters; one LET column per ``--lambda0`` value). Model selection uses
+(same budget and hyperparameters; one LET column per ``--lambda0`` value). ``--init random`` adds
+the same LLM columns (``rand_*``) for a randomly initialised student of the same architecture
+(the backbone's config -- from the GGUF header for the SmolLM2 student -- built with
+``source: config``), the student that has not learned yet. Model selection uses
 the validation split carved from TRAIN, never the test split. ``--jobs 2`` runs two seeds at once
 (one thread each); ``--reuse`` keeps runs already finished in ``--work`` (an interrupted benchmark
 continues; it does not check that their settings match). Writes
@@ -36,7 +40,8 @@ from alignkit.teacher_stage import teacher_cache_dir, teacher_run_config
 from alignkit.tasks.uea import UEADataConfig, load_uea
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCES = ("minirocket", "timesnet", "llm_baseline")
+REFERENCES = ("minirocket", "timesnet")
+PREFIXES = {"pretrained": "llm", "random": "rand"}  # column prefix of each student initialisation
 
 
 def recipe(dataset: str) -> str:
@@ -47,8 +52,34 @@ def recipe(dataset: str) -> str:
     return str(path if path.is_file() else REPO / "configs" / "ts" / "japanese_vowels.yaml")
 
 
-def methods(lambdas: list[float]) -> list[str]:
-    return [*REFERENCES, *(f"llm_let@{lam:g}" for lam in lambdas)]
+def methods(inits: list[str], lambdas: list[float]) -> list[str]:
+    llm = [name for init in inits for name in (f"{PREFIXES[init]}_baseline",
+                                               *(f"{PREFIXES[init]}_let@{lam:g}" for lam in lambdas))]
+    return [*REFERENCES, *llm]
+
+
+def random_init_overrides(config: str, overrides: list[str]) -> list[str]:
+    """Overrides that build the configured student's backbone from its own HF config with random
+    weights (``source: config``): same widths, heads, depth and RoPE, nothing learned. The config
+    is read without weights (a GGUF student's from the file's header)."""
+    from alignkit.adapters.hf_causal import load_hf_causal_lm
+
+    student = load_experiment(config, [*overrides, "align.method=none"]).student  # the student alone
+    arch = load_hf_causal_lm(student, meta=True).config.to_diff_dict()
+    skip = {"transformers_version", "use_cache", "dtype"}
+    fields = {key: value for key, value in arch.items() if not key.startswith("_") and key not in skip}
+    return ["student.source=config", *dotlist("student.options.arch", fields)]
+
+
+def dotlist(prefix: str, fields: dict) -> list[str]:
+    """``prefix.key=value`` overrides for a nested dict (values written as YAML/JSON scalars)."""
+    out = []
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            out += dotlist(f"{prefix}.{key}", value)
+        else:
+            out.append(f"{prefix}.{key}={value if isinstance(value, str) else json.dumps(value)}")
+    return out
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,6 +91,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=float, default=9.0, help="LLM fine-tuning budget in epochs of the train part")
     parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--init", default="pretrained",
+                        help="LLM student initialisations, comma-separated: pretrained (llm_* columns), random (rand_*)")
     parser.add_argument("--lambda0", default="0.1,1,3", help="LET lambda0 values, one LLM + LET column each")
     parser.add_argument("--stop-fraction", type=float, default=0.5, help="stop_step as a fraction of the steps")
     parser.add_argument("--teacher-steps", type=int, default=600)
@@ -96,7 +129,8 @@ def test_accuracy(args: argparse.Namespace, work: Path, name: str, overrides: li
 
 def seed_scores(args: argparse.Namespace, work: Path, dataset: str, seed: int, steps: int) -> dict[str, float]:
     """Every method's test accuracy for one dataset and seed (LET first: it pre-trains, or
-    reuses, this seed's TimesNet teacher, whose own test accuracy is read from its cache)."""
+    reuses, this seed's TimesNet teacher, whose own test accuracy is read from its cache).
+    Run names: ``<dataset>-[rand-](let<lambda0>|baseline)-<seed>``."""
     scores = {"minirocket": minirocket_accuracy(dataset, seed)}
     config = recipe(dataset)
     common = [
@@ -108,16 +142,21 @@ def seed_scores(args: argparse.Namespace, work: Path, dataset: str, seed: int, s
         f"task.teacher_pretrain.steps={args.teacher_steps}", f"task.teacher_pretrain.device={args.device}",
         f"output_dir={work}", *args.override,
     ]
-    for lam in args.lambdas:
-        let = common + ["align.method=let", f"align.lambda0={lam}",
-                        f"align.stop_step={max(1, int(steps * args.stop_fraction))}"]
-        print(f"== {dataset} seed {seed}: LLM + LET, lambda0 {lam:g} ({steps} steps; the first pre-trains the teacher)")
-        scores[f"llm_let@{lam:g}"] = test_accuracy(args, work, f"{dataset}-let{lam:g}-{seed}", let, config)
-    let_cfg = load_experiment(config, let)
-    teacher_dir = teacher_cache_dir(teacher_run_config(let_cfg, let_cfg.teacher))
-    scores["timesnet"] = json.loads((teacher_dir / "results.json").read_text())["test_accuracy"]
-    print(f"== {dataset} seed {seed}: LLM baseline")
-    scores["llm_baseline"] = test_accuracy(args, work, f"{dataset}-baseline-{seed}", common + ["align.method=none"], config)
+    for init in args.inits:
+        prefix, tag = PREFIXES[init], "" if init == "pretrained" else "rand-"
+        student = common + (random_init_overrides(config, common) if init == "random" else [])
+        for lam in args.lambdas:
+            let = student + ["align.method=let", f"align.lambda0={lam}",
+                             f"align.stop_step={max(1, int(steps * args.stop_fraction))}"]
+            print(f"== {dataset} seed {seed}: {init} LLM + LET, lambda0 {lam:g} ({steps} steps; the first pre-trains the teacher)")
+            scores[f"{prefix}_let@{lam:g}"] = test_accuracy(args, work, f"{dataset}-{tag}let{lam:g}-{seed}", let, config)
+        if "timesnet" not in scores:
+            let_cfg = load_experiment(config, let)
+            teacher_dir = teacher_cache_dir(teacher_run_config(let_cfg, let_cfg.teacher))
+            scores["timesnet"] = json.loads((teacher_dir / "results.json").read_text())["test_accuracy"]
+        print(f"== {dataset} seed {seed}: {init} LLM baseline")
+        scores[f"{prefix}_baseline"] = test_accuracy(args, work, f"{dataset}-{tag}baseline-{seed}",
+                                                     student + ["align.method=none"], config)
     print(f"== {dataset} seed {seed}: " + json.dumps(scores))
     return scores
 
@@ -125,7 +164,10 @@ def seed_scores(args: argparse.Namespace, work: Path, dataset: str, seed: int, s
 def main() -> None:
     args = parse_args()
     args.lambdas = [float(v) for v in args.lambda0.split(",")]
-    names = methods(args.lambdas)
+    args.inits = args.init.split(",")
+    if unknown := set(args.inits) - set(PREFIXES):
+        raise SystemExit(f"--init: {sorted(unknown)} not in {sorted(PREFIXES)}")
+    names = methods(args.inits, args.lambdas)
     work, started = Path(args.work), time.time()
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.jobs > 1:  # one thread per job: oversubscribed cores slow every job down
@@ -155,9 +197,11 @@ def main() -> None:
         cells = [f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}" for m in names]
         lines.append(f"| {ds} | " + " | ".join(cells) + " |")
     lines += ["", f"Test accuracy (%), mean ± std over seeds {seeds}.", "",
-              "LET minus baseline, same seed (points; wins / ties / losses over seeds):", ""]
+              "LET minus baseline, same seed and initialisation (points: mean ± std; per seed; wins / ties / losses):", ""]
     for ds, row in paired.items():
-        lines += [f"- {ds}, {m}: {100 * d['mean']:+.2f} ({d['wins']} / {d['ties']} / {d['losses']})" for m, d in row.items()]
+        lines += [f"- {ds}, {m}: {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} (per seed "
+                  + ", ".join(f"{100 * x:+.1f}" for x in d["diffs"]) + f"; {d['wins']} / {d['ties']} / {d['losses']})"
+                  for m, d in row.items()]
     markdown = "\n".join(lines) + "\n"
     (RESULTS / f"{args.out}.md").write_text(markdown)
     print(markdown)
@@ -165,12 +209,15 @@ def main() -> None:
 
 
 def paired_vs_baseline(scores: dict[str, list[float]], names: list[str]) -> dict[str, dict]:
-    """Per-seed LET minus baseline for each LET column: the two runs of a seed share the data order,
-    the initialisation and the teacher, so the paired difference is less noisy than the means'."""
+    """Per-seed LET minus baseline (same initialisation) for each LET column: the two runs of a seed
+    share the data order, the initialisation and the teacher, so the paired difference is less
+    noisy than the means'."""
     out = {}
-    for method in (m for m in names if m.startswith("llm_let")):
-        diffs = [let - base for let, base in zip(scores[method], scores["llm_baseline"])]
-        out[method] = {"mean": statistics.mean(diffs), "diffs": diffs, "wins": sum(d > 0 for d in diffs),
+    for method in (m for m in names if "_let@" in m):
+        baseline = scores[method.split("_let@")[0] + "_baseline"]
+        diffs = [let - base for let, base in zip(scores[method], baseline)]
+        out[method] = {"mean": statistics.mean(diffs), "std": statistics.pstdev(diffs), "diffs": diffs,
+                       "wins": sum(d > 0 for d in diffs),
                        "ties": sum(d == 0 for d in diffs), "losses": sum(d < 0 for d in diffs)}
     return out
 
