@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides += extra
     debug = args.debug or bool(os.environ.get("ALIGNKIT_DEBUG"))
     try:
-        from alignkit.core.registry import load_plugins  # imports torch: not for --help
+        from alignkit.plugins import load_plugins  # imports torch: not for --help
 
         load_plugins(args.plugin)
         return args.func(args)

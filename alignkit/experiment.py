@@ -18,7 +18,8 @@ from alignkit.core.config import (
     AlignConfig, ConfigError, ModelConfig, TrainConfig, load_config, problems, structured, to_yaml,
 )
 from alignkit.core.engine import check_align_config
-from alignkit.core.registry import TASKS, load_plugins, typed_options
+from alignkit.core.registry import TASKS, typed_options
+from alignkit.plugins import load_plugins
 from alignkit.core.trainer import config_problems
 from alignkit.tasks.base import TaskConfig, TaskSpec
 

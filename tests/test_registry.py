@@ -1,4 +1,6 @@
 import pytest
+
+from alignkit.plugins import load_plugins
 from alignkit.experiment import load_experiment
 def test_unknown_adapter_option_names_key_and_valid_ones():
     with pytest.raises(ValueError, match=r"student.options.poolng' \(valid: .*pooling"):
@@ -39,7 +41,7 @@ def test_registry_errors_name_the_key_and_the_known_names():
 def test_unknown_plugin_module_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("ALIGNKIT_PLUGINS", "no_such_alignkit_plugin_xyz")
     with pytest.raises(ImportError, match="plug-in 'no_such_alignkit_plugin_xyz'"):
-        registry.load_plugins()
+        load_plugins()
 
 
 def _write_plugin(folder: Path) -> None:

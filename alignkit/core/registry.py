@@ -10,21 +10,18 @@ these tables, so downstream projects add components without touching alignkit.
   LR_SCHEDULES ``train.lr_schedule``                 -> ``f(peak, total_steps, warmup_steps, min_ratio) -> (step -> lr)``
   LOGGERS      an entry of ``train.loggers``         -> ``f(*, run_dir) -> Callback`` (see core/callbacks.py)
 
-Plug-ins: :func:`load_plugins` imports every module named in ``$ALIGNKIT_PLUGINS`` (comma
+Plug-ins: :func:`alignkit.plugins.load_plugins` imports every module named in ``$ALIGNKIT_PLUGINS`` (comma
 separated) and calls every entry point of the group ``alignkit.plugins``; either registers its
 components at import (``OBJECTIVES.register("mine", fn)``) or in the function the entry point names.
 """
 from __future__ import annotations
 
-import importlib
-import os
 from dataclasses import dataclass, replace
-from importlib.metadata import entry_points
-from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from alignkit.core.adapter import DataInfo
 from alignkit.core.config import structured
-from alignkit.core.errors import ConfigError, MissingPackage
+from alignkit.core.errors import ConfigError
 
 T = TypeVar("T")
 PLUGIN_GROUP = "alignkit.plugins"
@@ -49,10 +46,7 @@ class Registry(Generic[T]):
         return item
 
     def get(self, name: str, key: str) -> T:
-        """The component called ``name``; ``key`` is the config key that named it (for the error).
-        The built-ins and plug-ins are loaded first if nothing has loaded them yet."""
-        if name not in self._items and not _LOADED:
-            load_plugins()
+        """The component called ``name``; ``key`` is the config key that named it (for the error)."""
         if name not in self._items:
             known = ", ".join(sorted(self._items)) or "none registered"
             raise ConfigError(f"{key}={name!r} is not a registered {self.kind} (known: {known})")
@@ -128,37 +122,3 @@ def build_teacher(cfg: Any, *, device: Any = "cpu", data: DataInfo = DataInfo(),
     if builder is None:
         raise ConfigError(f"{key}.kind={cfg.kind!r} has no teacher builder (it is a student-only adapter)")
     return builder(typed_options(cfg, key), device=device, data=data)
-
-
-_LOADED: list[str] = []  # plug-ins imported in this process ("<builtin>" first)
-
-
-def load_plugins(extra: Sequence[str] = ()) -> list[str]:
-    """Import the built-in components, then the plug-ins: modules in ``$ALIGNKIT_PLUGINS`` and
-    ``extra`` (the CLI's ``--plugin``), and the entry points of the group ``alignkit.plugins``.
-    Each is imported once per process; returns the plug-ins loaded so far."""
-    if not _LOADED:
-        import alignkit.adapters  # noqa: F401  (built-in adapters register at import)
-        import alignkit.core.callbacks  # noqa: F401
-        import alignkit.core.objectives  # noqa: F401
-        import alignkit.core.optim  # noqa: F401
-        import alignkit.core.projections  # noqa: F401
-        import alignkit.core.schedules  # noqa: F401
-        import alignkit.tasks  # noqa: F401
-
-        _LOADED.append("<builtin>")
-        for point in entry_points(group=PLUGIN_GROUP):
-            loaded = point.load()
-            if callable(loaded):
-                loaded()
-            _LOADED.append(f"{point.name} ({point.value})")
-    modules = [m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(",") if m.strip()] + list(extra)
-    for module in modules:
-        if module in _LOADED:
-            continue
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            raise MissingPackage(f"plug-in {module!r} (from ${PLUGIN_ENV} or --plugin) cannot be imported: {err}") from None
-        _LOADED.append(module)
-    return _LOADED[1:]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from alignkit.core.config import AlignConfig, ConfigError, TermConfig
 from alignkit.core.objectives import Objective
-from alignkit.core.registry import OBJECTIVES, PROJECTIONS, SCHEDULES, load_plugins
+from alignkit.core.registry import OBJECTIVES, PROJECTIONS, SCHEDULES
 
 FEATURE_ONLY = ("pairs", "strategy", "early_layer", "objective", "objective_options", "projection")
 KD_ONLY = ("temperature",)
@@ -122,7 +122,6 @@ def objective_of(term: Term) -> Objective:
 def check_terms(cfg: AlignConfig, total_steps: int) -> list[Term]:
     """Every check that needs no model: names against the registries, per-type fields, stop
     steps against the run. Returns the terms."""
-    load_plugins()  # plug-ins may add objectives, projections and schedules
     terms = expand_terms(cfg)
     for term in terms:
         c = term.cfg
