@@ -3,6 +3,7 @@ seeds, each run an ``alignkit train`` process; then steps and wall-clock speedup
 differences and verdicts.
 
   python benchmarks/study.py lambda0 --data WIKITEXT2_DIR --jobs 2            # benchmarks/grids/lambda0.yaml
+  python benchmarks/study.py stop_step objective layer --data WIKITEXT2_DIR --jobs 3  # one queue, one JSON each
   python benchmarks/study.py budget --data WIKITEXT2_DIR --seeds 0,1,2 --resume
   python benchmarks/study.py lambda0 --data WIKITEXT2_DIR --teacher small      # a pre-trained 5x smaller teacher
   python benchmarks/study.py lambda0 --corpus TRAIN.txt EVAL.txt --only lam0.1 # confirm on another corpus
@@ -14,14 +15,16 @@ A grid (benchmarks/grids/NAME.yaml, or a path) declares ``configs`` (name: [key=
 ``{expr}`` in ``steps`` (the run's train.steps), e.g. ``align.stop_step={steps//3}``. Each
 configuration's baseline is the base recipe with ``align.method=none`` plus the
 configuration's keys outside align.* and teacher.* (run length, student), so configurations
-that change those get their own baseline.
+that change those get their own baseline. All grids of one corpus and teacher share a run folder
+(benchmarks/results/study/CORPUS[-small-teacher]), so a baseline runs once for all of them, and a
+configuration that repeats another's exact settings (a grid's default) reuses that run.
 
 Runs are ordered seed by seed, each baseline next to its configurations, the order reversed on
 every other seed, so machine load drifts into neither side. A run folder holding results.json
 and study_run.json with the same base recipe and overrides is reused; an unfinished one is
 continued with ``--resume`` (alignkit's exact resume). Weights are deleted after each finished
-run (``--keep-weights`` keeps them). Writes OUT/NAME.json (settings, per-run numbers, paired
-figures per seed, summaries, verdicts), OUT/NAME.png, and regenerates the report
+run (``--keep-weights`` keeps them). Writes OUT/NAME.json per grid (settings, per-run numbers,
+paired figures per seed, summaries, verdicts), OUT/NAME.png, and regenerates the report
 (benchmarks/results/study.md by default) from every study JSON next to OUT.
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,10 +85,11 @@ def _key(override: str) -> str:
 
 
 def expand(override: str, steps: int) -> str:
-    """``align.stop_step={steps//3}`` -> ``align.stop_step=100`` for a 300-step run."""
+    """``align.stop_step={steps//3}`` -> ``align.stop_step=100`` for a 300-step run (also inside a
+    YAML value: ``align.terms=[{..., stop_step: {steps//10}}]``)."""
     key, _, value = override.partition("=")
-    if value.startswith("{") and value.endswith("}"):
-        value = str(int(eval(value[1:-1], {"__builtins__": {}}, {"steps": steps})))  # noqa: S307 (a local grid file)
+    value = re.sub(r"\{([^{}]*\bsteps\b[^{}]*)\}",  # noqa: S307 below: a local grid file
+                   lambda m: str(int(eval(m.group(1), {"__builtins__": {}}, {"steps": steps}))), value)
     return f"{key}={value}"
 
 
@@ -158,10 +163,31 @@ class Runner:
             raise SystemExit(f"{folder} holds a run with other settings (see its {RUN_RECORD}); delete it or choose another --out")
         return "done" if (folder / "results.json").is_file() else "unfinished"
 
+    @staticmethod
+    def settings(record: dict[str, Any]) -> tuple:
+        """What a run computes: the base recipe's content and its overrides (one per key, so their
+        order does not matter)."""
+        return record["base_sha256"], tuple(sorted(record["overrides"]))
+
+    def same_run(self, run: Run) -> Path | None:
+        """A finished folder of another name with this run's exact settings (a configuration that
+        repeats another, e.g. a grid's default that another grid already ran)."""
+        key = self.settings(self.record(run))
+        for saved in sorted(self.out.glob(f"*/{RUN_RECORD}")):
+            if saved.parent.name != run.name and not saved.parent.is_symlink() and (saved.parent / "results.json").is_file() \
+                    and self.settings(json.loads(saved.read_text())) == key:
+                return saved.parent
+        return None
+
     def __call__(self, run: Run, keep_weights: bool = False) -> bool:
         folder, state = self.out / run.name, self.state(run)
         if state == "done":
             self.say(f"reuse  {run.name}")
+            return True
+        same = self.same_run(run) if state == "new" else None
+        if same is not None:
+            folder.symlink_to(same.name)  # relative: the study folder can move
+            self.say(f"reuse  {run.name} (the same run as {same.name})")
             return True
         if state == "unfinished" and not self.resume:
             raise SystemExit(f"{folder} is unfinished: pass --resume to continue it, or delete it")
@@ -229,7 +255,8 @@ def claims(grid: dict[str, Any], configs: dict[str, Any]) -> list[dict[str, Any]
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("grid", help="grid name in benchmarks/grids/ (lambda0, stop_step, ...) or a YAML path")
+    parser.add_argument("grids", nargs="+", metavar="GRID",
+                        help="grid names in benchmarks/grids/ (lambda0, stop_step, ...) or YAML paths; several share one queue")
     parser.add_argument("--base", default=str(HERE / "study_base.yaml"), help="base recipe (default: benchmarks/study_base.yaml)")
     parser.add_argument("--data", help="WikiText-2 folder (valid.txt to train, test.txt to evaluate)")
     parser.add_argument("--corpus", nargs=2, metavar=("TRAIN", "EVAL"), help="another corpus: train and eval text files")
@@ -244,7 +271,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores / jobs threads)")
     parser.add_argument("--resume", action="store_true", help="continue unfinished run folders")
     parser.add_argument("--keep-weights", action="store_true", help="keep checkpoints and final weights of finished runs")
-    parser.add_argument("--out", help="run folders and NAME.json (default benchmarks/results/study/NAME)")
+    parser.add_argument("--out", help="run folders and one GRID.json per grid (default benchmarks/results/study/CORPUS[-small-teacher])")
     parser.add_argument("--report", default=str(RESULTS / "study.md"), help="markdown report, rebuilt from every study JSON next to --out")
     parser.add_argument("--dry-run", action="store_true", help="print the run list, check each run's config, and stop")
     return parser.parse_args()
@@ -291,47 +318,85 @@ def small_teacher(out: Path, shared: list[str], steps: int) -> tuple[Run, list[s
                      f"teacher.name_or_path={out / teacher.name / 'final'}"]
 
 
+def plan_grids(args: argparse.Namespace, shared: list[str], teacher: list[str]) -> list[tuple[str, dict, list[Run], dict]]:
+    """Each grid's runs; a run name two grids use must mean the same run (baselines do)."""
+    planned, seen = [], {}
+    for grid_arg in args.grids:
+        grid_name, grid = load_grid(grid_arg)
+        only = [n for n in args.only.split(",") if n and n in grid["configs"]] if args.only else []
+        if args.only and not only:
+            continue
+        runs, baseline_of = plan(grid, [int(s) for s in args.seeds.split(",")], args.steps, shared, only, teacher)
+        for run in runs:
+            other = seen.setdefault(run.name, (grid_name, run.overrides))
+            if other[1] != run.overrides:
+                raise SystemExit(f"grids {other[0]} and {grid_name} both name a run {run.name} with different settings: "
+                                 f"rename one configuration")
+        planned.append((grid_name, grid, runs, baseline_of))
+    if args.only and not planned:
+        raise SystemExit(f"--only {args.only}: no such configuration in {', '.join(args.grids)}")
+    return planned
+
+
 def main() -> None:
     args = parse_args()
-    grid_name, grid = load_grid(args.grid)
     data, suffix = data_overrides(args)
     seeds = [int(s) for s in args.seeds.split(",")]
-    name = grid_name + ("-small-teacher" if args.teacher == "small" else "") + suffix
-    out = Path(args.out or RESULTS / "study" / name).resolve()
+    tag = ("-small-teacher" if args.teacher == "small" else "") + suffix
+    folder = (args.corpus_name if args.corpus else "wikitext2") + ("-small-teacher" if args.teacher == "small" else "")
+    out = Path(args.out or RESULTS / "study" / folder).resolve()  # shared by every grid: baselines run once
     base = Path(args.base).resolve()
     if not base.is_file():
         raise SystemExit(f"--base: file not found: {base}")
     runner = Runner(base, out, args.resume, args.keep_weights, max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
     shared = data + list(args.set)
     pretrain, teacher = small_teacher(out, shared, args.teacher_steps) if args.teacher == "small" else (None, [])
-    runs, baseline_of = plan(grid, seeds, args.steps, shared, [n for n in args.only.split(",") if n], teacher)
+    planned = plan_grids(args, shared, teacher)
+    queue = list({run.name: run for _, _, runs, _ in planned for run in runs}.values())  # grid order, each run once
     if args.dry_run:
-        check_configs(base, ([pretrain] if pretrain else []) + runs)
+        check_configs(base, ([pretrain] if pretrain else []) + queue)
         return
-    unfinished = [r.name for r in runs if runner.state(r) == "unfinished"]  # also stops on foreign folders
+    unfinished = [r.name for r in queue if runner.state(r) == "unfinished"]  # also stops on foreign folders
     if unfinished and not args.resume:
         raise SystemExit(f"unfinished run folders in {out}: {', '.join(unfinished)} (pass --resume to continue them, or delete them)")
     started = time.time()
     if pretrain and not runner(pretrain, keep_weights=True):
         raise SystemExit("the small teacher's pre-training failed (see its study.log)")
+    # a run repeating another of this queue waits for it, then reuses it (Runner.same_run)
+    records = {r.name: runner.settings(runner.record(r)) for r in queue}
+    first = {}
+    for r in queue:
+        first.setdefault(records[r.name], r)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        ok = list(pool.map(runner, runs))
+        done = dict(zip([r.name for r in first.values()], pool.map(runner, first.values())))
+    done |= {r.name: done[first[records[r.name]].name] and runner(r) for r in queue if r.name not in done}
+    for grid_name, grid, runs, baseline_of in planned:
+        report(grid_name + tag, grid_name, grid, runs, baseline_of, out, args, base, shared, seeds, started, done)
+    write_report(Path(args.report), out.parent)
+    failed = [name for name, good in done.items() if not good]
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+
+
+def report(name: str, grid_name: str, grid: dict[str, Any], runs: list[Run], baseline_of: dict[str, str], out: Path,
+           args: argparse.Namespace, base: Path, shared: list[str], seeds: list[int], started: float,
+           done: dict[str, bool]) -> None:
+    """One grid's JSON and plot, and its summary lines."""
     result = analyse(runs, baseline_of, out)
+    settings = {k: v for k, v in vars(args).items() if k != "grids"} | {"grid": grid_name, "base": str(base),
+                                                                       "shared_overrides": shared}
     payload = {"kind": "alignkit-study", "name": name, "grid": grid_name, "description": grid.get("description", ""),
-               "settings": vars(args) | {"base": str(base), "shared_overrides": shared}, "seeds": seeds,
+               "settings": settings, "seeds": seeds,
                "wall_clock_s": time.time() - started, "time_source": TIME_SOURCE, "verdict_rule": VERDICT_RULE,
-               "runs_failed": [r.name for r, good in zip(runs, ok) if not good],
+               "runs_failed": [r.name for r in runs if not done.get(r.name, False)],
                "run_overrides": {r.name: r.overrides for r in runs}, **result, "claims": claims(grid, result["configs"])}
     write_json(out / f"{name}.json", payload)
     plot_study(out / f"{name}.png", payload)
-    write_report(Path(args.report), out.parent)
     for config, entry in payload["configs"].items():
         s = entry["summary"]
         fmt = lambda f: "-" if not s.get(f) else f"{s[f]['mean']:.3f} +- {s[f]['std']:.3f}"  # noqa: E731
-        print(f"{config:16s} speedup {fmt('speedup')} (reached {s['reached']}/{len(s['seeds'])})  wall {fmt('wall_speedup')}  "
-              f"loss diff {fmt('loss_diff')}  -> {entry['verdict']}")
-    if payload["runs_failed"]:
-        raise SystemExit(f"{len(payload['runs_failed'])} run(s) failed: {', '.join(payload['runs_failed'])}")
+        print(f"{name}: {config:16s} speedup {fmt('speedup')} (reached {s['reached']}/{len(s['seeds'])})  "
+              f"wall {fmt('wall_speedup')}  loss diff {fmt('loss_diff')}  -> {entry['verdict']}")
 
 
 if __name__ == "__main__":
