@@ -159,7 +159,7 @@ class Runner:
         if not folder.exists():
             return "new"
         saved = folder / RUN_RECORD
-        if not saved.is_file() or json.loads(saved.read_text()) != self.record(run):
+        if not saved.is_file() or self.settings(json.loads(saved.read_text())) != self.settings(self.record(run)):
             raise SystemExit(f"{folder} holds a run with other settings (see its {RUN_RECORD}); delete it or choose another --out")
         return "done" if (folder / "results.json").is_file() else "unfinished"
 

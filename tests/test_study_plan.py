@@ -1,0 +1,67 @@
+"""The study's planning (benchmarks/study.py): ``{steps}`` expressions, grids sharing one queue and
+run folder, and reuse of a finished run whose settings another configuration repeats. No training."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from study import RUN_RECORD, Run, Runner, expand, plan, plan_grids  # noqa: E402
+
+
+def test_steps_expressions_expand_alone_and_inside_yaml_values() -> None:
+    assert expand("align.stop_step={steps//3}", 150) == "align.stop_step=50"
+    terms = expand("align.terms=[{type: feature, stop_step: {steps//3}}, {type: logit_kd, stop_step: {steps//10}}]", 300)
+    assert terms == "align.terms=[{type: feature, stop_step: 100}, {type: logit_kd, stop_step: 30}]"
+    assert expand("train.lr=1e-3", 150) == "train.lr=1e-3"
+
+
+def test_configurations_outside_align_get_their_own_baseline() -> None:
+    grid = {"common": ["align.method=let"], "configs": {"a": ["align.lambda0=3"], "long": ["train.steps=20", "align.lambda0=3"]}}
+    runs, baseline_of = plan(grid, [0, 1], 10, ["task.x=1"], [], [])
+    assert baseline_of == {"a": "baseline", "long": "baseline@long"}
+    by_name = {r.name: r.overrides for r in runs}
+    assert "train.steps=20" in by_name["baseline@long-s1"] and "align.method=none" in by_name["baseline@long-s1"]
+    assert "train.steps=10" in by_name["baseline-s0"]
+    # seed 1 runs in reverse order, so load drifts into neither side
+    assert [r.name for r in runs[:4]] == [n[:-1] + "0" for n in reversed([r.name for r in runs[4:]])]
+
+
+def _args(tmp_path: Path, *grids: str, only: str = "") -> argparse.Namespace:
+    return argparse.Namespace(grids=[str(tmp_path / g) for g in grids], only=only, seeds="0", steps=10)
+
+
+def test_two_grids_may_not_give_one_run_name_two_meanings(tmp_path: Path) -> None:
+    (tmp_path / "g1.yaml").write_text("configs:\n  cosine: [align.objective=cosine]\n")
+    (tmp_path / "g2.yaml").write_text("configs:\n  cosine: [align.schedule=cosine]\n")
+    (tmp_path / "g3.yaml").write_text("configs:\n  mse: [align.objective=mse]\n")
+    assert [p[0] for p in plan_grids(_args(tmp_path, "g1.yaml", "g3.yaml"), [], [])] == ["g1", "g3"]  # baseline shared
+    with pytest.raises(SystemExit, match="g1 and g2 both name a run cosine-s0"):
+        plan_grids(_args(tmp_path, "g1.yaml", "g2.yaml"), [], [])
+    assert [p[0] for p in plan_grids(_args(tmp_path, "g1.yaml", "g3.yaml", only="mse"), [], [])] == ["g3"]
+    with pytest.raises(SystemExit, match="no such configuration"):
+        plan_grids(_args(tmp_path, "g1.yaml", only="nope"), [], [])
+
+
+def test_a_run_with_the_settings_of_a_finished_one_reuses_it(tmp_path: Path) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {steps: 10}\n")
+    out = tmp_path / "study"
+    runner = Runner(base, out, resume=False, keep_weights=False, threads=1)
+    done = Run("lam3-s0", "lam3", 0, ["align.method=let", "align.stop_step=3", "align.lambda0=3.0"])
+    (out / done.name).mkdir(parents=True)
+    (out / done.name / RUN_RECORD).write_text(json.dumps(runner.record(done)))
+    (out / done.name / "results.json").write_text("{}")
+    same = Run("stop1of3-s0", "stop1of3", 0, ["align.method=let", "align.lambda0=3.0", "align.stop_step=3"])
+    other = Run("stop1of5-s0", "stop1of5", 0, ["align.method=let", "align.lambda0=3.0", "align.stop_step=2"])
+    assert runner(same) is True  # same overrides in another order: no training process starts
+    assert (out / same.name).is_symlink() and (out / same.name / "results.json").is_file()
+    assert runner.state(same) == "done"
+    assert runner.same_run(other) is None
+    base.write_text("train: {steps: 11}\n")  # another base recipe is another run
+    assert Runner(base, out, resume=False, keep_weights=False, threads=1).same_run(same) is None
