@@ -3,7 +3,7 @@
 Per run: final eval loss, eval curve, training throughput (total tokens / total training time;
 the time comes from each log interval's tokens / tokens_per_s, so evaluation and checkpoint
 writes are left out and the teacher's forward is counted), and the mean cosine to the teacher
-while it is active. Per configuration and seed, against the baseline of the same seed: steps to
+while it is active, and the teacher's cost per step measured inside the run. Per configuration and seed, against the baseline of the same seed: steps to
 reach the baseline's final eval loss (linear interpolation between evals), the speedup in
 steps, the wall-clock speedup (steps speedup x throughput ratio) and the paired difference of
 final eval losses. Then mean +- std over seeds and a verdict (rule below).
@@ -40,6 +40,25 @@ def train_time(records: list[dict[str, Any]]) -> tuple[int, float]:
     return tokens, seconds
 
 
+def teacher_step_cost(records: list[dict[str, Any]]) -> float | None:
+    """The teacher's extra time per step as a fraction of a student step, from one run: seconds per
+    token while the teacher is active over seconds per token after it is dropped, minus 1. Both
+    halves come from the same process under the same machine load, unlike a ratio between runs."""
+    active, after = [0, 0.0], [0, 0.0]
+    previous = 0
+    for record in records:
+        if "tokens_per_s" not in record:
+            continue
+        interval, previous = record["tokens"] - previous, record["tokens"]
+        if record["tokens_per_s"] > 0:
+            side = active if record.get("teacher_active") else after
+            side[0] += interval
+            side[1] += interval / record["tokens_per_s"]
+    if not (active[0] and after[0]):
+        return None
+    return (active[1] / active[0]) / (after[1] / after[0]) - 1
+
+
 def aligned_cosine(records: list[dict[str, Any]]) -> float | None:
     """Mean cosine to the teacher over the steps it is active (pairs averaged per step)."""
     per_step = []
@@ -56,7 +75,8 @@ def run_numbers(records: list[dict[str, Any]]) -> dict[str, Any]:
     tokens, seconds = train_time(records)
     return {"eval_loss_curve": curve, "final_eval_loss": curve[-1][1] if curve else None,
             "last_step": curve[-1][0] if curve else None, "tokens": tokens, "train_seconds": seconds,
-            "tokens_per_s": tokens / seconds if seconds else None, "cosine_aligned": aligned_cosine(records)}
+            "tokens_per_s": tokens / seconds if seconds else None, "cosine_aligned": aligned_cosine(records),
+            "teacher_step_cost": teacher_step_cost(records)}
 
 
 def paired(run: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +103,7 @@ def summarize(pairs: dict[int, dict[str, Any]], runs: dict[int, dict[str, Any]])
             "speedup": figure("speedup", pairs), "speedup_is_upper_bound": not all(pairs[s]["reached"] for s in seeds),
             "wall_speedup": figure("wall_speedup", pairs), "throughput_ratio": figure("throughput_ratio", pairs),
             "loss_diff": figure("loss_diff", pairs), "final_eval_loss": figure("final_eval_loss", runs),
-            "cosine_aligned": figure("cosine_aligned", runs)}
+            "cosine_aligned": figure("cosine_aligned", runs), "teacher_step_cost": figure("teacher_step_cost", runs)}
 
 
 def verdict(summary: dict[str, Any]) -> str:

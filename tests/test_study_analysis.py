@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from study_analysis import (aligned_cosine, best_verdict, larger_verdict, paired, run_numbers,  # noqa: E402
-                            summarize, train_time, verdict)
+                            summarize, teacher_step_cost, train_time, verdict)
 
 
 def records(evals: list[tuple[int, float]], tokens_per_s: float, tokens_per_step: int = 100,
@@ -111,3 +111,13 @@ def test_grows_verdict() -> None:
     assert larger_verdict(entry(1.3, 0.1), entry(1.2, 0.2)) == "holds weaker"
     assert larger_verdict(entry(1.1, 0.1), entry(1.2, 0.2)) == "does not hold"
     assert larger_verdict(entry(1.1, 0.1), {}) == "no data"
+
+
+def test_teacher_step_cost_is_measured_inside_one_run() -> None:
+    rows = records(BASE, 100.0, active_until=10)
+    for row in rows:
+        if row.get("teacher_active"):
+            row["tokens_per_s"] = 80.0  # 1.25x the time per token while the teacher runs
+    assert teacher_step_cost(rows) == pytest.approx(0.25)
+    assert run_numbers(rows)["teacher_step_cost"] == pytest.approx(0.25)
+    assert teacher_step_cost(records(BASE, 100.0)) is None  # a baseline has no teacher
