@@ -273,6 +273,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep-weights", action="store_true", help="keep checkpoints and final weights of finished runs")
     parser.add_argument("--out", help="run folders and one GRID.json per grid (default benchmarks/results/study/CORPUS[-small-teacher])")
     parser.add_argument("--report", default=str(RESULTS / "study.md"), help="markdown report, rebuilt from every study JSON next to --out")
+    parser.add_argument("--analyse", action="store_true", help="rebuild the JSONs, plots and report from the runs finished so far; start none")
     parser.add_argument("--dry-run", action="store_true", help="print the run list, check each run's config, and stop")
     return parser.parse_args()
 
@@ -356,6 +357,9 @@ def main() -> None:
     if args.dry_run:
         check_configs(base, ([pretrain] if pretrain else []) + queue)
         return
+    if args.analyse:  # e.g. while another study.py works through the queue
+        done = {r.name: (out / r.name / "results.json").is_file() for r in queue}
+        return finish(planned, tag, out, args, base, shared, seeds, time.time(), done)
     unfinished = [r.name for r in queue if runner.state(r) == "unfinished"]  # also stops on foreign folders
     if unfinished and not args.resume:
         raise SystemExit(f"unfinished run folders in {out}: {', '.join(unfinished)} (pass --resume to continue them, or delete them)")
@@ -370,12 +374,17 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         done = dict(zip([r.name for r in first.values()], pool.map(runner, first.values())))
     done |= {r.name: done[first[records[r.name]].name] and runner(r) for r in queue if r.name not in done}
-    for grid_name, grid, runs, baseline_of in planned:
-        report(grid_name + tag, grid_name, grid, runs, baseline_of, out, args, base, shared, seeds, started, done)
-    write_report(Path(args.report), out.parent)
+    finish(planned, tag, out, args, base, shared, seeds, started, done)
     failed = [name for name, good in done.items() if not good]
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+
+
+def finish(planned: list[tuple[str, dict, list[Run], dict]], tag: str, out: Path, args: argparse.Namespace, base: Path,
+           shared: list[str], seeds: list[int], started: float, done: dict[str, bool]) -> None:
+    for grid_name, grid, runs, baseline_of in planned:
+        report(grid_name + tag, grid_name, grid, runs, baseline_of, out, args, base, shared, seeds, started, done)
+    write_report(Path(args.report), out.parent)
 
 
 def report(name: str, grid_name: str, grid: dict[str, Any], runs: list[Run], baseline_of: dict[str, str], out: Path,

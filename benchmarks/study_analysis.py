@@ -5,7 +5,9 @@ the time comes from each log interval's tokens / tokens_per_s, so evaluation and
 writes are left out and the teacher's forward is counted), and the mean cosine to the teacher
 while it is active, and the teacher's cost per step measured inside the run. Per configuration and seed, against the baseline of the same seed: steps to
 reach the baseline's final eval loss (linear interpolation between evals), the speedup in
-steps, the wall-clock speedup (steps speedup x throughput ratio) and the paired difference of
+steps, the wall-clock speedup (steps speedup x throughput ratio; and the same with the ratio from the run's
+own timing, 1 / (1 + teacher cost x aligned fraction), which machine load shared unevenly between
+two runs cannot skew) and the paired difference of
 final eval losses. Then mean +- std over seeds and a verdict (rule below).
 """
 from __future__ import annotations
@@ -40,10 +42,11 @@ def train_time(records: list[dict[str, Any]]) -> tuple[int, float]:
     return tokens, seconds
 
 
-def teacher_step_cost(records: list[dict[str, Any]]) -> float | None:
-    """The teacher's extra time per step as a fraction of a student step, from one run: seconds per
-    token while the teacher is active over seconds per token after it is dropped, minus 1. Both
-    halves come from the same process under the same machine load, unlike a ratio between runs."""
+def teacher_step_cost(records: list[dict[str, Any]]) -> tuple[float | None, float]:
+    """(the teacher's extra time per step as a fraction of a student step, the fraction of tokens
+    trained with the teacher active), from one run: seconds per token while the teacher is active
+    over seconds per token after it is dropped, minus 1. Both halves come from the same process
+    under the same machine load, unlike a throughput ratio between two runs."""
     active, after = [0, 0.0], [0, 0.0]
     previous = 0
     for record in records:
@@ -54,9 +57,10 @@ def teacher_step_cost(records: list[dict[str, Any]]) -> float | None:
             side = active if record.get("teacher_active") else after
             side[0] += interval
             side[1] += interval / record["tokens_per_s"]
+    fraction = active[0] / (active[0] + after[0]) if active[0] + after[0] else 0.0
     if not (active[0] and after[0]):
-        return None
-    return (active[1] / active[0]) / (after[1] / after[0]) - 1
+        return None, fraction
+    return (active[1] / active[0]) / (after[1] / after[0]) - 1, fraction
 
 
 def aligned_cosine(records: list[dict[str, Any]]) -> float | None:
@@ -73,10 +77,11 @@ def run_numbers(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Everything the study keeps about one run."""
     curve = eval_curve(records)
     tokens, seconds = train_time(records)
+    cost, fraction = teacher_step_cost(records)
     return {"eval_loss_curve": curve, "final_eval_loss": curve[-1][1] if curve else None,
             "last_step": curve[-1][0] if curve else None, "tokens": tokens, "train_seconds": seconds,
             "tokens_per_s": tokens / seconds if seconds else None, "cosine_aligned": aligned_cosine(records),
-            "teacher_step_cost": teacher_step_cost(records)}
+            "teacher_step_cost": cost, "teacher_fraction": fraction}
 
 
 def paired(run: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
@@ -88,9 +93,12 @@ def paired(run: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
     # never reached: the run needs more than its last step, so this bounds the speedup from above
     speedup = base_steps / (steps if reached else run["last_step"])
     throughput = (run["tokens_per_s"] / baseline["tokens_per_s"]) if run["tokens_per_s"] and baseline["tokens_per_s"] else None
+    # the same, with the throughput ratio from the run's own timing (teacher cost over the aligned part)
+    cost = run.get("teacher_step_cost")
     return {"target_eval_loss": target, "baseline_steps": base_steps, "steps": steps, "reached": reached,
             "speedup": speedup, "throughput_ratio": throughput,
             "wall_speedup": speedup * throughput if throughput is not None else None,
+            "wall_speedup_in_run": speedup / (1 + cost * run["teacher_fraction"]) if cost is not None else None,
             "loss_diff": run["final_eval_loss"] - target}
 
 
@@ -101,7 +109,8 @@ def summarize(pairs: dict[int, dict[str, Any]], runs: dict[int, dict[str, Any]])
         source[s][key] is not None for s in seeds) else None
     return {"seeds": seeds, "reached": sum(pairs[s]["reached"] for s in seeds),
             "speedup": figure("speedup", pairs), "speedup_is_upper_bound": not all(pairs[s]["reached"] for s in seeds),
-            "wall_speedup": figure("wall_speedup", pairs), "throughput_ratio": figure("throughput_ratio", pairs),
+            "wall_speedup": figure("wall_speedup", pairs), "wall_speedup_in_run": figure("wall_speedup_in_run", pairs),
+            "throughput_ratio": figure("throughput_ratio", pairs),
             "loss_diff": figure("loss_diff", pairs), "final_eval_loss": figure("final_eval_loss", runs),
             "cosine_aligned": figure("cosine_aligned", runs), "teacher_step_cost": figure("teacher_step_cost", runs)}
 

@@ -41,9 +41,10 @@ def plot_study(path: Path, payload: dict[str, Any]) -> None:
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
     names = list(configs)
-    for offset, (key, label) in ((-0.2, ("speedup", "steps")), (0.2, ("wall_speedup", "wall-clock"))):
+    bars = (("speedup", "steps"), ("wall_speedup", "wall-clock"), ("wall_speedup_in_run", "wall-clock, in-run teacher cost"))
+    for offset, (key, label) in zip((-0.27, 0.0, 0.27), bars):
         means = [(configs[n]["summary"].get(key) or {}).get("mean", 0.0) for n in names]
-        right.bar([i + offset for i in range(len(names))], means, width=0.4, alpha=0.6, label=f"{label} (mean)")
+        right.bar([i + offset for i in range(len(names))], means, width=0.27, alpha=0.6, label=f"{label} (mean)")
         for i, name in enumerate(names):
             for seed, pair in configs[name]["per_seed"].items():
                 if pair.get(key) is not None:
@@ -83,14 +84,16 @@ def grid_table(payload: dict[str, Any]) -> list[str]:
              f"{len(payload['runs'])} runs, {sum(r['train_seconds'] for r in payload['runs'].values()) / 60:.1f} min of training steps"
              + (f"; **failed: {', '.join(payload['runs_failed'])}**" if payload["runs_failed"] else "") + ".", "",
              "| configuration | speedup in steps (mean ± std) | per seed (min) | reached | wall-clock speedup | "
-             "throughput vs baseline | final eval loss | minus baseline, per seed | cosine while aligned | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "throughput vs baseline | teacher cost per step (in-run) | wall-clock at in-run cost | final eval loss | "
+             "minus baseline, per seed | cosine while aligned | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in payload["configs"].items():
         s, pairs = entry["summary"], entry["per_seed"]
         bound = " (upper bound)" if s.get("speedup_is_upper_bound") else ""
         minimum = f" ({s['speedup']['min']:.2f})" if s.get("speedup") else ""
         lines.append(f"| {name} | {_figure(s, 'speedup', 2)}{bound} | {_per_seed(pairs, 'speedup', '.2f')}{minimum} | "
                      f"{s['reached']}/{len(s['seeds'])} | {_figure(s, 'wall_speedup', 2)} | {_figure(s, 'throughput_ratio', 2)} | "
+                     f"{_figure(s, 'teacher_step_cost', 2)} | {_figure(s, 'wall_speedup_in_run', 2)} | "
                      f"{_figure(s, 'final_eval_loss')} | {_per_seed(pairs, 'loss_diff', '+.3f')} | "
                      f"{_figure(s, 'cosine_aligned')} | {entry['verdict']} |")
     return lines + [""]
@@ -118,7 +121,10 @@ def write_report(path: Path, root: Path) -> None:
              "Written by `benchmarks/study.py` from the study JSONs (do not edit by hand). Speedup = steps the "
              "baseline of the same seed needs to reach its final eval loss / steps the configuration needs (linear "
              "interpolation between evals); wall-clock speedup = that x the throughput ratio (total tokens / total "
-             "training time, teacher included). "
+             "training time, teacher included). Runs share the machine 3 at a time, so a ratio between two runs carries "
+             "the load each one met; teacher cost per step (in-run) = time per token with the teacher active over time "
+             "per token after it is dropped, minus 1, from the same run, and wall-clock at in-run cost = speedup / (1 + "
+             "that cost x the fraction of the run with the teacher active). "
              f"Verdict rule: {VERDICT_RULE}", "",
              "## The paper's claims against our measurement", "",
              "| claim | paper | study | our measurement (mean ± std over seeds) | seeds | verdict |", "|---|---|---|---|---|---|"]

@@ -118,6 +118,11 @@ def test_teacher_step_cost_is_measured_inside_one_run() -> None:
     for row in rows:
         if row.get("teacher_active"):
             row["tokens_per_s"] = 80.0  # 1.25x the time per token while the teacher runs
-    assert teacher_step_cost(rows) == pytest.approx(0.25)
-    assert run_numbers(rows)["teacher_step_cost"] == pytest.approx(0.25)
-    assert teacher_step_cost(records(BASE, 100.0)) is None  # a baseline has no teacher
+    cost, fraction = teacher_step_cost(rows)
+    assert cost == pytest.approx(0.25) and fraction == pytest.approx(1 / 3)
+    run = run_numbers(rows)
+    assert run["teacher_step_cost"] == pytest.approx(0.25)
+    assert teacher_step_cost(records(BASE, 100.0))[0] is None  # a baseline has no teacher
+    pair = paired(run, run_numbers(records(BASE, 100.0)))  # same curve: speedup 1, only the teacher's cost
+    assert pair["speedup"] == pytest.approx(1.0)
+    assert pair["wall_speedup_in_run"] == pytest.approx(1 / (1 + 0.25 / 3))
