@@ -99,6 +99,35 @@ def grid_table(payload: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+TS_RESULTS = ("ts_uea_random_init.json", "ts_uea_random_init_ucr.json")  # benchmarks/ts_uea.py, issue 12 section 3
+TS_INITS = {"llm_let": "pretrained", "rand_let": "random init"}
+
+
+def time_series_rows(results: Path) -> list[str]:
+    """The time-series claim, from ts_uea.py's LET-minus-baseline test accuracies (see ts_study.md).
+    Verdict per dataset and student: holds when the mean gain exceeds its std over seeds, holds
+    weaker when it is above zero, does not hold otherwise; the row holds only if every cell does."""
+    cells, verdicts, seeds = [], [], set()
+    for name in TS_RESULTS:
+        path = results / name
+        if not path.is_file():
+            continue
+        payload = json.loads(path.read_text())
+        seeds.add(payload["settings"]["seeds"])
+        for dataset, by_config in payload["let_minus_baseline"].items():
+            for config, d in by_config.items():
+                init = next((label for prefix, label in TS_INITS.items() if config.startswith(prefix)), config)
+                cells.append(f"{dataset} {init}: {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} pts")
+                verdicts.append("holds" if d["mean"] > d["std"] else "holds weaker" if d["mean"] > 0 else "does not hold")
+    if not cells:
+        return []
+    overall = "holds" if all(v == "holds" for v in verdicts) else "does not hold" if all(
+        v == "does not hold" for v in verdicts) else "holds weaker"
+    return [f"| LET improves time-series classification (TimesNet teacher, LLM student) | beats fine-tuned Qwen-0.5B on "
+            f"10 UEA sets (App. E, Table 2) | ts_uea (see ts_study.md) | LET minus baseline, test accuracy: "
+            f"{'; '.join(cells)} | {', '.join(sorted(seeds))} | {overall} |"]
+
+
 def _measured(payload: dict[str, Any], claim: dict[str, Any]) -> str:
     speed = lambda n: _figure(payload["configs"][n]["summary"], "speedup", 2) if n in payload["configs"] else "-"  # noqa: E731
     if claim.get("kind") == "best":
@@ -132,6 +161,7 @@ def write_report(path: Path, root: Path) -> None:
         for claim in payload.get("claims", []):
             lines.append(f"| {claim['claim']} | {claim.get('paper', '')} | {payload['name']} | {_measured(payload, claim)} | "
                          f"{len(payload['seeds'])} | {claim['verdict']} |")
+    lines += time_series_rows(root.parent)
     lines.append("")
     for payload in studies:
         lines += grid_table(payload)

@@ -65,3 +65,17 @@ def test_a_run_with_the_settings_of_a_finished_one_reuses_it(tmp_path: Path) -> 
     assert runner.same_run(other) is None
     base.write_text("train: {steps: 11}\n")  # another base recipe is another run
     assert Runner(base, out, resume=False, keep_weights=False, threads=1).same_run(same) is None
+
+
+def test_the_time_series_claim_row_reads_ts_uea_results(tmp_path: Path) -> None:
+    from study_report import time_series_rows
+
+    assert time_series_rows(tmp_path) == []
+    gain = {"mean": 0.05, "std": 0.01}
+    (tmp_path / "ts_uea_random_init.json").write_text(json.dumps({"settings": {"seeds": "0,1,2"}, "let_minus_baseline": {
+        "GunPoint": {"llm_let@1": gain, "rand_let@1": gain}}}))
+    row = time_series_rows(tmp_path)[0]
+    assert "GunPoint pretrained: +5.00 ± 1.00 pts" in row and row.endswith("| 0,1,2 | holds |")
+    (tmp_path / "ts_uea_random_init_ucr.json").write_text(json.dumps({"settings": {"seeds": "0,1,2"}, "let_minus_baseline": {
+        "ItalyPowerDemand": {"llm_let@1": {"mean": -0.02, "std": 0.03}}}}))
+    assert time_series_rows(tmp_path)[0].endswith("| holds weaker |")  # one cell loses: not every dataset gains
