@@ -358,7 +358,7 @@ def main() -> None:
         check_configs(base, ([pretrain] if pretrain else []) + queue)
         return
     if args.analyse:  # e.g. while another study.py works through the queue
-        done = {r.name: (out / r.name / "results.json").is_file() for r in queue}
+        done = {r.name: True for r in queue if (out / r.name / "results.json").is_file()}  # the rest: pending
         return finish(planned, tag, out, args, base, shared, seeds, time.time(), done)
     unfinished = [r.name for r in queue if runner.state(r) == "unfinished"]  # also stops on foreign folders
     if unfinished and not args.resume:
@@ -397,7 +397,8 @@ def report(name: str, grid_name: str, grid: dict[str, Any], runs: list[Run], bas
     payload = {"kind": "alignkit-study", "name": name, "grid": grid_name, "description": grid.get("description", ""),
                "settings": settings, "seeds": seeds,
                "wall_clock_s": time.time() - started, "time_source": TIME_SOURCE, "verdict_rule": VERDICT_RULE,
-               "runs_failed": [r.name for r in runs if not done.get(r.name, False)],
+               "runs_failed": [r.name for r in runs if r.name in done and not done[r.name]],
+               "runs_pending": [r.name for r in runs if r.name not in done],
                "run_overrides": {r.name: r.overrides for r in runs}, **result, "claims": claims(grid, result["configs"])}
     write_json(out / f"{name}.json", payload)
     plot_study(out / f"{name}.png", payload)

@@ -76,13 +76,25 @@ def _per_seed(pairs: dict[Any, dict[str, Any]], key: str, fmt: str) -> str:
     return " / ".join("-" if v is None else format(v, fmt) for v in values)
 
 
+def _pooled_cost(payload: dict[str, Any]) -> str:
+    costs = [r["teacher_step_cost"] for r in payload["runs"].values() if r.get("teacher_step_cost") is not None]
+    if not costs:
+        return ""
+    mean = sum(costs) / len(costs)
+    std = (sum((c - mean) ** 2 for c in costs) / max(1, len(costs) - 1)) ** 0.5
+    return (f" Teacher cost per step measured inside each run, pooled over its {len(costs)} runs with a teacher: "
+            f"{mean:+.2f} ± {std:.2f} of a student step.")
+
+
 def grid_table(payload: dict[str, Any]) -> list[str]:
     settings = payload["settings"]
     lines = [f"## {payload['name']}", "", payload.get("description", ""), "",
              f"Grid `{payload['grid']}`, seeds {payload['seeds']}, {settings['steps']} steps unless the configuration sets "
              f"its own, base `{Path(settings['base']).name}`, teacher: {settings['teacher']}, "
              f"{len(payload['runs'])} runs, {sum(r['train_seconds'] for r in payload['runs'].values()) / 60:.1f} min of training steps"
-             + (f"; **failed: {', '.join(payload['runs_failed'])}**" if payload["runs_failed"] else "") + ".", "",
+             + (f"; **failed: {', '.join(payload['runs_failed'])}**" if payload["runs_failed"] else "")
+             + (f"; not run yet: {', '.join(payload['runs_pending'])}" if payload.get("runs_pending") else "") + "."
+             + _pooled_cost(payload), "",
              "| configuration | speedup in steps (mean ± std) | per seed (min) | reached | wall-clock speedup | "
              "throughput vs baseline | teacher cost per step (in-run) | wall-clock at in-run cost | final eval loss | "
              "minus baseline, per seed | cosine while aligned | verdict |",
