@@ -30,6 +30,8 @@ paired figures per seed, summaries, verdicts), OUT/NAME.png, and regenerates the
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -179,7 +181,25 @@ class Runner:
                 return saved.parent
         return None
 
+    @contextlib.contextmanager
+    def claim(self, run: Run) -> Any:
+        """Hold the run's lock: another study.py on the same folder (e.g. a second queue, or a grid
+        sharing its baselines) waits for this run instead of training it at the same time."""
+        locks = self.out / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{run.name}.lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.say(f"wait   {run.name} (another study.py is running it)")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
     def __call__(self, run: Run, keep_weights: bool = False) -> bool:
+        with self.claim(run):
+            return self._start_or_reuse(run, keep_weights)
+
+    def _start_or_reuse(self, run: Run, keep_weights: bool) -> bool:
         folder, state = self.out / run.name, self.state(run)
         if state == "done":
             self.say(f"reuse  {run.name}")

@@ -79,3 +79,28 @@ def test_the_time_series_claim_row_reads_ts_uea_results(tmp_path: Path) -> None:
     (tmp_path / "ts_uea_random_init_ucr.json").write_text(json.dumps({"settings": {"seeds": "0,1,2"}, "let_minus_baseline": {
         "ItalyPowerDemand": {"llm_let@1": {"mean": -0.02, "std": 0.03}}}}))
     assert time_series_rows(tmp_path)[0].endswith("| holds weaker |")  # one cell loses: not every dataset gains
+
+
+def test_a_run_another_study_holds_is_waited_for_not_trained_twice(tmp_path: Path) -> None:
+    import fcntl
+    import threading
+
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {steps: 10}\n")
+    out = tmp_path / "study"
+    runner = Runner(base, out, resume=False, keep_weights=False, threads=1)
+    run = Run("baseline-s0", "baseline", 0, ["align.method=none"])
+    (out / ".locks").mkdir(parents=True)
+    held = open(out / ".locks" / "baseline-s0.lock", "w")
+    fcntl.flock(held, fcntl.LOCK_EX)  # as another study.py would while it trains the run
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(runner(run)))
+    waiter.start()
+    waiter.join(timeout=1.0)
+    assert waiter.is_alive()  # waiting, not training
+    (out / run.name).mkdir()  # the other study.py finishes the run, then lets go
+    (out / run.name / RUN_RECORD).write_text(json.dumps(runner.record(run)))
+    (out / run.name / "results.json").write_text("{}")
+    held.close()
+    waiter.join(timeout=10)
+    assert result == [True]  # reused, never started
