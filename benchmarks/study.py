@@ -354,8 +354,9 @@ def plan_grids(args: argparse.Namespace, shared: list[str], teacher: list[str]) 
                 raise SystemExit(f"grids {other[0]} and {grid_name} both name a run {run.name} with different settings: "
                                  f"rename one configuration")
         planned.append((grid_name, grid, runs, baseline_of))
-    if args.only and not planned:
-        raise SystemExit(f"--only {args.only}: no such configuration in {', '.join(args.grids)}")
+    unknown = {n for n in args.only.split(",") if n} - {c for _, grid, _, _ in planned for c in grid["configs"]}
+    if unknown or (args.only and not planned):
+        raise SystemExit(f"--only: no configuration {', '.join(sorted(unknown)) or args.only} in {', '.join(args.grids)}")
     return planned
 
 

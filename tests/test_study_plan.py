@@ -44,8 +44,10 @@ def test_two_grids_may_not_give_one_run_name_two_meanings(tmp_path: Path) -> Non
     with pytest.raises(SystemExit, match="g1 and g2 both name a run cosine-s0"):
         plan_grids(_args(tmp_path, "g1.yaml", "g2.yaml"), [], [])
     assert [p[0] for p in plan_grids(_args(tmp_path, "g1.yaml", "g3.yaml", only="mse"), [], [])] == ["g3"]
-    with pytest.raises(SystemExit, match="no such configuration"):
+    with pytest.raises(SystemExit, match="no configuration nope in"):
         plan_grids(_args(tmp_path, "g1.yaml", only="nope"), [], [])
+    with pytest.raises(SystemExit, match="no configuration nope in"):  # a typo beside a good name is not ignored
+        plan_grids(_args(tmp_path, "g1.yaml", "g3.yaml", only="mse,nope"), [], [])
 
 
 def test_a_run_with_the_settings_of_a_finished_one_reuses_it(tmp_path: Path) -> None:
