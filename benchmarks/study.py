@@ -113,9 +113,7 @@ def plan(grid: dict[str, Any], seeds: list[int], steps: int, shared: list[str], 
          teacher: list[str]) -> tuple[list[Run], dict[str, str]]:
     """Every run in launch order, and each configuration's baseline name (``teacher``: overrides
     for the configurations only)."""
-    configs = {n: o for n, o in grid["configs"].items() if not only or n in only}
-    if only and len(configs) != len(only):
-        raise SystemExit(f"--only: unknown configuration(s) {sorted(set(only) - set(configs))} (grid has {sorted(grid['configs'])})")
+    configs = {n: o for n, o in grid["configs"].items() if not only or n in only}  # plan_grids checks the names
     baselines: dict[tuple[str, ...], str] = {}
     baseline_of: dict[str, str] = {}
     configs = {n: list(grid.get("common", [])) + list(o) + teacher for n, o in configs.items()}
@@ -339,7 +337,8 @@ def small_teacher(out: Path, shared: list[str], steps: int) -> tuple[Run, list[s
                      f"teacher.name_or_path={out / teacher.name / 'final'}"]
 
 
-def plan_grids(args: argparse.Namespace, shared: list[str], teacher: list[str]) -> list[tuple[str, dict, list[Run], dict]]:
+def plan_grids(args: argparse.Namespace, seeds: list[int], shared: list[str],
+               teacher: list[str]) -> list[tuple[str, dict, list[Run], dict]]:
     """Each grid's runs; a run name two grids use must mean the same run (baselines do)."""
     planned, seen = [], {}
     for grid_arg in args.grids:
@@ -347,7 +346,7 @@ def plan_grids(args: argparse.Namespace, shared: list[str], teacher: list[str]) 
         only = [n for n in args.only.split(",") if n and n in grid["configs"]] if args.only else []
         if args.only and not only:
             continue
-        runs, baseline_of = plan(grid, [int(s) for s in args.seeds.split(",")], args.steps, shared, only, teacher)
+        runs, baseline_of = plan(grid, seeds, args.steps, shared, only, teacher)
         for run in runs:
             other = seen.setdefault(run.name, (grid_name, run.overrides))
             if other[1] != run.overrides:
@@ -364,16 +363,17 @@ def main() -> None:
     args = parse_args()
     data, suffix = data_overrides(args)
     seeds = [int(s) for s in args.seeds.split(",")]
-    tag = ("-small-teacher" if args.teacher == "small" else "") + suffix
-    folder = (args.corpus_name if args.corpus else "wikitext2") + ("-small-teacher" if args.teacher == "small" else "")
-    out = Path(args.out or RESULTS / "study" / folder).resolve()  # shared by every grid: baselines run once
+    small = "-small-teacher" if args.teacher == "small" else ""
+    tag = small + suffix
+    out = Path(args.out or RESULTS / "study" / ((args.corpus_name if args.corpus else "wikitext2") + small)).resolve()
+    # ^ shared by every grid: baselines run once
     base = Path(args.base).resolve()
     if not base.is_file():
         raise SystemExit(f"--base: file not found: {base}")
     runner = Runner(base, out, args.resume, args.keep_weights, max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
     shared = data + list(args.set)
     pretrain, teacher = small_teacher(out, shared, args.teacher_steps) if args.teacher == "small" else (None, [])
-    planned = plan_grids(args, shared, teacher)
+    planned = plan_grids(args, seeds, shared, teacher)
     queue = list({run.name: run for _, _, runs, _ in planned for run in runs}.values())  # grid order, each run once
     if args.dry_run:
         check_configs(base, ([pretrain] if pretrain else []) + queue)
@@ -388,13 +388,13 @@ def main() -> None:
     if pretrain and not runner(pretrain, keep_weights=True):
         raise SystemExit("the small teacher's pre-training failed (see its study.log)")
     # a run repeating another of this queue waits for it, then reuses it (Runner.same_run)
-    records = {r.name: runner.settings(runner.record(r)) for r in queue}
+    settings = {r.name: runner.settings(runner.record(r)) for r in queue}
     first = {}
     for r in queue:
-        first.setdefault(records[r.name], r)
+        first.setdefault(settings[r.name], r)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         done = dict(zip([r.name for r in first.values()], pool.map(runner, first.values())))
-    done |= {r.name: done[first[records[r.name]].name] and runner(r) for r in queue if r.name not in done}
+    done |= {r.name: done[first[settings[r.name]].name] and runner(r) for r in queue if r.name not in done}
     finish(planned, tag, out, args, base, shared, seeds, started, done)
     failed = [name for name, good in done.items() if not good]
     if failed:

@@ -12,7 +12,7 @@ final eval losses. Then mean +- std over seeds and a verdict (rule below).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 from common import eval_curve, spread, steps_to_reach
 
@@ -28,17 +28,22 @@ VERDICT_RULE = (f"holds: mean speedup >= {HOLDS_MEAN} and every seed > 1.0; hold
 TIME_SOURCE = "sum over train log intervals of (tokens in the interval / tokens_per_s): training steps only, teacher included, eval and saves excluded"
 
 
-def train_time(records: list[dict[str, Any]]) -> tuple[int, float]:
-    """(total tokens, training seconds) of a run from its train records."""
-    tokens, seconds, previous = 0, 0.0, 0
+def _intervals(records: list[dict[str, Any]]) -> Iterator[tuple[int, float, bool]]:
+    """(tokens, seconds, teacher active) of each train log interval."""
+    previous = 0
     for record in records:
         if "tokens_per_s" not in record:
             continue
-        interval = record["tokens"] - previous
-        previous = record["tokens"]
-        if record["tokens_per_s"] > 0:
-            seconds += interval / record["tokens_per_s"]
-        tokens = record["tokens"]
+        tokens, previous = record["tokens"] - previous, record["tokens"]
+        seconds = tokens / record["tokens_per_s"] if record["tokens_per_s"] > 0 else 0.0
+        yield tokens, seconds, bool(record.get("teacher_active"))
+
+
+def train_time(records: list[dict[str, Any]]) -> tuple[int, float]:
+    """(total tokens, training seconds) of a run from its train records."""
+    tokens, seconds = 0, 0.0
+    for interval, spent, _ in _intervals(records):
+        tokens, seconds = tokens + interval, seconds + spent
     return tokens, seconds
 
 
@@ -47,20 +52,15 @@ def teacher_step_cost(records: list[dict[str, Any]]) -> tuple[float | None, floa
     trained with the teacher active), from one run: seconds per token while the teacher is active
     over seconds per token after it is dropped, minus 1. Both halves come from the same process
     under the same machine load, unlike a throughput ratio between two runs."""
-    active, after = [0, 0.0], [0, 0.0]
-    previous = 0
-    for record in records:
-        if "tokens_per_s" not in record:
-            continue
-        interval, previous = record["tokens"] - previous, record["tokens"]
-        if record["tokens_per_s"] > 0:
-            side = active if record.get("teacher_active") else after
-            side[0] += interval
-            side[1] += interval / record["tokens_per_s"]
-    fraction = active[0] / (active[0] + after[0]) if active[0] + after[0] else 0.0
-    if not (active[0] and after[0]):
+    side = {True: [0, 0.0], False: [0, 0.0]}  # teacher active -> [tokens, seconds]
+    for interval, spent, active in _intervals(records):
+        side[active][0] += interval
+        side[active][1] += spent
+    (on_tokens, on_s), (off_tokens, off_s) = side[True], side[False]
+    fraction = on_tokens / (on_tokens + off_tokens) if on_tokens + off_tokens else 0.0
+    if not (on_tokens and off_tokens and off_s):
         return None, fraction
-    return (active[1] / active[0]) / (after[1] / after[0]) - 1, fraction
+    return (on_s / on_tokens) / (off_s / off_tokens) - 1, fraction
 
 
 def aligned_cosine(records: list[dict[str, Any]]) -> float | None:

@@ -40,14 +40,14 @@ def test_two_grids_may_not_give_one_run_name_two_meanings(tmp_path: Path) -> Non
     (tmp_path / "g1.yaml").write_text("configs:\n  cosine: [align.objective=cosine]\n")
     (tmp_path / "g2.yaml").write_text("configs:\n  cosine: [align.schedule=cosine]\n")
     (tmp_path / "g3.yaml").write_text("configs:\n  mse: [align.objective=mse]\n")
-    assert [p[0] for p in plan_grids(_args(tmp_path, "g1.yaml", "g3.yaml"), [], [])] == ["g1", "g3"]  # baseline shared
+    assert [p[0] for p in plan_grids(_args(tmp_path, "g1.yaml", "g3.yaml"), [0], [], [])] == ["g1", "g3"]  # baseline shared
     with pytest.raises(SystemExit, match="g1 and g2 both name a run cosine-s0"):
-        plan_grids(_args(tmp_path, "g1.yaml", "g2.yaml"), [], [])
-    assert [p[0] for p in plan_grids(_args(tmp_path, "g1.yaml", "g3.yaml", only="mse"), [], [])] == ["g3"]
+        plan_grids(_args(tmp_path, "g1.yaml", "g2.yaml"), [0], [], [])
+    assert [p[0] for p in plan_grids(_args(tmp_path, "g1.yaml", "g3.yaml", only="mse"), [0], [], [])] == ["g3"]
     with pytest.raises(SystemExit, match="no configuration nope in"):
-        plan_grids(_args(tmp_path, "g1.yaml", only="nope"), [], [])
+        plan_grids(_args(tmp_path, "g1.yaml", only="nope"), [0], [], [])
     with pytest.raises(SystemExit, match="no configuration nope in"):  # a typo beside a good name is not ignored
-        plan_grids(_args(tmp_path, "g1.yaml", "g3.yaml", only="mse,nope"), [], [])
+        plan_grids(_args(tmp_path, "g1.yaml", "g3.yaml", only="mse,nope"), [0], [], [])
 
 
 def test_a_run_with_the_settings_of_a_finished_one_reuses_it(tmp_path: Path) -> None:
