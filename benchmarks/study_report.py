@@ -32,7 +32,10 @@ def plot_study(path: Path, payload: dict[str, Any]) -> None:
         steps = [s for s, _ in curves[0]]
         columns = [[c[i][1] for c in curves if len(c) > i] for i in range(len(steps))]
         mean = [sum(col) / len(col) for col in columns]
-        style = {"color": "black", "linewidth": 2} if name in baselines else {}
+        # several baselines (a budget grid): black, told apart by dash pattern
+        dashes = ("-", "--", ":", "-.")
+        style = {"color": "black", "linewidth": 2, "linestyle": dashes[baselines.index(name) % len(dashes)]} \
+            if name in baselines else {}
         line, = left.plot(steps, mean, label=name, **style)
         left.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], alpha=0.15, color=line.get_color())
     left.set_xlabel("step")
