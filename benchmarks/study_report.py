@@ -16,6 +16,10 @@ def _curves(payload: dict[str, Any], config: str) -> list[list[tuple[int, float]
             if f"{config}-s{seed}" in payload["runs"]]
 
 
+# several baselines (a budget grid) are all black, told apart by dash pattern
+BASELINE_DASHES = ("-", "--", ":", "-.")
+
+
 def plot_study(path: Path, payload: dict[str, Any]) -> None:
     import matplotlib
 
@@ -32,9 +36,7 @@ def plot_study(path: Path, payload: dict[str, Any]) -> None:
         steps = [s for s, _ in curves[0]]
         columns = [[c[i][1] for c in curves if len(c) > i] for i in range(len(steps))]
         mean = [sum(col) / len(col) for col in columns]
-        # several baselines (a budget grid): black, told apart by dash pattern
-        dashes = ("-", "--", ":", "-.")
-        style = {"color": "black", "linewidth": 2, "linestyle": dashes[baselines.index(name) % len(dashes)]} \
+        style = {"color": "black", "linewidth": 2, "linestyle": BASELINE_DASHES[baselines.index(name) % len(BASELINE_DASHES)]} \
             if name in baselines else {}
         line, = left.plot(steps, mean, label=name, **style)
         left.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], alpha=0.15, color=line.get_color())
