@@ -231,6 +231,25 @@ class Runner:
         return True
 
 
+def run_queue(runner: Runner, queue: list[Run], jobs: int) -> dict[str, bool]:
+    """Run the queue ``jobs`` at a time; a run repeating another of the queue's exact settings is not
+    trained: it is linked to that one the moment it finishes (Runner.same_run), so a mid-queue
+    ``--analyse`` already sees it. Returns run name -> finished."""
+    first: dict[tuple, Run] = {}
+    for r in queue:
+        first.setdefault(runner.settings(runner.record(r)), r)
+    done: dict[str, bool] = {}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {r.name: pool.submit(runner, r) for r in first.values()}
+        for r in queue:
+            original = first[runner.settings(runner.record(r))]
+            if r is not original:  # the callback runs in the worker that finished the original
+                futures[original.name].add_done_callback(
+                    lambda f, r=r: done.__setitem__(r.name, not f.exception() and f.result() and runner(r)))
+        done |= {name: f.result() for name, f in futures.items()}
+    return done
+
+
 def records(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -387,14 +406,7 @@ def main() -> None:
     started = time.time()
     if pretrain and not runner(pretrain, keep_weights=True):
         raise SystemExit("the small teacher's pre-training failed (see its study.log)")
-    # a run repeating another of this queue waits for it, then reuses it (Runner.same_run)
-    settings = {r.name: runner.settings(runner.record(r)) for r in queue}
-    first = {}
-    for r in queue:
-        first.setdefault(settings[r.name], r)
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        done = dict(zip([r.name for r in first.values()], pool.map(runner, first.values())))
-    done |= {r.name: done[first[settings[r.name]].name] and runner(r) for r in queue if r.name not in done}
+    done = run_queue(runner, queue, args.jobs)
     finish(planned, tag, out, args, base, shared, seeds, started, done)
     failed = [name for name, good in done.items() if not good]
     if failed:

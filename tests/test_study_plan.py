@@ -106,3 +106,45 @@ def test_a_run_another_study_holds_is_waited_for_not_trained_twice(tmp_path: Pat
     held.close()
     waiter.join(timeout=10)
     assert result == [True]  # reused, never started
+
+
+def test_a_queued_copy_is_linked_as_soon_as_its_original_finishes(tmp_path: Path) -> None:
+    import threading
+
+    from study import run_queue
+
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {steps: 10}\n")
+    out = tmp_path / "study"
+    release, order = threading.Event(), []
+
+    class Fake(Runner):  # "trains" by writing the run's files; the slow run waits for the test
+        def _start_or_reuse(self, run: Run, keep_weights: bool) -> bool:
+            if run.name == "lam3-s0":
+                order.append("lam3 trained")
+                (out / run.name).mkdir(parents=True)
+                (out / run.name / RUN_RECORD).write_text(json.dumps(self.record(run)))
+                (out / run.name / "results.json").write_text("{}")
+                return True
+            if run.name == "slow-s0":
+                release.wait(timeout=10)
+                order.append("slow trained")
+                return True
+            linked = super()._start_or_reuse(run, keep_weights)  # the copy: a link, no training
+            order.append("copy linked")
+            return linked
+
+    lam3 = Run("lam3-s0", "lam3", 0, ["align.method=let", "align.lambda0=3.0"])
+    copy = Run("f3-s0", "f3", 0, ["align.lambda0=3.0", "align.method=let"])
+    slow = Run("slow-s0", "slow", 0, ["align.method=none"])
+    result = {}
+    queue = threading.Thread(target=lambda: result.update(run_queue(Fake(base, out, False, False, 1), [slow, lam3, copy], 2)))
+    queue.start()
+    for _ in range(100):  # the copy is linked while the slow run still trains
+        if (out / "f3-s0").is_symlink():
+            break
+        threading.Event().wait(0.05)
+    assert (out / "f3-s0").is_symlink() and order == ["lam3 trained", "copy linked"]
+    release.set()
+    queue.join(timeout=10)
+    assert result == {"slow-s0": True, "lam3-s0": True, "f3-s0": True}
