@@ -235,17 +235,17 @@ def run_queue(runner: Runner, queue: list[Run], jobs: int) -> dict[str, bool]:
     """Run the queue ``jobs`` at a time; a run repeating another of the queue's exact settings is not
     trained: it is linked to that one the moment it finishes (Runner.same_run), so a mid-queue
     ``--analyse`` already sees it. Returns run name -> finished."""
+    original: dict[str, Run] = {}  # run name -> the first run of the queue with its settings
     first: dict[tuple, Run] = {}
     for r in queue:
-        first.setdefault(runner.settings(runner.record(r)), r)
+        original[r.name] = first.setdefault(runner.settings(runner.record(r)), r)
     done: dict[str, bool] = {}
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {r.name: pool.submit(runner, r) for r in first.values()}
         for r in queue:
-            original = first[runner.settings(runner.record(r))]
-            if r is not original:  # the callback runs in the worker that finished the original
-                futures[original.name].add_done_callback(
-                    lambda f, r=r: done.__setitem__(r.name, not f.exception() and f.result() and runner(r)))
+            if r is not original[r.name]:  # the callback runs in the worker that finished the original
+                futures[original[r.name].name].add_done_callback(
+                    lambda f, r=r: done.__setitem__(r.name, f.exception() is None and f.result() and runner(r)))
         done |= {name: f.result() for name, f in futures.items()}
     return done
 

@@ -36,8 +36,9 @@ def plot_study(path: Path, payload: dict[str, Any]) -> None:
         steps = [s for s, _ in curves[0]]
         columns = [[c[i][1] for c in curves if len(c) > i] for i in range(len(steps))]
         mean = [sum(col) / len(col) for col in columns]
-        style = {"color": "black", "linewidth": 2, "linestyle": BASELINE_DASHES[baselines.index(name) % len(BASELINE_DASHES)]} \
-            if name in baselines else {}
+        style = {}
+        if name in baselines:
+            style = {"color": "black", "linewidth": 2, "linestyle": BASELINE_DASHES[baselines.index(name) % len(BASELINE_DASHES)]}
         line, = left.plot(steps, mean, label=name, **style)
         left.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], alpha=0.15, color=line.get_color())
     left.set_xlabel("step")
