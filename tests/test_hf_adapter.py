@@ -106,7 +106,7 @@ def test_layer_convention_matches_hf_hidden_states(family: str) -> None:
     with torch.no_grad():
         hf_loss = student.model(**batch).loss
     torch.testing.assert_close(out.loss, hf_loss)
-    assert out.logits is None and out.get_logits().shape == (2, 10, VOCAB)  # computed on request only
+    assert out.logits is None and student(batch, [], logits=True).logits.shape == (2, 10, VOCAB)  # on request only
     assert student.model.config.use_cache is False
 
 
@@ -201,13 +201,13 @@ def test_student_save_pretrained_round_trip(tmp_path: Path) -> None:
     assert student.model.config.use_cache is False
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
-        expected = student(batch, []).get_logits()
+        expected = student(batch, [], logits=True).logits
         got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got, expected)
     # and through the adapter's own loader
     again = build_hf_student(ModelConfig(source="checkpoint", name_or_path=str(tmp_path / "hf"))).eval()
     with torch.no_grad():
-        torch.testing.assert_close(again(batch, []).get_logits(), expected)
+        torch.testing.assert_close(again(batch, [], logits=True).logits, expected)
 
 
 def test_registry_builds_hf_causal() -> None:
@@ -332,7 +332,7 @@ def test_student_taps_are_registered_once_and_logits_come_on_request() -> None:
         out = student(batch, layers)
         assert set(out.features) == set(layers) and hooks() == before
     assert out.logits is None
-    logits = out.get_logits()
+    logits = student(batch, [2], logits=True).logits
     reference = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(logits, reference)
     logits.sum().backward()  # KD through the logits reaches the weights
@@ -366,11 +366,11 @@ def test_compiled_student_does_not_recompile_across_forwards() -> None:
 def test_full_logits_path_for_unusual_heads_gives_the_same_loss() -> None:
     student = build_hf_student(tiny_cfg())
     batch = make_batch()
-    chunked = student(batch, [2])
+    chunked = student(batch, [2], logits=True)
     student._chunked_loss = False  # what a head with a bias or logit scaling takes
     full = student(batch, [2])
     torch.testing.assert_close(full.loss, chunked.loss)
-    torch.testing.assert_close(full.logits, chunked.get_logits())
+    torch.testing.assert_close(full.logits, chunked.logits)
 
 
 def test_tapped_features_carry_gradients_under_activation_checkpointing() -> None:

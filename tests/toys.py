@@ -41,7 +41,7 @@ class ToyNet(nn.Module):
 
 
 class ToyStudent(ToyNet):
-    def forward(self, batch: dict, layers: list[int]) -> StudentOutput:
+    def forward(self, batch: dict, layers: list[int], logits: bool = False) -> StudentOutput:
         logits, feats = self.taps.run(lambda: self.run(batch["input_ids"]), layers)
         loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1))
         return StudentOutput(loss=loss, features=feats, logits=logits)

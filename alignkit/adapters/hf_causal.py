@@ -464,11 +464,11 @@ class HFCausalStudent(nn.Module, _Layered):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def forward(self, batch: Batch, layers: Sequence[int] = ()) -> StudentOutput:  # type: ignore[override]
+    def forward(self, batch: Batch, layers: Sequence[int] = (), logits: bool = False) -> StudentOutput:  # type: ignore[override]
         """NLL over labels != -100 (labels aligned with input_ids; the shift happens here).
 
-        Logits are not returned: ``StudentOutput.get_logits()`` computes them for a term that
-        needs them (logit KD); the loss itself never materialises them (chunked, float32)."""
+        Logits are returned only if ``logits`` (a logit-KD term); the loss itself never
+        materialises them (chunked, float32)."""
         inputs = _inputs(batch, self.device)
         labels = batch.get("labels")
         if labels is None:  # plain LM on the real tokens
@@ -480,15 +480,15 @@ class HFCausalStudent(nn.Module, _Layered):
         taps = self._tap_layers(layers)
         if not self._chunked_loss:  # an unusual head: full logits, float32 log-softmax
             output, captured = self._taps.run(lambda: self.model(**inputs, use_cache=False), taps)
-            logits = output.logits  # type: ignore[union-attr]
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX)
-            return StudentOutput(loss=loss, features=self._collect(layers, captured), logits=logits)
+            full = output.logits  # type: ignore[union-attr]
+            loss = F.cross_entropy(full.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX)
+            return StudentOutput(loss=loss, features=self._collect(layers, captured), logits=full)
         output, captured = self._taps.run(lambda: self.model.base_model(**inputs, use_cache=False), taps)
         hidden = output.last_hidden_state  # type: ignore[union-attr]
-        # read inside forward: an FSDP root over the student has the head unsharded here
+        # inside forward: under FSDP the head is unsharded only here
         head = self.model.get_output_embeddings()
         loss = linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets)
-        return StudentOutput(loss=loss, features=self._collect(layers, captured), logits_fn=lambda: head(hidden))
+        return StudentOutput(loss=loss, features=self._collect(layers, captured), logits=head(hidden) if logits else None)
 
     def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None) -> None:
         """Write an HF directory (safetensors) that ``AutoModelForCausalLM.from_pretrained`` opens."""

@@ -142,7 +142,7 @@ class HFTimeSeriesClassifier(nn.Module, _Layered):
         return self.head.weight.device
 
     # ---------------------------------------------------------------- forward
-    def forward(self, batch: Batch, layers: Sequence[int] = ()) -> StudentOutput:  # type: ignore[override]
+    def forward(self, batch: Batch, layers: Sequence[int] = (), logits: bool = False) -> StudentOutput:  # type: ignore[override]
         x = batch["x"].to(self.device, self.input_embedding.weight.dtype)
         if x.shape[-1] < self.num_channels:
             x = F.pad(x, (0, self.num_channels - x.shape[-1]))

@@ -246,7 +246,7 @@ class TimesNetClassifier(nn.Module):
         features = {layer: _pad_time(t, full) for layer, t in captured.items()}
         return (None if stop_early else logits), features, mask
 
-    def forward(self, batch: Batch, layers: Sequence[int] = ()) -> StudentOutput:  # type: ignore[override]
+    def forward(self, batch: Batch, layers: Sequence[int] = (), logits: bool = False) -> StudentOutput:  # type: ignore[override]
         logits, features, _ = self._run(batch, layers, stop_early=False)
         assert logits is not None
         labels = batch.get("labels") if hasattr(batch, "get") else None

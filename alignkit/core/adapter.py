@@ -17,7 +17,7 @@ position when the two models see different token sequences (tokenizer mismatch).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -46,18 +46,12 @@ class StudentOutput:
     """What a student's forward returns: its own task loss, the tapped features, and logits.
 
     A student whose loss does not need full logits (a chunked cross-entropy) leaves ``logits``
-    None and gives ``logits_fn``, which computes them only when a term asks (logit KD)."""
+    None unless its forward was called with ``logits=True`` (a logit-KD term is active)."""
 
     loss: Tensor
     features: dict[int, Tensor] = field(default_factory=dict)
     logits: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    logits_fn: Callable[[], Tensor] | None = None
-
-    def get_logits(self) -> Tensor | None:
-        if self.logits is None and self.logits_fn is not None:
-            self.logits = self.logits_fn()
-        return self.logits
 
 
 LOGITS_KINDS = ("per_token", "per_sample")  # [B, S, V] (language models) | [B, C] (classifiers)
@@ -92,7 +86,11 @@ class StudentAdapter(Protocol):
 
     def width(self, layer: int) -> int: ...
 
-    def forward(self, batch: Batch, layers: list[int]) -> StudentOutput: ...
+    def forward(self, batch: Batch, layers: list[int], logits: bool = False) -> StudentOutput:
+        """The loss, the features of ``layers`` and, if ``logits``, the logits. They are computed
+        inside forward, where an FSDP-sharded head is unsharded (the trainer passes ``logits``
+        only while a logit-KD term is active; a student that always returns logits ignores it)."""
+        ...
 
 
 def resolve_layer(index: int, num_layers: int, name: str = "layer") -> int:

@@ -21,7 +21,7 @@ import shutil
 import warnings
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from alignkit.core.errors import CheckpointError
 
 _STEP_DIR = re.compile(r"step_(\d+)")
+
+
+T = TypeVar("T")
 
 
 def seed_everything(seed: int) -> None:
@@ -111,8 +114,19 @@ def remove_staging(run_dir: Path) -> list[Path]:
     return leftovers
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives once published."""
+    return run_dir / "checkpoints" / f"step_{step:06d}"
+
+
+def staging_path(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before :func:`publish` renames it."""
+    return run_dir / "checkpoints" / f".tmp_step_{step:06d}"
+
+
 def staging_dir(run_dir: Path, step: int) -> Path:
-    path = run_dir / "checkpoints" / f".tmp_step_{step:06d}"
+    """A new, empty staging folder for ``step`` (one left by an earlier try is removed)."""
+    path = staging_path(run_dir, step)
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
@@ -123,9 +137,12 @@ def first_line(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def write_error(err: BaseException, directory: Path) -> CheckpointError:
-    """A one-line reason for a failed checkpoint write (torch reports a full disk as
-    ``unexpected pos``, safetensors as an I/O error, so the disk is asked directly)."""
+def write_error(err: BaseException, directory: Path, what: str = "checkpoint") -> CheckpointError:
+    """A one-line reason for a failed checkpoint (or export) write (torch reports a full disk
+    as ``unexpected pos``, safetensors as an I/O error, so the disk is asked directly)."""
+    failures = getattr(err, "failures", None)  # DCP's CheckpointException: {rank: (error, traceback)}
+    if isinstance(failures, dict) and failures:  # every rank gets the same: the first failed rank's error
+        err = failures[min(failures)][0]
     full = isinstance(err, OSError) and err.errno == errno.ENOSPC
     try:
         full = full or shutil.disk_usage(directory.parent if not directory.exists() else directory).free < 2**20
@@ -138,9 +155,22 @@ def write_error(err: BaseException, directory: Path) -> CheckpointError:
     else:
         reason = first_line(err)
     return CheckpointError(
-        f"cannot write checkpoint {directory}: {reason}; earlier checkpoints are kept "
+        f"cannot write {what} {directory}: {reason}; earlier checkpoints are kept "
         "(free space or fix permissions, then resume)"
     )
+
+
+def as_write_error(action: Callable[[], T], directory: Path, what: str = "checkpoint") -> Callable[[], T]:
+    """``action`` with any failure but an interrupt raised as :func:`write_error`'s one line
+    (DCP's ``CheckpointException`` is a ``BaseException``: it is caught too)."""
+    def run() -> T:
+        try:
+            return action()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # noqa: BLE001
+            raise write_error(err, directory, what) from None
+    return run
 
 
 def save_rank_state(directory: Path, rank: int, data_state: dict[str, Any], rng: tuple[Any, ...]) -> None:
@@ -170,7 +200,7 @@ def save_sharded(directory: Path, module: nn.Module, optimizer: torch.optim.Opti
 
 def publish(staging: Path, run_dir: Path, step: int, keep: int) -> Path:
     """Atomically move a finished staging folder into place; keep the newest ``keep``."""
-    final = run_dir / "checkpoints" / f"step_{step:06d}"
+    final = checkpoint_path(run_dir, step)
     if final.exists():  # the same step saved again (e.g. an interrupt right after a save)
         shutil.rmtree(final)
     staging.rename(final)

@@ -84,7 +84,7 @@ class LogitTerm(_TermModule):
 
     def forward(self, out: StudentOutput, batch: Batch, weight: float, features: dict[str, dict[int, Tensor]],
                 logits: dict[str, Tensor], metrics: dict[str, Tensor]) -> Tensor:
-        student = out.get_logits()
+        student = out.logits
         if student is None:
             raise RuntimeError(f"{self.key}: logit KD needs student logits but the student returned none")
         teacher = logits[self.teacher]
@@ -123,6 +123,10 @@ class AlignmentEngine(nn.Module):
 
     def active(self, step: int) -> bool:
         return any(term.weight_at(step) > 0 for term in self.terms)
+
+    def wants_student_logits(self, step: int) -> bool:
+        """A logit-KD term is active at ``step``: the student's forward returns logits."""
+        return any(isinstance(term, LogitTerm) and term.weight_at(step) > 0 for term in self.terms)
 
     def student_layers(self, step: int) -> list[int]:
         """Student layers to tap at this step (none once feature alignment is over: no hook cost)."""

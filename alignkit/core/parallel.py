@@ -77,7 +77,16 @@ def wrap_model(module: nn.Module, cfg: TrainConfig, dist: DistInfo) -> tuple[nn.
             fully_shard(block, mp_policy=policy)
         fully_shard(student, mp_policy=policy)  # embedding, final norm, head
         fully_shard(module, mp_policy=policy)  # learned projections of the engine
+        _init_root(module)
     return module, parallel
+
+
+def _init_root(module: nn.Module) -> None:
+    """Make the step module FSDP's root now. FSDP2 picks as root the first module to run
+    forward; a resumed run may evaluate (the student alone) before its first training step,
+    and the student would become the root and the first step fail. torch has no public call
+    for this (2.13): the root's lazy init is what its first forward would run."""
+    module._get_fsdp_state()._lazy_init()  # type: ignore[operator]
 
 
 def ddp(module: nn.Module) -> DistributedDataParallel:

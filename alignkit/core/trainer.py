@@ -33,7 +33,7 @@ from alignkit.core import parallel
 from alignkit.core.adapter import Batch, StudentOutput
 from alignkit.core.callbacks import BestModel, Callback, ProgressBar, Throughput
 from alignkit.core.config import TrainConfig
-from alignkit.core.distributed import DistInfo, all_reduce_mean, max_over_ranks, barrier
+from alignkit.core.distributed import DistInfo, agree, all_reduce_mean, barrier, max_over_ranks, min_max_over_ranks
 from alignkit.core.ema import WeightAverage
 from alignkit.core.engine import AlignmentEngine
 from alignkit.core.errors import CheckpointError, ConfigError, Interrupted, MissingPackage
@@ -69,10 +69,12 @@ class StepModule(nn.Module):
         self.engine = engine
 
     def forward(self, batch: Batch, step: int) -> tuple[Tensor, StudentOutput, dict[str, Tensor]]:
-        layers = self.engine.student_layers(step) if self.engine is not None else []
-        out = self.student(batch, layers)
         if self.engine is None:
+            out = self.student(batch, [])
             return out.loss, out, {}
+        # logits inside the student's forward: under FSDP its head is unsharded only there
+        logits = {"logits": True} if self.engine.wants_student_logits(step) else {}
+        out = self.student(batch, self.engine.student_layers(step), **logits)
         aux, metrics = self.engine(out, batch, step)
         return out.loss + aux, out, metrics
 
@@ -173,8 +175,8 @@ class Trainer:
         barrier(self.dist)
         found = ckpt.load_latest(self.run_dir, self.module, self.optimizer, self.dist.rank, self.device,
                                  prepare=self._retire_parameters)
-        steps = all_reduce_mean(torch.tensor([float(found[1]["step"]) if found else -1.0]), self.dist)
-        if found and float(steps) != found[1]["step"]:
+        low, high = min_max_over_ranks(found[1]["step"] if found else -1, self.dist)  # host ints: control plane
+        if low != high:
             raise CheckpointError(f"{self.run_dir}: ranks found different usable checkpoints; check the rank files")
         if found is None:
             return None
@@ -191,35 +193,29 @@ class Trainer:
 
     def save(self, data_state: dict[str, Any], rng: tuple[Any, ...]) -> Path:
         """Write a checkpoint of the current step; on a failed write (full disk, read-only
-        folder) remove the partial one and raise :class:`CheckpointError` on every rank."""
-        staging = self.run_dir / "checkpoints" / f".tmp_step_{self.step:06d}"
-        failure: BaseException | None = None
-        self._reduce([])  # self.tokens up to date
+        folder) remove the partial one and raise :class:`CheckpointError` on every rank. Each
+        part that can fail on one rank is agreed on before the next collective."""
+        self._reduce([])  # self.tokens up to date (a compute-plane collective every rank reaches)
+        main = self.dist.is_main
+        staging = ckpt.staging_path(self.run_dir, self.step)
+
+        def part(action: Any) -> Any:  # one rank's part, as a one-line CheckpointError, agreed on
+            return agree(ckpt.as_write_error(action, staging), self.dist)
+
         try:
-            if self.dist.is_main:
-                staging = ckpt.staging_dir(self.run_dir, self.step)
-            barrier(self.dist)
-            ckpt.save_rank_state(staging, self.dist.rank, data_state, rng)
-            if self.parallel == "fsdp":  # every rank writes its shards; no gathered model/ export
-                ckpt.save_sharded(staging, self.module, self.optimizer)
-            if self.dist.is_main:
-                self._save_main(staging)
-        except BaseException as err:  # noqa: BLE001 -- every rank must learn of it, or the others hang
-            failure = err
-        outcome = max_over_ranks(2 if isinstance(failure, KeyboardInterrupt) else int(failure is not None), self.dist)
-        if outcome:
-            if self.dist.is_main:
+            part(lambda: ckpt.staging_dir(self.run_dir, self.step) if main else None)
+            part(lambda: ckpt.save_rank_state(staging, self.dist.rank, data_state, rng))
+            if self.parallel == "fsdp":  # a collective of its own: every rank writes its shards
+                part(lambda: ckpt.save_sharded(staging, self.module, self.optimizer))
+            part(lambda: self._save_main(staging) if main else None)
+            final = part(lambda: ckpt.publish(staging, self.run_dir, self.step, self.cfg.keep_checkpoints)
+                         if main else None)
+        except BaseException:  # every rank is here (agree), with the same outcome
+            if main:
                 shutil.rmtree(staging, ignore_errors=True)
-            if outcome == 2:  # interrupted on some rank: every rank handles it as an interrupt
-                raise KeyboardInterrupt
-            raise ckpt.write_error(failure or OSError("failed on another rank"), staging)
-        barrier(self.dist)
-        final = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
-        if self.dist.is_main:
-            final = ckpt.publish(staging, self.run_dir, self.step, self.cfg.keep_checkpoints)
-        barrier(self.dist)
+            raise
         self._saved_step = self.step
-        return final
+        return final or ckpt.checkpoint_path(self.run_dir, self.step)
 
     def _save_main(self, staging: Path) -> None:
         trainer_state = {"step": self.step, "tokens": self.tokens, "eval_pending": self.eval_pending,
@@ -267,9 +263,11 @@ class Trainer:
         results = dict(self.last_eval)
         self._call("on_fit_end", results)  # e.g. the EMA or the selected weights into the student
         with parallel.gathered(self.student, self.dist):  # fsdp: full weights on the main rank
-            if self.dist.is_main:
-                self.task.export(self.student, self.run_dir / "final")
-        barrier(self.dist)
+            # the others wait on the control plane: a long export never meets NCCL's timeout,
+            # and a failed one stops every rank with its message
+            final = self.run_dir / "final"
+            export = ckpt.as_write_error(lambda: self.task.export(self.student, final), final, "the final export")
+            agree(export if self.dist.is_main else None, self.dist)
         return results
 
     def _run_step(self, stream: Iterator[Batch]) -> None:
@@ -297,7 +295,7 @@ class Trainer:
 
     def _stop(self, signum: int, path: Path | None = None) -> None:
         if path is None:
-            path = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
+            path = ckpt.checkpoint_path(self.run_dir, self.step)
             if self._saved_step != self.step:
                 path = self.save(self.task.state_dict(), ckpt.rng_snapshot())
         self._call("on_interrupt", path)
