@@ -43,10 +43,43 @@ def test_interpolate_matches_eq6_by_hand():
     assert torch.allclose(up[..., 0], h[..., 0]) and torch.allclose(up[..., -1], h[..., -1])
 
 
-def test_interpolate_has_gradient():
-    h = torch.randn(4, 9, requires_grad=True)
-    interpolate(h, 5).sum().backward()
-    assert h.grad is not None and h.grad.abs().sum() > 0
+def eq6(h: torch.Tensor, width: int) -> torch.Tensor:
+    """Eq. 6 written out, one output column at a time."""
+    d_in = h.shape[-1]
+    columns = []
+    for j in range(width):
+        u = j * (d_in - 1) / (width - 1)
+        lower = min(math.floor(u), d_in - 1)
+        beta = u - lower
+        columns.append((1 - beta) * h[..., lower] + (beta * h[..., lower + 1] if lower + 1 < d_in else 0.0))
+    return torch.stack(columns, dim=-1)
+
+
+@pytest.mark.parametrize("d_in, width", [(48, 27), (24, 27), (9, 5), (5, 9)])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_interpolate_equals_eq6_in_value_and_gradient(d_in, width, dtype, tolerance, autocast):
+    """The matrix form (one matmul forward and backward) against eq. 6 by columns; under bf16
+    autocast (the trainer's) it keeps the input's precision, as the weighted sum did."""
+    h = torch.randn(2, 3, d_in, dtype=torch.float64)
+    weights = torch.randn(2, 3, width, dtype=torch.float64)  # a loss weighting every output differently
+    reference = h.clone().requires_grad_()
+    (eq6(reference, width) * weights).sum().backward()
+    x = h.to(dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = interpolate(x, width)
+    (out * weights.to(dtype)).sum().backward()
+    assert out.dtype == dtype
+    assert torch.allclose(out.double(), eq6(h, width), atol=tolerance, rtol=0)
+    assert torch.allclose(x.grad.double(), reference.grad, atol=tolerance, rtol=0)
+
+
+def test_interpolate_builds_in_inference_mode_what_training_can_use():
+    with torch.inference_mode():
+        interpolate(torch.randn(2, 11), 7)  # the matrix for (11, 7, float32, cpu) is cached here
+    h = torch.randn(2, 11, requires_grad=True)
+    interpolate(h, 7).sum().backward()
+    assert h.grad is not None
 
 
 def test_projection_none_rejects_width_mismatch():

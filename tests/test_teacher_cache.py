@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import alignkit.chain as chain
 import alignkit.core.teacher_cache as teacher_cache
@@ -14,6 +15,8 @@ from alignkit.cli import main
 from alignkit.core.config import AlignConfig, ConfigError, ModelConfig, TermConfig
 from alignkit.core.teacher import FrozenTeacher
 from alignkit.core.terms import expand_terms
+from alignkit.core.trainer import to_device
+from toys import ToyTeacher
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = str(REPO / "configs" / "debug.yaml")
@@ -116,7 +119,6 @@ def test_bf16_replay_of_a_teacher_from_files_never_builds_it(recorded, monkeypat
                 assert b[key] == pytest.approx(a[key], rel=1e-3)
     assert live[0]["cos/t-1-s2"] != replay[0]["cos/t-1-s2"]  # bf16 did round the features
     shard = next((recorded / "bf16").glob("*/shard-*.safetensors"))
-    from safetensors import safe_open
 
     with safe_open(str(shard), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
@@ -142,3 +144,37 @@ def test_time_series_rkd_replays_per_sample_logits(tmp_path, monkeypatch):
         assert main(["train", RECIPE, f"output_dir={tmp_path}", f"run_name={name}", *overrides]) == 0
     assert counter.calls == 0 and metrics(tmp_path / "replay") == metrics(tmp_path / "record")
     assert all(row["kd"] > 0 for row in metrics(tmp_path / "replay") if "ce" in row)
+
+
+def toy_cache(tmp_path: Path, device: str) -> teacher_cache.CachedTeacher:
+    weights = tmp_path / "weights.bin"  # keyed on the file's identity: the toy teacher has no .model to hash
+    weights.write_bytes(b"toy")
+    return teacher_cache.open_cached_teacher(tmp_path / "cache", config={"kind": "toy"}, weight_files=[weights],
+                                             build=ToyTeacher, dtype="float32", device=torch.device(device), label="toy")
+
+
+BATCH = {"input_ids": torch.arange(12).reshape(2, 6), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+KEY = "5444b248db3dbd46e9a732e3dd17a7f9"  # BATCH's key before keys came from the host copy: old caches hit
+
+
+def test_the_key_comes_from_the_host_copy_and_a_host_replay_copies_nothing(tmp_path):
+    """A batch moved to the device is hashed from the host copy the trainer keeps (here the device
+    is meta: its tensors cannot be read back), to the key a host batch always had; a replay on
+    the host gives the stored tensor itself."""
+    cached = toy_cache(tmp_path, "cpu")
+    live, _ = cached.run(BATCH, [1])
+    replayed, _ = cached.run(to_device(BATCH, torch.device("meta")), [1])
+    again, _ = cached.run(BATCH, [1])
+    assert (cached.calls, cached.replayed) == (1, 2)
+    assert torch.equal(replayed[1], live[1]) and replayed[1].data_ptr() == again[1].data_ptr()
+    cached.release()
+    with safe_open(str(next(cached.folder.glob("shard-*.safetensors"))), framework="pt") as shard:
+        assert list(shard.keys()) == [f"{KEY}/1"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_gpu_replay_equals_the_recording(tmp_path):
+    cached = toy_cache(tmp_path, "cuda")
+    live, _ = cached.run(BATCH, [1, 2])  # the toy teacher runs on the host
+    replayed, _ = cached.run(to_device(BATCH, torch.device("cuda")), [1, 2])
+    assert cached.replayed == 1 and all(replayed[k].is_cuda and torch.equal(replayed[k].cpu(), live[k]) for k in (1, 2))

@@ -12,7 +12,9 @@ average over real positions for any modality; a batch without one has only real 
 (packed text: the data producer omits the all-ones mask, so no model needs a host-side check
 of it on every forward). A batch may carry
 ``teacher_index`` [B, S] (long, -1 = unmatched): the teacher position paired with each student
-position when the two models see different token sequences (tokenizer mismatch).
+position when the two models see different token sequences (tokenizer mismatch). A batch the
+trainer moved to the device keeps its host tensors under :data:`HOST` (a :class:`HostCopy`, not a
+tensor): what reads a batch's content on the host reads them there (:func:`host_tensors`).
 """
 from __future__ import annotations
 
@@ -52,6 +54,26 @@ class StudentOutput:
     features: dict[int, Tensor] = field(default_factory=dict)
     logits: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+HOST = "host"  # the batch key of a moved batch's HostCopy
+
+
+class HostCopy:
+    """The tensors of a batch as they were on the host before it moved to the device. The teacher
+    cache hashes a batch's content: from here it needs no copy back from the device. Not a tensor
+    nor a container, so DDP and FSDP pass it through untouched."""
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, batch: Batch) -> None:
+        self.tensors = {name: value for name, value in batch.items() if isinstance(value, Tensor)}
+
+
+def host_tensors(batch: Batch) -> dict[str, Tensor]:
+    """The tensors of ``batch`` on the host: its :data:`HOST` copy when it has one, else its own."""
+    host = batch.get(HOST)
+    return (host if isinstance(host, HostCopy) else HostCopy(batch)).tensors
 
 
 LOGITS_KINDS = ("per_token", "per_sample")  # [B, S, V] (language models) | [B, C] (classifiers)

@@ -10,11 +10,31 @@ teacher_width, key) -> nn.Module`` (``key``: the config key that chose it, for e
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
 from alignkit.core.errors import ConfigError
 from alignkit.core.registry import PROJECTIONS
+
+
+@functools.lru_cache(maxsize=32)
+def _interpolation_matrix(d_in: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Eq. 6 as a [d_in, width] matrix (two weights per column), built once per shape, dtype and
+    device: ``h @ matrix`` backpropagates as one matmul, where indexing ``h`` would accumulate
+    its gradient with ``index_put_``."""
+    with torch.inference_mode(False):  # built under inference mode, autograd could not save it for backward
+        u = torch.arange(width, device=device, dtype=torch.float64) * ((d_in - 1) / (width - 1))
+        lower = u.floor().long().clamp(max=d_in - 1)
+        upper = (lower + 1).clamp(max=d_in - 1)
+        beta = (u - lower.to(torch.float64)).to(dtype)  # the weights rounded as eq. 6 in ``dtype`` rounds them
+        columns = torch.arange(width, device=device)
+        matrix = torch.zeros(d_in, width, dtype=dtype, device=device)
+        # accumulate: the last column has lower == upper (and beta 0)
+        matrix.index_put_((torch.cat([lower, upper]), torch.cat([columns, columns])), torch.cat([1 - beta, beta]),
+                          accumulate=True)
+    return matrix
 
 
 def interpolate(h: Tensor, width: int) -> Tensor:
@@ -25,11 +45,11 @@ def interpolate(h: Tensor, width: int) -> Tensor:
         return h
     if width == 1:
         return h[..., :1]
-    u = torch.arange(width, device=h.device, dtype=torch.float64) * ((d_in - 1) / (width - 1))
-    lower = u.floor().long().clamp(max=d_in - 1)
-    upper = (lower + 1).clamp(max=d_in - 1)
-    beta = (u - lower.to(torch.float64)).to(h.dtype)
-    return h[..., lower] * (1 - beta) + h[..., upper] * beta
+    matrix = _interpolation_matrix(d_in, width, h.dtype, h.device)
+    if not torch.amp.is_autocast_available(h.device.type):  # e.g. meta (shapes only): no autocast to leave
+        return h @ matrix
+    with torch.autocast(h.device.type, enabled=False):  # in h's dtype, as the weighted sum is, not autocast's
+        return h @ matrix
 
 
 class Interpolate(nn.Module):

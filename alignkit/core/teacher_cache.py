@@ -9,11 +9,13 @@ modification time: no file is read, so a fully cached run never loads the teache
 teacher without weight files (``source: config``, a hub id), a hash of its weights in memory;
 the cache dtype, the device type and the torch version. Inside, each ``run(batch, layers,
 logits)`` is keyed on the content of every tensor of the batch (what the teacher can read:
-``input_ids``, ``teacher_input_ids``, ``x``, masks, ...) and the autocast state, and stores each
-layer and the logits under their own names, so a run asking other layers reuses what is there.
+``input_ids``, ``teacher_input_ids``, ``x``, masks, ...), hashed from its host copy
+(:func:`~alignkit.core.adapter.host_tensors`), and the autocast state, and stores each layer and
+the logits under their own names, so a run asking other layers reuses what is there.
 A different data order, tokenizer, batch size or sequence length therefore misses, and a miss
 runs the real teacher (built on the first miss if it was not built) and records its outputs:
-a cache can be incomplete, never wrong.
+a cache can be incomplete, never wrong. A replay onto a GPU goes through pinned memory and does
+not block the host.
 
 On disk: ``manifest.json`` (the key, and what the engine asks of a teacher before any batch:
 ``num_layers``, the width of each layer, ``logits_kind``) and ``shard-r<rank>-<writer>-<n>.safetensors``
@@ -38,7 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from alignkit.core.adapter import Batch, TeacherAdapter
+from alignkit.core.adapter import Batch, TeacherAdapter, host_tensors
 from alignkit.core.checkpoint import kept_rng
 from alignkit.core.errors import ConfigError
 
@@ -52,7 +54,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _update(hasher: Any, name: str, tensor: Tensor) -> None:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)  # a copy only for a tensor not on the host
     hasher.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
     hasher.update(flat.view(torch.uint8).numpy().tobytes())
 
@@ -165,6 +167,14 @@ class _Shards:
         self.handles.clear()
 
 
+def _replayed(tensor: Tensor, device: torch.device) -> Tensor:
+    """A stored tensor on ``device``: to a GPU from pinned memory, without blocking (a copy from
+    pageable memory holds the host until it is done); on the host as it is, with no copy."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 class CachedTeacher:
     """Replays ``build()``'s teacher from ``folder`` and runs (and records) it only for what the
     cache lacks. ``teacher`` is the teacher when it was already built; ``layout`` (from the
@@ -188,8 +198,8 @@ class CachedTeacher:
 
     def run(self, batch: Batch, layers: Sequence[int], logits: bool = False) -> tuple[dict[int, Tensor], Tensor | None]:
         dtype = torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else None
-        entry = digest(sorted(((k, v) for k, v in batch.items() if isinstance(v, Tensor)), key=lambda kv: kv[0]),
-                       f"autocast={dtype}")
+        # hashed on the host (the trainer's batches carry their host copy): no copy back from the device
+        entry = digest(sorted(host_tensors(batch).items(), key=lambda kv: kv[0]), f"autocast={dtype}")
         names = {layer: f"{entry}/{layer}" for layer in layers}
         if logits:
             names["logits"] = f"{entry}/logits"
@@ -199,7 +209,7 @@ class CachedTeacher:
             found = self._shards.get(list(names.values()))
         if found is not None:
             self.replayed += 1
-            out = {key: found[name].to(self.device) for key, name in names.items()}
+            out = {key: _replayed(found[name], self.device) for key, name in names.items()}
             return {layer: out[layer] for layer in layers}, out.get("logits")
         if self.calls == 0:
             _say(f"teacher {self.label!r}: a batch is not cached in {self.folder} ({self._shards.entries()} batches are); "

@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from alignkit.core import checkpoint as ckpt
 from alignkit.core import parallel
-from alignkit.core.adapter import Batch, StudentOutput
+from alignkit.core.adapter import HOST, Batch, HostCopy, StudentOutput
 from alignkit.core.callbacks import BestModel, Callback, ProgressBar, Throughput
 from alignkit.core.config import TrainConfig
 from alignkit.core.distributed import DistInfo, agree, all_reduce_mean, barrier, max_over_ranks, min_max_over_ranks
@@ -79,8 +79,12 @@ class StepModule(nn.Module):
         return out.loss + aux, out, metrics
 
 
-def to_device(batch: Batch, device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+def to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
+    """``batch`` on ``device``, with its host tensors under :data:`~alignkit.core.adapter.HOST`
+    (a batch moved before keeps the copy it has)."""
+    moved = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    moved.setdefault(HOST, HostCopy(batch))
+    return moved
 
 
 def config_problems(cfg: TrainConfig, section: str = "train") -> list[str]:
