@@ -507,28 +507,39 @@ def test_streaming_serves_the_packed_stream_in_order(tmp_path):
     assert flat[len(stream) : len(stream) + 12] == stream[:12]
 
 
-def test_streaming_bounded_read_ahead_and_exact_resume(tmp_path):
-    from alignkit.tasks.text_stream import StreamingTextData
+def write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def test_streaming_bounded_read_ahead_and_exact_resume(tmp_path, monkeypatch):
+    from alignkit.tasks import text_stream
+    from alignkit.tasks.text_data import _Encoder
 
     tok = word_tokenizer()
     docs = make_docs(200, words_per_doc=3) * 10  # 2000 documents of 4 tokens
+    path = write_jsonl(tmp_path / "a.jsonl", docs)
     served = {"doc": 0}
     reads = {"ahead": 0}
     micro, seq, chunk, prefetch = 2, 7, 4, 2  # 14-token batches: most cut a 4-token document
     # at most one chunk, the prefetched batches, the one being cut and the buffer behind it
     limit = chunk + (prefetch + 2) * micro * seq // 4 + 1
+    read = text_stream.piece_documents
+    lines = path.read_bytes().splitlines(keepends=True)
+    index = dict(zip(np.cumsum([0] + [len(line) for line in lines]).tolist(), range(len(lines))))
 
-    def documents():
-        for t, text in enumerate(docs):
+    def documents(piece, text_field):
+        for start, end, text in read(piece, text_field):
+            t = index[start]
             reads["ahead"] = max(reads["ahead"], t - served["doc"])
             assert t - served["doc"] <= limit, f"read {t - served['doc']} documents ahead (limit {limit})"
-            yield text
+            yield start, end, text
 
-    from alignkit.tasks.text_data import _Encoder
+    monkeypatch.setattr(text_stream, "piece_documents", documents)
 
     def make():
-        return StreamingTextData(stream_cfg(tmp_path), "test corpus", None, seq, documents=documents,
-                                 chunk_docs=chunk, prefetch=prefetch, student=_Encoder(tok))
+        return text_stream.StreamingTextData(stream_cfg(path, eval_fraction=0.0), "test corpus", None, seq, chunk_docs=chunk,
+                                             prefetch=prefetch, student=_Encoder(tok))
 
     data = make()
     it = data.train_batches(micro)
@@ -542,7 +553,6 @@ def test_streaming_bounded_read_ahead_and_exact_resume(tmp_path):
             state = data.state_dict()
     assert limit < len(docs) // 20 and 0 < reads["ahead"] <= limit
     assert state["epoch"] == 0 and state["doc"] > 0 and state["skip"] > 0  # resume inside a document
-    served["doc"] = 0
     resumed = make()
     resumed.load_state_dict(json.loads(json.dumps(state)))
     it2 = resumed.train_batches(micro)
@@ -552,15 +562,62 @@ def test_streaming_bounded_read_ahead_and_exact_resume(tmp_path):
         served["doc"] = resumed.state_dict()["doc"] + resumed.state_dict()["epoch"] * len(docs)
 
 
-def test_streaming_shards_documents_by_rank_and_keeps_teacher_fields(tmp_path):
+def write_pile(path: Path, docs: list[str]) -> Path:
+    zstd = pytest.importorskip("zstandard")
+    path.write_bytes(zstd.ZstdCompressor().compress("".join(json.dumps({"text": d}) + "\n" for d in docs).encode()))
+    return path
+
+
+def count_reads(monkeypatch) -> tuple[set[str], list[tuple[str, int]]]:
+    """Record the names of the files opened and the (name, offset) of each line read, in order
+    (decompressed offsets for .zst)."""
+    from alignkit.tasks import text_sources
+
+    real_open, real_lines = open, text_sources._lines
+    opened: set[str] = set()
+    lines: list[tuple[str, int]] = []
+
+    def counting_open(path, *args, **kwargs):
+        opened.add(Path(path).name)
+        return real_open(path, *args, **kwargs)
+
+    def counting_lines(path, start=0):
+        for offset, line in real_lines(path, start):
+            lines.append((path.name, offset))
+            yield offset, line
+
+    monkeypatch.setattr(text_sources, "open", counting_open, raising=False)
+    monkeypatch.setattr(text_sources, "_lines", counting_lines)
+    return opened, lines
+
+
+def test_streaming_shards_documents_by_rank_and_keeps_teacher_fields(tmp_path, monkeypatch):
     tok = word_tokenizer()
-    path = write_txt(tmp_path / "a.txt", make_docs(40))
+    (tmp_path / "corpus").mkdir()
+    docs = make_docs(100)
+    files = [write_jsonl(tmp_path / "corpus" / "a.jsonl", docs[:60]),
+             write_pile(tmp_path / "corpus" / "b.jsonl.zst", docs[60:80]),
+             write_jsonl(tmp_path / "corpus" / "c.jsonl", docs[80:])]
+    half = sum(p.stat().st_size for p in files) // 2  # inside a.jsonl
+    seen = []
     for rank in (0, 1):
-        data = build_text_data(stream_cfg(path, eval_fraction=0.0), tok, seq_len=5, rank=rank, world_size=2)
-        it = data.train_batches(2)
-        seen = {t for _ in range(10) for t in next(it)["input_ids"].flatten().tolist()}
-        docs = {i for i in range(40) if tok.token_to_id(f"doc{i}") in seen}
-        assert docs and all(i % 2 == rank for i in docs)
+        with monkeypatch.context() as patch:
+            opened, lines = count_reads(patch)
+            data = build_text_data(stream_cfg(tmp_path / "corpus", eval_fraction=0.0), tok, seq_len=5, rank=rank, world_size=2)
+            it = data.train_batches(2)
+            seen.append(set())
+            while data.state_dict()["epoch"] == 0:
+                ids = set(next(it)["input_ids"].flatten().tolist())
+                seen[rank] |= {i for i in range(100) if tok.token_to_id(f"doc{i}") in ids}
+            it.close()
+        # no rank opens or decodes what another one reads: rank 0 has the first half of the bytes,
+        # all in a.jsonl (it reads one line past, to find where it stops); rank 1 the rest
+        mine = {offset for name, offset in lines if name == "a.jsonl"}
+        if rank == 0:
+            assert opened == {"a.jsonl"} and len([o for o in mine if o >= half]) == 1
+        else:
+            assert opened == {"a.jsonl", "b.jsonl.zst", "c.jsonl"} and min(mine) >= half
+    assert seen[0] | seen[1] == set(range(100)) and not seen[0] & seen[1]  # each document on one rank
     # LET-dagger: the streamed batch carries the same teacher fields as the in-memory one
     texts = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen liquor jugs"] * 6
     student = bpe_tokenizer(texts, vocab_size=300)
@@ -575,6 +632,54 @@ def test_streaming_shards_documents_by_rank_and_keeps_teacher_fields(tmp_path):
         assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in want)
 
 
+def test_byte_ranges_split_a_jsonl_into_every_document_once(tmp_path):
+    from alignkit.tasks.text_sources import Piece, piece_documents, split_files
+
+    docs = [f"doc{i} " + "w1 " * (i % 7) for i in range(30)]  # lines of unequal length
+    path = write_jsonl(tmp_path / "a.jsonl", docs)
+    size = path.stat().st_size
+    for cut in range(size + 1):  # every boundary: line starts, mid-line, the newline itself
+        halves = [Piece(path, 0, cut), Piece(path, cut, None)]
+        assert [text for half in halves for _, _, text in piece_documents(half)] == docs, cut
+    for readers in (2, 3, 7):
+        plan = split_files([path], [size], readers)
+        assert [text for pieces in plan for piece in pieces for _, _, text in piece_documents(piece)] == docs
+    # files that cannot be entered at a byte go whole to the reader holding their first byte
+    plan = split_files([path, tmp_path / "b.jsonl.zst", tmp_path / "c.txt"], [size, size, size], 2)
+    assert [[(p.path.name, p.start, p.stop) for p in pieces] for pieces in plan] == [
+        [("a.jsonl", 0, None), ("b.jsonl.zst", 0, None)], [("c.txt", 0, None)]]
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.zst"])
+def test_streaming_resume_seeks_to_its_position(tmp_path, monkeypatch, name):
+    tok = word_tokenizer()
+    docs = make_docs(200)
+    (tmp_path / "corpus").mkdir()
+    write = write_pile if name.endswith(".zst") else write_jsonl
+    write(tmp_path / "corpus" / name, docs[:150])
+    write_jsonl(tmp_path / "corpus" / "b.jsonl", docs[150:])
+    cfg = stream_cfg(tmp_path / "corpus", eval_fraction=0.0)
+    for rank in (0, 1):
+        full = build_text_data(cfg, tok, seq_len=5, rank=rank, world_size=2)
+        it = full.train_batches(3)
+        batches, states = [], []
+        while len(states) < 5 or states[-5]["epoch"] == 0:  # into the rank's second epoch
+            batches.append(next(it)["input_ids"])
+            states.append(json.loads(json.dumps(full.state_dict())))
+        k = len(batches) // 2  # interrupted after batch k, mid-epoch
+        state = states[k]
+        assert state["epoch"] == 0 and state["offset"] > 0
+        with monkeypatch.context() as patch:
+            _, lines = count_reads(patch)
+            resumed = build_text_data(cfg, tok, seq_len=5, rank=rank, world_size=2)
+            resumed.load_state_dict(state)
+            rest = resumed.train_batches(3)
+            assert all(torch.equal(next(rest)["input_ids"], want) for want in batches[k + 1 :])
+            rest.close()
+        # the resumed read started at the saved document: no line before it was decoded
+        assert lines[0] == (resumed.pieces[state["piece"]].path.name, state["offset"])
+
+
 def test_streaming_eval_and_errors(tmp_path):
     tok = word_tokenizer()
     path = write_txt(tmp_path / "a.txt", make_docs(200))
@@ -586,6 +691,12 @@ def test_streaming_eval_and_errors(tmp_path):
         streamed.num_train_sequences
     with pytest.raises(ValueError, match="world_size"):
         build_text_data(stream_cfg(path), tok, seq_len=6, rank=0, world_size=2).load_state_dict(streamed.state_dict())
+    with pytest.raises(ValueError, match="older alignkit's streamed position"):
+        streamed.load_state_dict({"epoch": 0, "doc": 3, "skip": 0, "seq_len": 6, "world_size": 1})
+    state = streamed.state_dict()
+    write_txt(path, make_docs(201))
+    with pytest.raises(ValueError, match="file list or sizes"):
+        build_text_data(stream_cfg(path, eval_fraction=0.2), tok, seq_len=6).load_state_dict(state)
     empty = tmp_path / "e.jsonl"
     empty.write_text('{"text": "doc0"}\n')
     with pytest.raises(ValueError, match="no training documents for rank 1"):

@@ -31,6 +31,7 @@ byte in a large crawl should not kill a run, but it should not pass silently eit
 """
 from __future__ import annotations
 
+import bisect
 import glob as _glob
 import hashlib
 import io
@@ -38,8 +39,9 @@ import json
 import os
 import sysconfig
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -88,83 +90,95 @@ def resolve_paths(spec: str, key: str, suffixes: Sequence[str]) -> list[Path]:
     return matches
 
 
-def _lines(path: Path) -> Iterator[bytes]:
-    """The raw lines of a file (``.zst``: decompressed as a stream), never the whole file."""
+def _lines(path: Path, start: int = 0) -> Iterator[tuple[int, bytes]]:
+    """``(offset, raw line)`` of the lines of a file that start at byte ``start`` or later,
+    streamed, never the whole file. ``.zst``: offsets of the decompressed stream, reached by
+    decompressing and discarding (no line splitting, no decoding), as it has no random access."""
     with open(path, "rb") as raw:
+        stream: Any = raw
         if path.name.endswith(".zst"):
             try:
                 import zstandard
             except ImportError:
                 raise MissingPackage(f"reading {path} needs zstandard: pip install zstandard") from None
-            yield from io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
-        else:
-            yield from raw
+            stream = zstandard.ZstdDecompressor().stream_reader(raw)
+        # A line starts at byte s when s == 0 or byte s - 1 ends a line: enter one byte early and
+        # drop what is left of the line there (just its newline when s starts a line).
+        offset = max(start - 1, 0)
+        if start:
+            stream.seek(offset)
+        lines = raw if stream is raw else io.BufferedReader(stream)
+        if start:
+            offset += len(lines.readline())
+        for line in lines:
+            yield offset, line
+            offset += len(line)
 
 
-def _bad_line(path: Path, lineno: int, what: str, counts: list[int]) -> None:
-    """Warn about one bad line (the first few per file; then once that more are skipped)."""
+def _bad_line(path: Path, lineno: int, offset: int, what: str, counts: list[int]) -> None:
+    """Warn about one bad line, as ``path:line`` (``path@byte`` for a read entered mid-file,
+    where the line number is unknown): the first few per file, then once that more are skipped."""
     counts[0] += 1
     if counts[0] <= _MAX_LINE_WARNINGS:
         more = f" (further bad lines of {path} are not reported)" if counts[0] == _MAX_LINE_WARNINGS else ""
-        warnings.warn(f"{path}:{lineno}: {what}{more}", UserWarning, stacklevel=4)
+        where = f"{path}:{lineno}" if lineno else f"{path}@{offset}"
+        warnings.warn(f"{where}: {what}{more}", UserWarning, stacklevel=4)
 
 
-def _decoded_lines(path: Path) -> Iterator[tuple[int, str, list[int]]]:
-    """(line number, text, bad-line counter) per line; non-UTF-8 bytes become U+FFFD with a
-    warning naming the file and line."""
+def _decoded_lines(path: Path, start: int) -> Iterator[tuple[int, int, int, str, list[int]]]:
+    """(offset, offset of the next line, line number or 0 when entered mid-file, text, bad-line
+    counter) per line from byte ``start`` on; non-UTF-8 bytes become U+FFFD with a warning."""
     counts = [0]
-    for lineno, raw in enumerate(_lines(path), start=1):
+    for lineno, (offset, raw) in enumerate(_lines(path, start), start=1):
+        lineno = 0 if start else lineno
         try:
-            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            line = raw.decode("utf-8-sig" if offset == 0 else "utf-8")
         except UnicodeDecodeError as err:
             line = raw.decode("utf-8", errors="replace")
-            _bad_line(path, lineno, f"not valid UTF-8 ({err.reason} at byte {err.start}); undecodable "
-                      "bytes were replaced with U+FFFD", counts)
-        yield lineno, line, counts
+            _bad_line(path, lineno, offset, f"not valid UTF-8 ({err.reason} at byte {err.start}); "
+                      "undecodable bytes were replaced with U+FFFD", counts)
+        yield offset, offset + len(raw), lineno, line, counts
 
 
-def _txt_documents(path: Path) -> Iterator[str]:
+def _txt_documents(path: Path, start: int) -> Iterator[tuple[int, int, str]]:
     block: list[str] = []
-    found = False
-    for _, line, _ in _decoded_lines(path):
+    first = end = 0
+    for offset, after, _, line, _ in _decoded_lines(path, start):
         if line.strip():
+            first = first if block else offset
             block.append(line)
+            end = after
         elif block:
-            found = True
-            yield "".join(block).strip()
+            yield first, end, "".join(block).strip()
             block = []
     if block:
-        found = True
-        yield "".join(block).strip()
-    if not found:
-        raise DataError(f"{path}: file is empty (no text)")
+        yield first, end, "".join(block).strip()
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+def _jsonl_documents(path: Path, field: str, start: int, stop: int | None) -> Iterator[tuple[int, int, str]]:
     """One document per line (``.jsonl`` or the Pile's ``.jsonl.zst``); a corrupt line is
     reported (file and line) and skipped, the rest is kept."""
-    found = False
-    for lineno, line, counts in _decoded_lines(path):
+    for offset, end, lineno, line, counts in _decoded_lines(path, start):
+        if stop is not None and offset >= stop:
+            return
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            _bad_line(path, lineno, f"invalid JSON ({err.msg}); line skipped", counts)
+            _bad_line(path, lineno, offset, f"invalid JSON ({err.msg}); line skipped", counts)
             continue
         value = record.get(field) if isinstance(record, dict) else None
         if not isinstance(value, str):
             what = "no" if value is None else f"a {type(value).__name__} in the"
-            _bad_line(path, lineno, f"{what} {field!r} field (task.text.text_field); line skipped", counts)
+            _bad_line(path, lineno, offset, f"{what} {field!r} field (task.text.text_field); line skipped", counts)
             continue
         if value.strip():
-            found = True
-            yield value
-    if not found:
-        raise DataError(f"{path}: no text in field {field!r}")
+            yield offset, end, value
 
 
-def _parquet_documents(path: Path, field: str) -> Iterator[str]:
+def _parquet_documents(path: Path, field: str, start: int) -> Iterator[tuple[int, int, str]]:
+    """Offsets are row numbers; a start past row 0 skips whole row groups unread."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -176,25 +190,75 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
     parquet = pq.ParquetFile(path)
     if field not in parquet.schema_arrow.names:
         raise DataError(f"{path}: no column {field!r} (task.text.text_field); columns: {parquet.schema_arrow.names}")
-    found = False
-    for batch in parquet.iter_batches(batch_size=1024, columns=[field]):
+    group = row = 0
+    while group < parquet.num_row_groups and row + parquet.metadata.row_group(group).num_rows <= start:
+        row += parquet.metadata.row_group(group).num_rows
+        group += 1
+    groups = range(group, parquet.num_row_groups)
+    for batch in parquet.iter_batches(batch_size=1024, columns=[field], row_groups=groups) if groups else ():
         for value in batch.column(0).to_pylist():
-            if isinstance(value, str) and value.strip():
-                found = True
-                yield value
-    if not found:
-        raise DataError(f"{path}: no text in column {field!r}")
+            if row >= start and isinstance(value, str) and value.strip():
+                yield row, row + 1, value
+            row += 1
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What one reader reads of one file: the documents that start at an offset in
+    ``[start, stop)`` (``stop`` None: to the end). Offsets are bytes (of the decompressed stream
+    for ``.zst``), rows for ``.parquet``."""
+
+    path: Path
+    start: int = 0
+    stop: int | None = None
+
+
+def split_files(paths: Sequence[Path], sizes: Sequence[int], readers: int) -> list[list[Piece]]:
+    """Each reader's pieces of ``paths`` (``sizes`` bytes), a pure function of the two: reader
+    ``r`` gets the documents that start in bytes ``[r*T//R, (r+1)*T//R)`` of the files laid end
+    to end (``T`` bytes, ``R`` readers), so the readers read about equal bytes, each document is
+    read by exactly one, and a reader opens only its own files. A plain ``.jsonl`` is cut where
+    a boundary falls inside it (its reader enters mid-line and starts at the next line); a file
+    that cannot be entered at a byte (``.zst``: no random access; ``.txt``: documents span lines;
+    ``.parquet``) goes whole to the reader whose range holds its first byte."""
+    total = sum(sizes)
+    bounds = [r * total // readers for r in range(readers + 1)]
+    plan: list[list[Piece]] = [[] for _ in range(readers)]
+    at = 0
+    for path, size in zip(paths, sizes):
+        if path.name.endswith(".jsonl"):
+            for r in range(readers):
+                lo, hi = max(bounds[r], at), min(bounds[r + 1], at + size)
+                if lo < hi:
+                    plan[r].append(Piece(path, lo - at, hi - at if hi < at + size else None))
+        else:
+            plan[min(bisect.bisect_right(bounds, at), readers) - 1].append(Piece(path))
+        at += size
+    return plan
+
+
+def piece_documents(piece: Piece, text_field: str = "text") -> Iterator[tuple[int, int, str]]:
+    """``(offset, offset after it, text)`` of the documents of ``piece`` in order, streamed
+    (format chosen by suffix; unknown = .txt). A whole file without text raises, naming it."""
+    path = piece.path
+    if path.name.endswith((".jsonl", ".jsonl.zst")):
+        docs, empty = _jsonl_documents(path, text_field, piece.start, piece.stop), f"no text in field {text_field!r}"
+    elif path.suffix == ".parquet":  # (only a .jsonl piece has a stop: see split_files)
+        docs, empty = _parquet_documents(path, text_field, piece.start), f"no text in column {text_field!r}"
+    else:
+        docs, empty = _txt_documents(path, piece.start), "file is empty (no text)"
+    found = False
+    for doc in docs:
+        found = True
+        yield doc
+    if not found and piece.start == 0 and piece.stop is None:
+        raise DataError(f"{path}: {empty}")
 
 
 def read_documents(paths: Iterable[Path], text_field: str = "text") -> Iterator[str]:
     """Documents of local text files in order, streamed (format chosen by suffix; unknown = .txt)."""
     for path in paths:
-        if path.name.endswith((".jsonl", ".jsonl.zst")):
-            yield from _jsonl_documents(path, text_field)
-        elif path.suffix == ".parquet":
-            yield from _parquet_documents(path, text_field)
-        else:
-            yield from _txt_documents(path)
+        yield from (text for _, _, text in piece_documents(Piece(path), text_field))
 
 
 def source_documents(cfg: TextDataConfig, split: str = "train") -> Iterator[tuple[str, str]]:
@@ -283,6 +347,9 @@ __all__ = [
     "BUILTIN_MAX_BYTES",
     "resolve_paths",
     "read_documents",
+    "Piece",
+    "split_files",
+    "piece_documents",
     "source_documents",
     "builtin_documents",
     "is_heldout",
