@@ -9,6 +9,8 @@ leaves half of the ``S x S`` products. The teacher's FLOPs are not counted (MFU 
 """
 from __future__ import annotations
 
+from typing import Any
+
 FLOP_FORMULA = "flops/token = 6*N + 12*L*d*S/2 (N: non-embedding params, L layers, d width, S sequence; causal: attention halved)"
 
 # dense bf16 tensor-core FLOP/s per GPU (NVIDIA datasheets, without sparsity). Each entry: the
@@ -28,6 +30,13 @@ PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], str, float], ...] = (
     (("L40S",), "L40S", 362.1e12),
     (("B200",), "B200", 2250e12),
 )
+
+
+def student_shape(student: Any) -> dict[str, int]:
+    """What the FLOP count needs of a Hugging Face causal-LM student (alignkit's adapter)."""
+    params = sum(p.numel() for p in student.parameters())
+    return {"params": params, "non_embedding_params": params - student.model.get_input_embeddings().weight.numel(),
+            "layers": student.num_layers, "width": student.width(-1)}
 
 
 def train_flops_per_token(non_embedding_params: int, layers: int, width: int, seq_len: int, causal: bool = True) -> float:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from common import RESULTS, spread, write_json
-from flops import FLOP_FORMULA, mfu, peak_bf16_flops, train_flops_per_token
+from flops import FLOP_FORMULA, mfu, peak_bf16_flops, student_shape, train_flops_per_token
 
 CONFIGS = {
     "plain": ["align.method=none"],
@@ -139,10 +139,7 @@ def worker(name: str, overrides: list[str], run_dir: str, threads: int, conn: An
     Path(run_dir).mkdir(parents=True)  # metrics.jsonl of the run
     trainer = build_trainer(cfg, Path(run_dir), DistInfo(), device, progress=False)
     student = trainer.student
-    embedding = student.model.get_input_embeddings().weight.numel()
-    conn.send({"params": sum(p.numel() for p in student.parameters()), "non_embedding_params":
-               sum(p.numel() for p in student.parameters()) - embedding, "layers": student.num_layers,
-               "width": student.width(-1)})
+    conn.send(student_shape(student))
     batches = trainer.task.train_batches(cfg.train.micro_batch_size)
     stream = gated(batches, conn, cfg.train.grad_accum, memory, device.type)
     try:

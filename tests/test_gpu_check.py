@@ -1,7 +1,10 @@
 """The MFU arithmetic of the GPU benchmarks (benchmarks/flops.py): the FLOP formula and the peak
-looked up from the card's name."""
+looked up from the card's name; benchmarks/gpu_check.py's CPU dry run: every part gets a status."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from flops import mfu, peak_bf16_flops, train_flops_per_token  # noqa: E402
+from gpu_check import TIMEOUT_S  # noqa: E402
 
 
 def test_flops_per_token_adds_causal_attention_to_6n() -> None:
@@ -42,3 +46,35 @@ def test_peak_is_read_from_the_exact_card(name: str, card: str, peak: float) -> 
 def test_an_unknown_or_ambiguous_card_gets_no_peak_and_says_why(name: str) -> None:
     peak, reason = peak_bf16_flops(name)
     assert peak is None and name in reason and "MFU not reported" in reason
+
+
+def gpu_check(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "gpu_check.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--work", str(tmp_path / "work"),
+               "--out", str(out), *args]
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_dry_run_on_cpu_reports_every_part(tmp_path: Path) -> None:
+    report = gpu_check(tmp_path, "--parts", "tests,let")
+    parts = report["parts"]
+    assert list(parts) == list(TIMEOUT_S)
+    assert parts["tests"]["status"] == "ok" and parts["tests"]["passed"] == parts["tests"]["tests"] > 0
+    let = parts["let"]
+    assert let["status"] == "ok", let.get("output_tail")
+    assert let["tokens_per_s"] > 0 and let["estimated_peak_gb"] > 0 and let["peak_memory_gb"] > 0
+    assert let["estimate_setting"] == "fsdp" and let["mfu"] is None  # no GPU peak on a CPU
+    assert let["flops_per_token"] == train_flops_per_token(let["non_embedding_params"], let["layers"], let["width"], 32)
+    assert all(parts[name] == {"status": "skipped", "reason": "not in --parts"}
+               for name in ("baseline", "baseline_compiled", "let_compiled"))
+    assert report["compile_speedup"] == {"baseline": None, "let": None}
+    assert report["card"]["torch"] and report["flop_formula"].startswith("flops/token = 6*N")
+
+
+def test_parts_beyond_the_budget_are_skipped(tmp_path: Path) -> None:
+    parts = gpu_check(tmp_path, "--budget", "0")["parts"]
+    assert {name: part["status"] for name, part in parts.items()} == {name: "skipped" for name in TIMEOUT_S}
+    assert "budget left" in parts["let"]["reason"]
