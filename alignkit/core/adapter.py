@@ -46,7 +46,14 @@ class StudentOutput:
     """What a student's forward returns: its own task loss, the tapped features, and logits.
 
     A student whose loss does not need full logits (a chunked cross-entropy) leaves ``logits``
-    None and gives ``logits_fn``, which computes them only when a term asks (logit KD)."""
+    None and gives ``logits_fn``, which computes them only when a term asks (logit KD).
+
+    Under ``train.parallel=fsdp`` the student is an FSDP2 unit whose weights are resharded after
+    its forward; FSDP gathers them again for backward from a hook it registers on the
+    grad-requiring tensors of this output. torch 2.13 finds them inside a dataclass
+    (``collect_grad_tensors`` walks its fields); earlier releases flattened outputs with
+    ``tree_flatten``, to which an unregistered dataclass is one leaf: no hook, and backward on
+    freed weights. Hence ``torch>=2.13`` in pyproject.toml; tests/test_fsdp.py checks the hook."""
 
     loss: Tensor
     features: dict[int, Tensor] = field(default_factory=dict)
