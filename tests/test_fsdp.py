@@ -1,7 +1,8 @@
 """train.parallel=fsdp (FSDP2) with 2 gloo processes on CPU: same losses as one process with the
 same global batch, sharded checkpoints that resume exactly (also with a sharded teacher), and a
 final/ folder that ``from_pretrained`` opens with the same weights as the one-process run. Also:
-the parallel settings' errors, and metrics synchronised only on logging steps."""
+the parallel settings' errors, metrics synchronised only on logging steps, and FSDP's
+pre-backward hook reaching the student's output dataclass (one process)."""
 import json
 import os
 import shutil
