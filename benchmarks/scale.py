@@ -4,18 +4,20 @@ teacher is active and after ``stop_step``, replicated and FSDP2, measured in one
   python benchmarks/scale.py --data TEXT_FILE                # CPU: scaled-down student, real SmolLM2-135M teacher (~5 min)
   python benchmarks/scale.py --data TEXT_FILE --device cuda  # GPU: the paper's 1.4B student (adapters/llama-1.4b), seq 1280, bf16
 
-Each configuration is a worker process (its own peak memory) driving the real ``Trainer.fit``;
-the parent interleaves them, granting a few steps to each in turn, so drift of a shared machine
-hits all alike. Throughput is total tokens over total time of each phase (the first steps are
+Each configuration is a worker process (its own peak memory) driving the real ``Trainer.fit``.
+On CPU the parent interleaves a group's workers, granting a few steps to each in turn, so drift of
+a shared machine hits all alike; on CUDA every configuration runs alone (see ``schedule``). Throughput is total tokens over total time of each phase (the first steps are
 warm-up, not timed). Peak memory is the process's own: ``torch.cuda.max_memory_allocated`` on
 CUDA, on CPU the RSS sampled every 2 ms from ``/proc/self/statm`` (``ru_maxrss`` would include
 what the parent had); after the teacher is released, glibc's ``malloc_trim(0)`` hands its memory
 back to the OS, as a long run would see it. On CPU a plain PyTorch loop on the same model and data
-(``plain``) gives the trainer's own overhead. On GPU, MFU = 6 N tokens/s / peak bf16 dense flops
-(N: student parameters outside the input embedding; the teacher's flops are not counted).
+(``plain``) gives the trainer's own overhead. On GPU, MFU = tokens/s x (6 N + 12 L d S / 2) / peak dense bf16
+FLOP/s of the card (benchmarks/flops.py: N student parameters outside the input embedding, L layers,
+d width, S sequence, attention halved by the causal mask; the teacher's FLOPs are not counted; a
+card without a known peak gets no MFU, with the reason in the JSON).
 
 Configurations (``--groups``, ``;`` separates groups that run one after the other, ``,`` those
-interleaved): ``plain``, ``baseline``, ``let`` (``train.parallel=auto``: the module as is on one
+interleaved on CPU): ``plain``, ``baseline``, ``let`` (``train.parallel=auto``: the module as is on one
 process, DDP on several), ``baseline_fsdp``, ``let_fsdp`` (FSDP2 on one device).
 Every figure is measured once per ``--seeds`` entry (``train.seed``: initialisation and data
 order; default 0,1,2) and reported as mean, std, min and max with the per-seed values; ratios are
@@ -35,8 +37,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from common import RESULTS, spread, write_json
+from flops import FLOP_FORMULA, mfu, peak_bf16_flops, student_shape, train_flops_per_token
 
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, per GPU (SXM)
 CONFIGS = {
     "plain": ["align.method=none"],
     "baseline": ["align.method=none"],
@@ -137,9 +139,7 @@ def worker(name: str, overrides: list[str], run_dir: str, threads: int, conn: An
     Path(run_dir).mkdir(parents=True)  # metrics.jsonl of the run
     trainer = build_trainer(cfg, Path(run_dir), DistInfo(), device, progress=False)
     student = trainer.student
-    embedding = student.model.get_input_embeddings().weight.numel()
-    conn.send({"params": sum(p.numel() for p in student.parameters()), "non_embedding_params":
-               sum(p.numel() for p in student.parameters()) - embedding})
+    conn.send(student_shape(student))
     batches = trainer.task.train_batches(cfg.train.micro_batch_size)
     stream = gated(batches, conn, cfg.train.grad_accum, memory, device.type)
     try:
@@ -176,7 +176,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--groups", default=None,
-                        help="default cpu: plain,baseline,let,baseline_fsdp,let_fsdp; cuda: baseline,let;baseline_fsdp,let_fsdp")
+                        help="default cpu: plain,baseline,let,baseline_fsdp,let_fsdp; cuda: baseline;let;baseline_fsdp;let_fsdp")
     parser.add_argument("--stop-step", type=int, default=None, help="LET's stop_step (cpu 7, cuda 36)")
     parser.add_argument("--after", type=int, default=None, help="steps timed after stop_step (cpu 6, cuda 32)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (cpu 1, cuda 4)")
@@ -190,7 +190,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2", help="train.seed of each repetition (model init and data order)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
-    defaults = {"groups": "baseline,let;baseline_fsdp,let_fsdp" if cuda else "plain,baseline,let,baseline_fsdp,let_fsdp",
+    defaults = {"groups": "baseline;let;baseline_fsdp;let_fsdp" if cuda else "plain,baseline,let,baseline_fsdp,let_fsdp",
                 "stop_step": 36 if cuda else 7, "after": 32 if cuda else 6, "warmup": 4 if cuda else 1,
                 "chunk": 4 if cuda else 2, "seq_len": 1280 if cuda else 128, "micro_batch": 8 if cuda else 4}
     for key, value in defaults.items():
@@ -271,13 +271,19 @@ def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def add_mfu(runs: dict[str, dict[str, Any]], device_name: str) -> float | None:
-    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in device_name), None)
+def add_mfu(runs: dict[str, dict[str, Any]], peak: float | None, seq_len: int) -> None:
     for run in runs.values():
+        per_token = train_flops_per_token(run["non_embedding_params"], run["layers"], run["width"], seq_len)
         for phase in ("aligned", "after_stop"):
-            rate = run[f"tokens_per_s_{phase}"]
-            run[f"mfu_{phase}"] = 6 * run["non_embedding_params"] * rate / peak if peak else None
-    return peak
+            run[f"mfu_{phase}"] = mfu(run[f"tokens_per_s_{phase}"], per_token, peak)
+
+
+def schedule(groups: str, device: str) -> list[list[str]]:
+    """The groups of ``--groups``, in order. On CPU a group's configurations are resident together
+    and interleaved for fair timing; on CUDA each runs alone: two resident 1.4B trainings (~50 GB
+    each) would not fit one 80 GB GPU, and would share its memory and SMs."""
+    names = [group.split(",") for group in groups.split(";")]
+    return [[name] for group in names for name in group] if device == "cuda" else names
 
 
 def plot(path: Path, runs: dict[str, dict[str, Any]], title: str) -> None:
@@ -316,20 +322,19 @@ def main() -> None:
     started = time.time()
     seeds = [int(s) for s in args.seeds.split(",")]
     by_seed: dict[int, dict[str, dict[str, Any]]] = {}
-    peak = None
-    for seed in seeds:  # each seed: every group, its configurations interleaved
+    peak, card = peak_bf16_flops(device_name) if args.device == "cuda" else (None, "cpu: no MFU")
+    for seed in seeds:  # each seed: every group, its configurations interleaved (CPU)
         runs: dict[str, dict[str, Any]] = {}
-        for group in args.groups.split(";"):
-            print(f"== seed {seed}: {group}", flush=True)
-            runs.update(run_group(group.split(","), args, seed))
-        if args.device == "cuda":
-            peak = add_mfu(runs, device_name)
+        for group in schedule(args.groups, args.device):
+            print(f"== seed {seed}: {','.join(group)}", flush=True)
+            runs.update(run_group(group, args, seed))
+        add_mfu(runs, peak, args.seq_len)
         by_seed[seed] = runs
     first = by_seed[seeds[0]]
     summary = {name: {k: spread([by_seed[s][name][k] for s in seeds]) for k, v in run.items() if isinstance(v, (int, float))}
                for name, run in first.items()}
     per_seed_ratios = {s: ratios(by_seed[s]) for s in seeds}
-    payload = {"device": device_name, "peak_bf16_flops": peak, "settings": vars(args), "seeds": seeds, "tokens_per_step": args.micro_batch * args.seq_len,
+    payload = {"device": device_name, "peak_bf16_flops": peak, "peak_card": card, "flop_formula": FLOP_FORMULA, "settings": vars(args), "seeds": seeds, "tokens_per_step": args.micro_batch * args.seq_len,
                "runs": summary, "runs_by_seed": {str(s): r for s, r in by_seed.items()},
                "ratios": {k: spread([per_seed_ratios[s][k] for s in seeds]) for k in per_seed_ratios[seeds[0]]},
                "wall_s": time.time() - started}

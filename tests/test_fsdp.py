@@ -1,7 +1,8 @@
 """train.parallel=fsdp (FSDP2) with 2 gloo processes on CPU: same losses as one process with the
 same global batch, sharded checkpoints that resume exactly (also with a sharded teacher), and a
 final/ folder that ``from_pretrained`` opens with the same weights as the one-process run. Also:
-the parallel settings' errors, and metrics synchronised only on logging steps."""
+the parallel settings' errors, metrics synchronised only on logging steps, and FSDP's
+pre-backward hook reaching the student's output dataclass (one process)."""
 import json
 import os
 import shutil
@@ -111,3 +112,42 @@ def test_block_settings_need_a_student_with_blocks(tmp_path):
     with pytest.raises(ConfigError, match="train.activation_checkpointing: ToyStudent exposes no transformer blocks"):
         Trainer(cfg=cfg, student=ToyStudent(), engine=None, task=ToyTask(), run_dir=tmp_path, device=torch.device("cpu"),
                 progress=False)
+
+
+class StepModule(torch.nn.Module):
+    """The trainer's step module in small: the FSDP root, with the student a unit below it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student = ToyStudent()
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        out = self.student(batch, [2])
+        return out.loss + out.features[2].square().mean()
+
+
+def test_fsdp_finds_the_student_output_dataclass_for_its_pre_backward_hook():
+    # The student's weights are resharded after its forward; FSDP2 gathers them again for backward
+    # from a hook on the grad-requiring tensors of the student's output, a StudentOutput dataclass.
+    # Without the hook, backward runs on freed weights: no, or wrong, gradients.
+    from torch.distributed.fsdp import fully_shard
+
+    from alignkit.core.parallel import ensure_process_group
+
+    reference, sharded = StepModule(), StepModule()  # same seeded weights
+    batch = {"input_ids": torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))}
+    reference(batch).backward()
+    created = not torch.distributed.is_initialized()
+    ensure_process_group(torch.device("cpu"))  # a one-process gloo group
+    try:
+        for block in sharded.student.blocks:
+            fully_shard(block)
+        fully_shard(sharded.student)
+        fully_shard(sharded)
+        sharded(batch).backward()
+        for (name, expected), (_, param) in zip(reference.named_parameters(), sharded.named_parameters()):
+            assert param.grad is not None, name
+            torch.testing.assert_close(param.grad.full_tensor(), expected.grad, msg=name)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()

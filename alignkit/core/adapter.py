@@ -48,7 +48,14 @@ class StudentOutput:
     """What a student's forward returns: its own task loss, the tapped features, and logits.
 
     A student whose loss does not need full logits (a chunked cross-entropy) leaves ``logits``
-    None unless its forward was called with ``logits=True`` (a logit-KD term is active)."""
+    None unless its forward was called with ``logits=True`` (a logit-KD term is active).
+
+    Under ``train.parallel=fsdp`` the student is an FSDP2 unit whose weights are resharded after
+    its forward; FSDP gathers them again for backward from a hook it registers on the
+    grad-requiring tensors of this output. torch 2.13 finds them inside a dataclass
+    (``collect_grad_tensors`` walks its fields); earlier releases flattened outputs with
+    ``tree_flatten``, to which an unregistered dataclass is one leaf: no hook, and backward on
+    freed weights. Hence ``torch>=2.13`` in pyproject.toml; tests/test_fsdp.py checks the hook."""
 
     loss: Tensor
     features: dict[int, Tensor] = field(default_factory=dict)
