@@ -44,8 +44,9 @@ def _memory(cfg: ExperimentConfig, student: Any, main_teacher: Any, seq_len: int
     teacher = _teacher_size(main_teacher, cfg.teacher.dtype) if causal else (0, 0, 2)
     run = RunSetting(
         micro_batch=cfg.train.micro_batch_size, seq_len=seq_len, precision=cfg.train.precision,
-        processes=processes, grad_accum=grad_accum, teacher_params=teacher[0], teacher_width=teacher[1],
-        teacher_bytes_per_param=teacher[2], logit_kd=bool(logit_kd_terms(cfg.align)),
+        processes=processes, grad_accum=grad_accum,
+        fsdp_reduce_every_micro_batch=cfg.train.fsdp_reduce_every_micro_batch, teacher_params=teacher[0],
+        teacher_width=teacher[1], teacher_bytes_per_param=teacher[2], logit_kd=bool(logit_kd_terms(cfg.align)),
     )
     from alignkit.adapters.hf_causal import find_blocks
 
@@ -109,7 +110,8 @@ def memory_table(report: dict[str, Any]) -> str:
     table = report.get("memory_gb_per_gpu")
     if not table:
         return "memory: estimated for hf_causal students only"
-    rows = ["weights", "gradients", "optimizer", "activations", "loss_buffers", "teacher", "peak"]
+    rows = ["weights", "gradients", "accumulated_gradients", "optimizer", "activations", "loss_buffers", "teacher",
+            "build", "peak"]
     header = f"GB per GPU, {report['processes']} processes"
     lines = [f"{header:<32}" + "".join(f"{m:>11}" for m in table)]
     lines += [f"{row:<32}" + "".join(f"{table[m][row]:>11.1f}" for m in table) for row in rows]

@@ -10,25 +10,34 @@ The estimate (:func:`estimate_memory`, bytes per process) adds up, for ``ddp`` a
               more than one process adds its gradient buckets (another ``4 P``).
 * optimizer   AdamW's two fp32 states (``8 P``, sharded under FSDP); the non-fused (CPU) step
               adds temporaries of about twice the largest parameter.
+* accumulated gradients  what is kept across the micro-batches of a step (``grad_accum`` > 1):
+              the gradients as above, except under FSDP without
+              ``train.fsdp_reduce_every_micro_batch``: skipping the reduce-scatter makes FSDP2
+              keep every block's *unsharded* fp32 gradient (``4 P`` per process, not ``4 P / N``).
 * activations what a micro-batch of ``T = micro_batch x seq_len`` tokens keeps for backward:
-              per LLaMA block ``T h (28 + 3 e) + T i 4 e`` bytes (``e`` = 2 under bf16, else 4;
-              h hidden, i intermediate size; SDPA attention without a mask, which keeps no
-              ``S x S`` scores), plus ``T h (13 + e)`` outside the blocks. With activation
-              checkpointing a block keeps only its float32 input (``4 T h``) and one block is
-              recomputed at a time. The coefficients were fitted to tensor bytes measured with
-              :class:`TensorMemoryCounter` on CPU (two widths, two intermediate sizes, two
-              depths, float32 and bf16 autocast; exact on those points) -- a model, not a
-              guarantee, for other families (GELU MLPs keep fewer intermediate tensors).
+              per LLaMA block ``T h (8 + 5 r + 3 e) + T i 4 e`` bytes (``e`` = 2 under bf16, else
+              4; ``r`` the residual stream's bytes: 4 under autocast, which keeps fp32 weights,
+              2 under FSDP with bf16 parameters; h hidden, i intermediate size; SDPA attention
+              without a mask, which keeps no ``S x S`` scores), plus ``T h (5 + 2 r + e)``
+              outside the blocks. With activation checkpointing a block keeps only its input
+              (``r T h``) and one block is recomputed at a time. The coefficients were fitted to
+              tensor bytes measured with :class:`TensorMemoryCounter` on CPU (two widths, two
+              intermediate sizes, two depths, float32 and bf16 autocast, with and without FSDP's
+              bf16 parameters) -- a model, not a guarantee, for other families (GELU MLPs keep
+              fewer intermediate tensors).
 * loss        the chunked cross-entropy (:mod:`alignkit.core.linear_ce`): the head's float32
               gradient (``4 V h``) made in forward, and one chunk's float32 logits temporaries.
 * teacher     its weights in its dtype, and four float32 [T, teacher width] tensors of the
               alignment (its features, the projected student, their normalised copies);
               logit KD adds the full logits of both models.
+* build       the student is built whole in fp32 on every process before FSDP shards it
+              (``4 P``, with the teacher's weights): a transient before training, kept in the
+              peak because at small widths and many processes it can exceed training's.
 
-Peak = weights + optimizer + teacher + the larger of the forward/backward phase (activations
-+ loss buffers, + gradients when they are kept across accumulated micro-batches, + DDP
-buckets) and the optimizer step (gradients + step temporaries). Gradients grow during backward
-while activations are freed, so they are not counted on top of all activations.
+Peak = the larger of the build and of training: weights + optimizer + teacher + the larger of
+the forward/backward phase (activations + loss buffers + accumulated gradients + DDP buckets)
+and the optimizer step (gradients + step temporaries). Gradients grow during backward while
+activations are freed, so they are not counted on top of all activations.
 """
 from __future__ import annotations
 
@@ -88,6 +97,7 @@ class RunSetting:
     activation_checkpointing: bool = False
     processes: int = 1
     grad_accum: int = 1
+    fsdp_reduce_every_micro_batch: bool = False  # train.fsdp_reduce_every_micro_batch
     fused_optimizer: bool = True  # CUDA: fused AdamW (no step temporaries)
     teacher_params: int = 0
     teacher_width: int = 0
@@ -95,8 +105,8 @@ class RunSetting:
     logit_kd: bool = False
 
 
-def _block_activation_bytes(shape: ModelShape, tokens: int, e: int) -> int:
-    return tokens * (shape.hidden * (28 + 3 * e) + shape.intermediate * 4 * e)
+def _block_activation_bytes(shape: ModelShape, tokens: int, e: int, r: int) -> int:
+    return tokens * (shape.hidden * (8 + 5 * r + 3 * e) + shape.intermediate * 4 * e)
 
 
 def estimate_memory(shape: ModelShape, run: RunSetting, parallel: str) -> dict[str, int]:
@@ -110,21 +120,28 @@ def estimate_memory(shape: ModelShape, run: RunSetting, parallel: str) -> dict[s
     tokens = run.micro_batch * run.seq_len
     blocks_params = shape.layers * shape.block_params
     root_params = P - blocks_params
+    in_flight = 2 * shape.block_params * (e + 4)  # two blocks' unsharded gradients being reduced
     if parallel == "fsdp":
         gathered = (root_params + 2 * shape.block_params) * e  # unsharded root + two blocks in flight
         weights = 4 * P // n + gathered
-        gradients = 4 * P // n + 2 * shape.block_params * (e + 4)
+        gradients = 4 * P // n + in_flight
         optimizer = 8 * P // n
         buckets = 0
+        skips_sync = run.grad_accum > 1 and not run.fsdp_reduce_every_micro_batch
+        accumulated = 4 * P + in_flight if skips_sync else gradients
     else:
         weights = 4 * P + (2 * blocks_params if bf16 else 0)  # autocast's cached bf16 weights
         gradients = 4 * P
         optimizer = 8 * P
         buckets = 4 * P if n > 1 else 0
-    block = _block_activation_bytes(shape, tokens, e)
-    outside = tokens * shape.hidden * (13 + e)
+        accumulated = gradients
+    if run.grad_accum == 1:
+        accumulated = 0
+    r = 2 if parallel == "fsdp" and bf16 else 4  # FSDP casts the weights, so the residual stream, to bf16
+    block = _block_activation_bytes(shape, tokens, e, r)
+    outside = tokens * shape.hidden * (5 + 2 * r + e)
     if run.activation_checkpointing:
-        activations = shape.layers * tokens * shape.hidden * 4 + block + outside
+        activations = shape.layers * tokens * shape.hidden * r + block + outside
     else:
         activations = shape.layers * block + outside
     chunk = min(CHUNK_TOKENS, tokens)
@@ -133,11 +150,13 @@ def estimate_memory(shape: ModelShape, run: RunSetting, parallel: str) -> dict[s
     if run.logit_kd:
         teacher += tokens * shape.vocab * (2 * e + 3 * 4)  # both models' logits, float32 softmaxes
     step_temporaries = 0 if run.fused_optimizer else 2 * 4 * shape.largest_param
-    forward_backward = activations + loss + buckets + (gradients if run.grad_accum > 1 else 0)
+    forward_backward = activations + loss + buckets + accumulated
     step = gradients + buckets + step_temporaries
-    peak = weights + optimizer + teacher + max(forward_backward, step)
-    return {"weights": weights, "gradients": gradients + buckets, "optimizer": optimizer,
-            "activations": activations, "loss_buffers": loss, "teacher": teacher, "peak": peak}
+    build = 4 * P + run.teacher_params * run.teacher_bytes_per_param
+    peak = max(build, weights + optimizer + teacher + max(forward_backward, step))
+    return {"weights": weights, "gradients": gradients + buckets, "accumulated_gradients": accumulated,
+            "optimizer": optimizer, "activations": activations, "loss_buffers": loss, "teacher": teacher,
+            "build": build, "peak": peak}
 
 
 class TensorMemoryCounter(TorchDispatchMode):

@@ -185,6 +185,10 @@ class TrainConfig:
     # Scale (see `alignkit check`): data/model parallelism, memory, and the global batch
     # auto = ddp for > 1 process; fsdp = FSDP2 (sharded weights, grads, optimizer)
     parallel: str = checked("auto", one_of("auto", "none", "ddp", "fsdp"))
+    # fsdp with grad_accum > 1: reduce-scatter every micro-batch's gradients (sharded, more
+    # communication) instead of only the last one's; off, FSDP2 keeps the unsharded fp32
+    # gradients (4 bytes x all parameters per GPU) across the micro-batches
+    fsdp_reduce_every_micro_batch: bool = False
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     compile: bool = False  # torch.compile each block
     global_batch_size: int = checked(0, at_least(0))  # sequences per optimizer step over all processes; 0 = micro x accum x world

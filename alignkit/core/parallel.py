@@ -114,12 +114,14 @@ def ensure_process_group(device: torch.device) -> None:
         torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
 
 
-def grad_sync(model: nn.Module, enabled: bool) -> ContextManager[None]:
-    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+def grad_sync(model: nn.Module, enabled: bool, fsdp_every_micro_batch: bool = False) -> ContextManager[None]:
+    """Skip the gradient all-reduce on all but the last micro-batch of a step. Under FSDP,
+    ``fsdp_every_micro_batch`` (``train.fsdp_reduce_every_micro_batch``) keeps the
+    reduce-scatter on every micro-batch: skipping it keeps unsharded fp32 gradients."""
     if isinstance(model, DistributedDataParallel) and not enabled:
         return model.no_sync()
     if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled)
+        model.set_requires_gradient_sync(enabled or fsdp_every_micro_batch)
     return nullcontext()
 
 

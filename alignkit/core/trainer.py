@@ -332,7 +332,7 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             host_batch = next(stream)
             batch = to_device(host_batch, self.device)
-            with parallel.grad_sync(self.model, micro == cfg.grad_accum - 1):
+            with parallel.grad_sync(self.model, micro == cfg.grad_accum - 1, cfg.fsdp_reduce_every_micro_batch):
                 with self.autocast:
                     total, out, metrics = self.model(batch, step)
                 (total / cfg.grad_accum).backward()
