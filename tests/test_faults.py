@@ -245,3 +245,22 @@ def test_a_busy_folder_is_refused_naming_its_holder(tmp_path):
             FolderLock(tmp_path).acquire()
     with FolderLock(tmp_path):  # released: free again (a dead holder's flock is gone too)
         pass
+
+
+def test_a_one_process_run_never_reads_a_planted_sharded_folder(tmp_path, monkeypatch):
+    """DCP's metadata is a pickle: only a run that is itself sharded may read sharded/, and a
+    checkpoint's own trainer.json says how it was written."""
+    trainer = make(tmp_path)
+    trainer.cfg.steps = 3
+    trainer.fit()
+    checkpoint = ckpt.checkpoint_path(tmp_path, 3)
+    (checkpoint / ckpt.SHARDED).mkdir()
+    (checkpoint / ckpt.SHARDED / ".metadata").write_bytes(b"not a pickle anyone should load")
+    monkeypatch.setattr(ckpt.dcp, "load", lambda *a, **k: pytest.fail("DCP was asked to load"))
+    resumed = make(tmp_path)
+    assert resumed.resume_latest() == checkpoint and resumed.step == 3
+    assert json.loads((checkpoint / "trainer.json").read_text())["sharded"] is False
+    record = json.loads((checkpoint / "trainer.json").read_text()) | {"sharded": True}
+    (checkpoint / "trainer.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="written with train.parallel=fsdp"):
+        make(tmp_path).resume(checkpoint)

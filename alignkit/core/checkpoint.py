@@ -18,7 +18,6 @@ import json
 import random
 import re
 import shutil
-import warnings
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
@@ -34,8 +33,6 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from alignkit.core.errors import CheckpointError
 
 _STEP_DIR = re.compile(r"step_(\d+)")
-
-
 T = TypeVar("T")
 
 
@@ -209,7 +206,7 @@ def publish(staging: Path, run_dir: Path, step: int, keep: int) -> Path:
     return final
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -223,10 +220,10 @@ def _unreadable(path: Path, err: BaseException) -> CheckpointError:
 
 
 def _load_weights(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                  prepare: Callable[[], None]) -> None:
+                  sharded: bool, prepare: Callable[[], None]) -> None:
     """Load weights and optimizer state; ``prepare()`` runs first (for a single-file checkpoint:
     once both files have proved readable, so a corrupt one changes nothing before the fallback)."""
-    if (directory / SHARDED).is_dir():  # FSDP: a collective, every rank reads its shards
+    if sharded:  # FSDP: a collective, every rank reads its shards
         prepare()
         model_state, optim_state = get_state_dict(module, optimizer)
         state = {"model": model_state, "optim": optim_state}
@@ -259,33 +256,18 @@ def _load_weights(directory: Path, module: nn.Module, optimizer: torch.optim.Opt
 
 def load_checkpoint(
     directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int, device: torch.device,
-    prepare: Callable[[int], None] | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore module, optimizer (from ``sharded/`` under FSDP) and this rank's RNG; return
-    (trainer state, data state). ``prepare(step)`` runs before the weights are loaded (the trainer
-    drops the parameters the run had dropped by that step). Any unreadable part raises
-    :class:`CheckpointError` naming the file."""
+    sharded: bool, prepare: Callable[[], None],
+) -> dict[str, Any]:
+    """Restore module, optimizer (from ``sharded/`` if ``sharded``) and this rank's RNG; return
+    this rank's data position. ``prepare()`` runs before the weights are loaded. Any unreadable
+    part raises :class:`CheckpointError` naming the file (see :class:`alignkit.core.checkpointer.Checkpointer`)."""
     rng_file = directory / f"rng_rank{rank}.json"
     if not rng_file.is_file():
         raise CheckpointError(f"{rng_file} missing: resume with the same number of processes as the run")
-    trainer = _read_json(directory / "trainer.json")
-    data_state, rng = _read_json(directory / f"data_rank{rank}.json"), _read_json(rng_file)
-    _load_weights(directory, module, optimizer, device, lambda: prepare(trainer["step"]) if prepare else None)
+    data_state, rng = read_json(directory / f"data_rank{rank}.json"), read_json(rng_file)
+    _load_weights(directory, module, optimizer, device, sharded, prepare)
     try:
         set_rng_state(rng)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{rng_file} is corrupt ({err})") from None
-    return trainer, data_state
-
-
-def load_latest(
-    run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int, device: torch.device,
-    prepare: Callable[[int], None] | None = None,
-) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
-    """Load the newest readable checkpoint (falling back to older ones with a warning)."""
-    for directory in reversed(checkpoint_dirs(run_dir)):
-        try:
-            return directory, *load_checkpoint(directory, module, optimizer, rank, device, prepare)
-        except CheckpointError as err:
-            warnings.warn(f"skipping checkpoint {directory.name}: {err}; trying the one before it", stacklevel=2)
-    return None
+    return data_state

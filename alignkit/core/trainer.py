@@ -17,9 +17,7 @@ an eval the checkpoint records the eval as pending, so the resumed run evaluates
 """
 from __future__ import annotations
 
-import shutil
 import signal
-import warnings
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence, TypeVar
@@ -32,11 +30,12 @@ from alignkit.core import checkpoint as ckpt
 from alignkit.core import parallel
 from alignkit.core.adapter import HOST, Batch, HostCopy, StudentOutput
 from alignkit.core.callbacks import BestModel, Callback, ProgressBar, Throughput
+from alignkit.core.checkpointer import Checkpointer, TrainerState
 from alignkit.core.config import TrainConfig
-from alignkit.core.distributed import DistInfo, agree, all_reduce_mean, barrier, max_over_ranks, min_max_over_ranks
+from alignkit.core.distributed import DistInfo, agree, all_reduce_mean, max_over_ranks
 from alignkit.core.ema import WeightAverage
 from alignkit.core.engine import AlignmentEngine
-from alignkit.core.errors import CheckpointError, ConfigError, Interrupted, MissingPackage
+from alignkit.core.errors import ConfigError, Interrupted, MissingPackage
 from alignkit.core.interrupts import StopRequests
 from alignkit.core.optim import build_lr_schedule, build_optimizer
 from alignkit.core.registry import LOGGERS, LR_SCHEDULES, OPTIMIZERS
@@ -125,6 +124,9 @@ class Trainer:
         self.model, self.parallel = parallel.wrap_model(self.module, cfg, dist)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg, self.module, device)
+        self.checkpointer = Checkpointer(self.run_dir, self.module, self.optimizer, dist, device,
+                                         sharded=self.parallel == "fsdp", keep=cfg.keep_checkpoints,
+                                         export=lambda directory: task.export(self.student, directory))
         self._pending_tokens = 0  # this rank's tokens since the last host sync
         self.lr_at = build_lr_schedule(cfg)
         self.step, self.tokens = 0, 0
@@ -163,73 +165,35 @@ class Trainer:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
 
-    # --- resume / checkpoints ---------------------------------------------------------------
+    # --- resume / checkpoints (the Checkpointer writes and reads; the trainer decides when) ---
     def resume(self, directory: Path) -> None:
         """Continue from the checkpoint in ``directory``."""
-        state, data_state = ckpt.load_checkpoint(directory, self.module, self.optimizer, self.dist.rank, self.device,
-                                                 prepare=self._retire_parameters)
-        self._restore(directory, state, data_state)
+        self._restore(*self.checkpointer.load(directory, prepare=self._retire_parameters))
 
     def resume_latest(self) -> Path | None:
         """Continue from the newest readable checkpoint of the run (older ones if the newest is
-        corrupt, half-written ones removed); None when the run has none."""
-        if self.dist.is_main:
-            for leftover in ckpt.remove_staging(self.run_dir):
-                warnings.warn(f"removed {leftover}: a checkpoint write that never finished", stacklevel=2)
-        barrier(self.dist)
-        found = ckpt.load_latest(self.run_dir, self.module, self.optimizer, self.dist.rank, self.device,
-                                 prepare=self._retire_parameters)
-        low, high = min_max_over_ranks(found[1]["step"] if found else -1, self.dist)  # host ints: control plane
-        if low != high:
-            raise CheckpointError(f"{self.run_dir}: ranks found different usable checkpoints; check the rank files")
+        damaged, half-written ones removed); None when the run has none."""
+        found = self.checkpointer.load_latest(prepare=self._retire_parameters)
         if found is None:
             return None
         self._restore(*found)
         return found[0]
 
-    def _restore(self, directory: Path, state: dict[str, Any], data_state: dict[str, Any]) -> None:
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.eval_pending, self.last_eval = state.get("eval_pending", False), state.get("last_eval", {})
+    def _restore(self, directory: Path, state: TrainerState, record: dict[str, Any], data_state: dict[str, Any]) -> None:
+        self.step, self.tokens = state.step, state.tokens
+        self.eval_pending, self.last_eval = state.eval_pending, state.last_eval
         self.task.load_state_dict(data_state)
         if self.engine is not None and self.engine.after_step(self.step - 1):  # teachers over before this step
             self._teacher_released()
-        self._call("on_load", directory, state)
+        self._call("on_load", directory, record)
 
     def save(self, data_state: dict[str, Any], rng: tuple[Any, ...]) -> Path:
-        """Write a checkpoint of the current step; on a failed write (full disk, read-only
-        folder) remove the partial one and raise :class:`CheckpointError` on every rank. Each
-        part that can fail on one rank is agreed on before the next collective."""
+        """Checkpoint the current step (see :class:`Checkpointer`)."""
         self._reduce([])  # self.tokens up to date (a compute-plane collective every rank reaches)
-        main = self.dist.is_main
-        staging = ckpt.staging_path(self.run_dir, self.step)
-
-        def part(action: Any) -> Any:  # one rank's part, as a one-line CheckpointError, agreed on
-            return agree(ckpt.as_write_error(action, staging), self.dist)
-
-        try:
-            part(lambda: ckpt.staging_dir(self.run_dir, self.step) if main else None)
-            part(lambda: ckpt.save_rank_state(staging, self.dist.rank, data_state, rng))
-            if self.parallel == "fsdp":  # a collective of its own: every rank writes its shards
-                part(lambda: ckpt.save_sharded(staging, self.module, self.optimizer))
-            part(lambda: self._save_main(staging) if main else None)
-            final = part(lambda: ckpt.publish(staging, self.run_dir, self.step, self.cfg.keep_checkpoints)
-                         if main else None)
-        except BaseException:  # every rank is here (agree), with the same outcome
-            if main:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
+        state = TrainerState(step=self.step, tokens=self.tokens, eval_pending=self.eval_pending, last_eval=self.last_eval)
+        path = self.checkpointer.save(state, data_state, rng, on_save=lambda staging, record: self._call("on_save", staging, record))
         self._saved_step = self.step
-        return final or ckpt.checkpoint_path(self.run_dir, self.step)
-
-    def _save_main(self, staging: Path) -> None:
-        trainer_state = {"step": self.step, "tokens": self.tokens, "eval_pending": self.eval_pending,
-                         "last_eval": self.last_eval}
-        self._call("on_save", staging, trainer_state)  # callbacks' files, and their entries in trainer_state
-        if self.parallel == "fsdp":
-            ckpt.save_trainer_state(staging, trainer_state)
-        else:
-            ckpt.save_main_state(staging, self.module, self.optimizer, trainer_state)
-            self.task.export(self.student, staging / "model")
+        return path
 
     def evaluate(self) -> dict[str, float]:
         """Every rank evaluates (tasks shard and all-reduce, so all ranks get equal results)."""
@@ -299,7 +263,7 @@ class Trainer:
 
     def _stop(self, signum: int, path: Path | None = None) -> None:
         if path is None:
-            path = ckpt.checkpoint_path(self.run_dir, self.step)
+            path = self.checkpointer.path(self.step)
             if self._saved_step != self.step:
                 path = self.save(self.task.state_dict(), ckpt.rng_snapshot())
         self._call("on_interrupt", path)
