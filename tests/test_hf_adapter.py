@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import shutil
 import weakref
 from pathlib import Path
 
@@ -361,6 +362,40 @@ def test_compiled_student_does_not_recompile_across_forwards() -> None:
             out.loss.backward()
             assert 1 in out.features
     torch._dynamo.reset()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's inductor backend on CPU needs a C++ compiler (g++ or c++)")
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_compiled_blocks_keep_taps_without_graph_breaks_or_recompiles(checkpointed: bool) -> None:
+    """``train.compile`` (with and without activation checkpointing) compiles each block's
+    forward: taps switched on, off and moved between steps give eager's features, with no graph
+    break (a transformers hook left by the build's check, or a tap inside a checkpoint, broke
+    every block) and no recompile after the first step (blocks share one compiled graph)."""
+    from torch._dynamo.utils import counters
+
+    from alignkit.core.parallel import wrap_forward
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = build_hf_student(tiny_cfg())
+    compiled = build_hf_student(tiny_cfg())  # same seed: same weights
+    for block in compiled._parts.blocks:
+        wrap_forward(block, checkpointed, compiled=True)
+    batch = make_batch()
+    try:
+        for step, layers in enumerate(([2], [2], [], [1, -1])):
+            with torch._dynamo.config.patch(error_on_recompile=step > 0):
+                got = compiled({**batch, "labels": batch["input_ids"]}, layers)
+            want = eager({**batch, "labels": batch["input_ids"]}, layers)
+            assert set(got.features) == set(layers)
+            for layer in layers:
+                torch.testing.assert_close(got.features[layer], want.features[layer], rtol=1e-4, atol=1e-5)
+            got.loss.backward()
+        assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] == 1  # one graph for all blocks
+    finally:
+        torch._dynamo.reset()
 
 
 def test_full_logits_path_for_unusual_heads_gives_the_same_loss() -> None:

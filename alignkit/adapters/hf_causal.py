@@ -28,9 +28,10 @@ import copy
 import functools
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -338,6 +339,27 @@ def find_blocks(model: nn.Module) -> Blocks:
     )
 
 
+@contextmanager
+def _without_new_hooks(model: nn.Module) -> Iterator[None]:
+    """Remove the forward hooks a forward inside adds. transformers >= 5 answers
+    ``output_hidden_states=True`` by installing, for good, a hook on every decoder layer and
+    attention module that reads a ``ContextVar``; under ``train.compile`` (each block compiled
+    on its own) dynamo cannot trace that read, and every block broke its graph in two and
+    recompiled its pieces. Its "installed" flag is cleared too, so a later call reinstalls them."""
+    flag = "_output_capturing_hooks_installed"
+    before = {module: (set(module._forward_hooks), flag in module.__dict__) for module in model.modules()}
+    try:
+        yield
+    finally:
+        for module, (keys, flagged) in before.items():
+            for key in set(module._forward_hooks) - keys:
+                del module._forward_hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
+            if not flagged:
+                module.__dict__.pop(flag, None)
+
+
 @torch.no_grad()
 def check_final_layer(model: nn.Module, parts: Blocks, taps: LayerTaps) -> None:
     """Raise ConfigError unless the tapped layer -1 (post_norm) equals the model's own
@@ -357,7 +379,8 @@ def check_final_layer(model: nn.Module, parts: Blocks, taps: LayerTaps) -> None:
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        output, captured = taps.run(lambda: model(input_ids=ids, output_hidden_states=True, use_cache=False), [tapped])
+        with _without_new_hooks(model):
+            output, captured = taps.run(lambda: model(input_ids=ids, output_hidden_states=True, use_cache=False), [tapped])
     finally:
         for module, training in modes:  # per module: a caller may have frozen parts in eval mode
             module.training = training

@@ -11,14 +11,15 @@ Blocks come from the adapter's ``_parts.blocks`` (the Hugging Face adapters set 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Any, ContextManager, Iterator
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 from alignkit.core.config import ConfigError, TrainConfig
 from alignkit.core.distributed import DistInfo
@@ -62,12 +63,9 @@ def wrap_model(module: nn.Module, cfg: TrainConfig, dist: DistInfo) -> tuple[nn.
                                   ("train.compile", cfg.compile)] if on]
     if wanted:
         blocks = blocks_of(student, wanted[0])
-        for index, block in enumerate(blocks):
-            if cfg.activation_checkpointing:
-                # non-reentrant checkpoint; the wrapper strips its prefix from state-dict keys
-                block = blocks[index] = checkpoint_wrapper(block)
-            if cfg.compile:
-                block.compile()
+        if cfg.activation_checkpointing or cfg.compile:
+            for block in blocks:
+                wrap_forward(block, cfg.activation_checkpointing, cfg.compile)
     if parallel == "ddp":
         return ddp(module), parallel
     if parallel == "fsdp":
@@ -79,6 +77,20 @@ def wrap_model(module: nn.Module, cfg: TrainConfig, dist: DistInfo) -> tuple[nn.
         fully_shard(module, mp_policy=policy)  # learned projections of the engine
         _init_root(module)
     return module, parallel
+
+
+def wrap_forward(block: nn.Module, checkpointed: bool, compiled: bool) -> None:
+    """Checkpoint (non-reentrant) and/or ``torch.compile`` the block's ``forward``, not its
+    module call: the block's forward hooks (the layer taps) run in eager around it. Inside a
+    compiled call dynamo would trace the taps' writes to their own state, and inside a
+    checkpoint it cannot (a graph break in every block); outside, turning taps on or off
+    never recompiles. The block stays the same module, so state-dict keys do not change."""
+    forward = block.forward
+    if checkpointed:
+        forward = partial(checkpoint, forward, use_reentrant=False)
+    if compiled:
+        forward = torch.compile(forward)
+    block.forward = forward
 
 
 def _init_root(module: nn.Module) -> None:
@@ -140,8 +152,7 @@ def gathered(module: nn.Module, dist: DistInfo) -> Iterator[None]:
             owner_name, _, leaf = name.rpartition(".")
             owner = module.get_submodule(owner_name)
             if id(param) not in replacement:
-                full_tensor = full[name.replace("_checkpoint_wrapped_module.", "")]
-                replacement[id(param)] = nn.Parameter(full_tensor, requires_grad=False)
+                replacement[id(param)] = nn.Parameter(full[name], requires_grad=False)
             swapped.append((owner, leaf, param))
             owner._parameters[leaf] = replacement[id(param)]
     try:
