@@ -14,6 +14,7 @@ folder to DCP, whose metadata is a pickle.
 """
 from __future__ import annotations
 
+import shutil
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -90,7 +91,7 @@ class Checkpointer:
             part(lambda: ckpt.publish(staging, self.run_dir, state.step, self.keep) if main else None)
         except BaseException:  # every rank is here (agree), with the same outcome
             if main:
-                ckpt.shutil.rmtree(staging, ignore_errors=True)
+                shutil.rmtree(staging, ignore_errors=True)
             raise
         return self.path(state.step)
 

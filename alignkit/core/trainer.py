@@ -191,7 +191,8 @@ class Trainer:
         """Checkpoint the current step (see :class:`Checkpointer`)."""
         self._reduce([])  # self.tokens up to date (a compute-plane collective every rank reaches)
         state = TrainerState(step=self.step, tokens=self.tokens, eval_pending=self.eval_pending, last_eval=self.last_eval)
-        path = self.checkpointer.save(state, data_state, rng, on_save=lambda staging, record: self._call("on_save", staging, record))
+        path = self.checkpointer.save(state, data_state, rng,
+                                      on_save=lambda staging, record: self._call("on_save", staging, record))
         self._saved_step = self.step
         return path
 
