@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parent.parent
+# folder -> placeholder, so saved JSONs name machine-specific folders portably (e.g. WIKITEXT2_DIR)
+PATH_ALIASES: dict[str, str] = {}
 
 # text_let's and the study's small teacher (same tokenizer as llama-small): 5.2M parameters vs
 # the student's 25.6M, 22x fewer outside the 49k-token embedding that both carry
@@ -26,6 +29,7 @@ def wikitext_overrides(folder: Path) -> list[str]:
     """The wikitext2 task preset on local raw files: ``valid.txt`` to train, ``test.txt`` to evaluate."""
     if not (folder / "valid.txt").is_file() or not (folder / "test.txt").is_file():
         raise SystemExit(f"WikiText-2 files valid.txt / test.txt not found in {folder} (pass --data)")
+    PATH_ALIASES[str(folder.resolve())] = "WIKITEXT2_DIR"
     return ["task.preset=wikitext2", "task.text.source=files",
             f"task.text.train_path={folder / 'valid.txt'}", f"task.text.eval_path={folder / 'test.txt'}"]
 
@@ -121,7 +125,15 @@ def spread(values: list[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "min": min(values), "max": max(values), "values": values}
 
 
+def portable(text: str) -> str:
+    """``text`` with the aliased folders named by placeholder and paths in the repo made relative."""
+    for folder, alias in sorted(PATH_ALIASES.items(), key=lambda item: -len(item[0])):
+        text = text.replace(folder, alias)
+    return text.replace(str(REPO) + "/", "").replace(str(REPO), ".")
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Save ``payload`` with portable paths (see :func:`portable`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str))
+    path.write_text(portable(json.dumps(payload, indent=2, default=str)))
     print(f"wrote {path}")

@@ -7,6 +7,7 @@ differences and verdicts.
   python benchmarks/study.py budget --data WIKITEXT2_DIR --seeds 0,1,2 --resume
   python benchmarks/study.py lambda0 --data WIKITEXT2_DIR --teacher small      # a pre-trained 5x smaller teacher
   python benchmarks/study.py lambda0 --corpus TRAIN.txt EVAL.txt --only lam0.1 # confirm on another corpus
+  python benchmarks/study.py peers_tune --data WIKITEXT2_DIR --holdout 0.1 --seeds 0   # tune on held-out train text
   python benchmarks/study.py stop_step --base configs/debug.yaml --steps 8 --dry-run
 
 A grid (benchmarks/grids/NAME.yaml, or a path) declares ``configs`` (name: [key=value, ...]),
@@ -298,6 +299,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", help="WikiText-2 folder (valid.txt to train, test.txt to evaluate)")
     parser.add_argument("--corpus", nargs=2, metavar=("TRAIN", "EVAL"), help="another corpus: train and eval text files")
     parser.add_argument("--corpus-name", default="corpus", help="tag for --corpus in the study name (e.g. kjv)")
+    parser.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
+                        help="tuning mode: train on the first 1-FRACTION of the train file and evaluate on its last "
+                             "FRACTION (the eval file is never read), so settings are chosen without the test set")
     parser.add_argument("--teacher", default="base", choices=("base", "small"),
                         help="base: the recipe's teacher; small: pre-train text_let's 5x smaller teacher first (once per --out)")
     parser.add_argument("--teacher-steps", type=int, default=300, help="steps to pre-train the small teacher")
@@ -315,10 +319,35 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def data_overrides(args: argparse.Namespace) -> tuple[list[str], str]:
+def split_holdout(train: Path, fraction: float, folder: Path) -> tuple[Path, Path]:
+    """Cut ``train`` at the line boundary nearest 1 - ``fraction`` of its bytes into
+    folder/train.txt and folder/heldout.txt (rewritten only when they differ)."""
+    if not 0.0 < fraction < 0.5:
+        raise SystemExit(f"--holdout {fraction}: give a fraction in (0, 0.5)")
+    data = train.read_bytes()
+    cut = data.find(b"\n", int(len(data) * (1.0 - fraction)))
+    if cut < 0 or cut + 1 >= len(data):
+        raise SystemExit(f"--holdout: {train} has no line break after {1.0 - fraction:.0%} of its bytes to cut at")
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = folder / "train.txt", folder / "heldout.txt"
+    for path, part in zip(parts, (data[:cut + 1], data[cut + 1:])):
+        if not path.is_file() or path.read_bytes() != part:
+            path.write_bytes(part)
+    return parts
+
+
+def data_overrides(args: argparse.Namespace, out: Path) -> tuple[list[str], str]:
     """The data overrides and the study-name suffix they imply."""
     if args.data and args.corpus:
         raise SystemExit("pass --data or --corpus, not both")
+    if args.holdout:
+        if not (args.data or args.corpus):
+            raise SystemExit("--holdout needs --data or --corpus (its train file is split)")
+        source = Path(args.corpus[0]) if args.corpus else Path(args.data) / "valid.txt"
+        if not source.is_file():
+            raise SystemExit(f"--holdout: train file not found: {source}")
+        train, heldout = split_holdout(source.resolve(), args.holdout, out / "holdout")
+        return ["task.text.source=files", f"task.text.train_path={train}", f"task.text.eval_path={heldout}"], "-holdout"
     if args.corpus:
         for path in args.corpus:
             if not Path(path).is_file():
@@ -380,12 +409,12 @@ def plan_grids(args: argparse.Namespace, seeds: list[int], shared: list[str],
 
 def main() -> None:
     args = parse_args()
-    data, suffix = data_overrides(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     small = "-small-teacher" if args.teacher == "small" else ""
+    corpus = (args.corpus_name if args.corpus else "wikitext2") + ("-holdout" if args.holdout else "")
+    out = Path(args.out or RESULTS / "study" / (corpus + small)).resolve()  # shared by every grid: baselines run once
+    data, suffix = data_overrides(args, out)
     tag = small + suffix
-    out = Path(args.out or RESULTS / "study" / ((args.corpus_name if args.corpus else "wikitext2") + small)).resolve()
-    # ^ shared by every grid: baselines run once
     base = Path(args.base).resolve()
     if not base.is_file():
         raise SystemExit(f"--base: file not found: {base}")
