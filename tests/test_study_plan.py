@@ -11,7 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from study import RUN_RECORD, Run, Runner, expand, plan, plan_grids  # noqa: E402
+from common import PATH_ALIASES, REPO, portable  # noqa: E402
+from study import RUN_RECORD, Run, Runner, expand, plan, plan_grids, split_holdout  # noqa: E402
 
 
 def test_steps_expressions_expand_alone_and_inside_yaml_values() -> None:
@@ -149,3 +150,20 @@ def test_a_queued_copy_is_linked_as_soon_as_its_original_finishes(tmp_path: Path
     release.set()
     queue.join(timeout=10)
     assert result == {"slow-s0": True, "lam3-s0": True, "f3-s0": True}
+
+
+def test_holdout_cuts_the_train_file_at_a_line_and_never_reads_eval(tmp_path: Path) -> None:
+    train = tmp_path / "train.txt"
+    lines = [f"line {i} " + "x" * (i % 7) for i in range(200)]
+    train.write_text("\n".join(lines) + "\n")
+    head, tail = split_holdout(train, 0.1, tmp_path / "holdout")
+    assert head.read_text() + tail.read_text() == train.read_text()  # nothing lost, nothing shared
+    assert head.read_text().endswith("\n") and 0.08 < tail.stat().st_size / train.stat().st_size < 0.12
+    with pytest.raises(SystemExit, match="fraction"):
+        split_holdout(train, 0.7, tmp_path / "holdout")
+
+
+def test_saved_json_names_data_folders_by_placeholder_and_repo_paths_relatively(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(PATH_ALIASES, str(tmp_path / "wt2"), "WIKITEXT2_DIR")
+    text = portable(f'{{"a": "{tmp_path}/wt2/valid.txt", "b": "{REPO}/benchmarks/results/x", "c": "{REPO}"}}')
+    assert json.loads(text) == {"a": "WIKITEXT2_DIR/valid.txt", "b": "benchmarks/results/x", "c": "."}
