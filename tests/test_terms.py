@@ -125,7 +125,7 @@ def test_linear_projection_leaves_the_optimizer_at_its_stop_and_resume_is_exact(
 
 def test_the_readme_plugin_objective_is_usable_by_name_with_its_options(monkeypatch):
     monkeypatch.setattr(OBJECTIVES, "_items", dict(OBJECTIVES._items))  # registered for this test only
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "alignment-terms.md").read_text()
     exec(readme.split("# my_project/objectives.py")[1].split("\n", 1)[1].split("```")[0], {})
     student, teacher = ToyStudent(width=8), ToyTeacher(width=8)
     term = TermConfig(objective="smooth_l1", objective_options={"beta": 0.5}, early_layer=2, stop_step=5)
