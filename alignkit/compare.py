@@ -231,31 +231,39 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
-def plot_curves(path: Path, curves: dict[str, Curve], title: str, ylabel: str = "eval loss",
-                vlines: dict[str, float] | None = None, hlines: dict[str, float] | None = None) -> None:
-    """One line per curve; ``vlines`` / ``hlines``: legend label -> position of a dashed / dotted
-    marker (e.g. where a teacher was dropped, a target value)."""
+def plot_panels(path: Path, panels: list[dict[str, Any]], title: str = "") -> None:
+    """Side by side, one axes per panel: ``{"title", "ylabel", "curves": {label: curve},
+    "vlines": {label: x}, "hlines": {label: y}}`` (markers: dashed / dotted, with legend labels)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, curve in curves.items():
-        ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", markersize=3, label=label)
-    for (label, x), style in zip((vlines or {}).items(), ("--", "-.", ":", (0, (5, 5)))):
-        ax.axvline(x, color="grey", linestyle=style, linewidth=1, label=label)
-    for label, y in (hlines or {}).items():
-        ax.axhline(y, color="black", linestyle=":", linewidth=1, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for label, curve in panel["curves"].items():
+            ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", markersize=3, label=label)
+        for (label, x), style in zip(panel.get("vlines", {}).items(), ("--", "-.", ":", (0, (5, 5)))):
+            ax.axvline(x, color="grey", linestyle=style, linewidth=1, label=label)
+        for label, y in panel.get("hlines", {}).items():
+            ax.axhline(y, color="black", linestyle=":", linewidth=1, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(panel.get("ylabel", ""))
+        ax.set_title(panel.get("title", ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_curves(path: Path, curves: dict[str, Curve], title: str, ylabel: str = "eval loss",
+                vlines: dict[str, float] | None = None, hlines: dict[str, float] | None = None) -> None:
+    """One axes of curves (see :func:`plot_panels`)."""
+    plot_panels(path, [{"title": title, "ylabel": ylabel, "curves": curves, "vlines": vlines or {}, "hlines": hlines or {}}])
 
 
 def plot_comparison(path: Path, result: dict[str, Any]) -> None:
