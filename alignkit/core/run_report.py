@@ -27,7 +27,9 @@ def say(text: str) -> None:
 
 def millions(module: Any) -> str:
     params = sum(p.numel() for p in module.parameters()) if isinstance(module, nn.Module) else 0
-    return f"{params / 1e6:.1f}M parameters" if params else "size unknown"
+    if not params:
+        return "size unknown"
+    return f"{params / 1e6:.1f}M parameters" if params >= 100_000 else f"{params:,} parameters"
 
 
 def duration(seconds: float) -> str:
