@@ -1,4 +1,4 @@
-"""Command line: ``alignkit train|check|prepare|pretrain-teacher|eval`` (also ``python -m alignkit``).
+"""Command line: ``alignkit train|check|prepare|pretrain-teacher|demo|compare|eval`` (also ``python -m alignkit``).
 
   alignkit train configs/quickstart.yaml                  # run a recipe
   alignkit train configs/quickstart.yaml train.steps=50   # override any key
@@ -7,6 +7,8 @@
   alignkit prepare configs/quickstart.yaml --out data/tok    # token shards for source=tokens
   alignkit pretrain-teacher configs/ts/japanese_vowels.yaml  # only the TimesNet teacher stage
   alignkit eval runs/quickstart-2026...                      # lm-eval, paper's nine tasks, 1-shot
+  alignkit demo                                              # the main job: baseline vs LET, compared
+  alignkit compare runs/demo/baseline runs/demo/let [--json] # any runs against the first
 
 Plug-ins register adapters, tasks, objectives, projections and schedules when imported
 (:mod:`alignkit.core.registry`): list their modules in ``$ALIGNKIT_PLUGINS`` (comma-separated),
@@ -107,6 +109,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from alignkit.compare import compare, plot_comparison, table
+
+    result = compare([Path(run) for run in args.runs], args.metric, args.mode)
+    plot = Path(args.plot) if args.plot else Path(args.runs[0]) / "compare.png"
+    plot_comparison(plot, result)
+    print(json.dumps(result, indent=2) if args.json else f"{table(result)}\nplot: {plot}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from alignkit.demo import LET_RECIPE, TEACHER_RECIPE, run_demo
+
+    run_demo(Path(args.out), list(args.overrides), Path(args.recipe or LET_RECIPE), Path(args.teacher_recipe or TEACHER_RECIPE),
+             progress=not args.no_progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plugin", action="append", default=[], help="plug-in module to import (it registers adapters, tasks, objectives, ...)")
@@ -136,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("overrides", nargs="*")
     stage.add_argument("--no-progress", action="store_true", help="no progress bar")
     stage.set_defaults(func=_cmd_pretrain_teacher)
+    demo = sub.add_parser("demo", help="the main job: pre-train a small teacher, train a baseline and LET side by side, compare")
+    demo.add_argument("overrides", nargs="*", help="key=value overrides for the baseline and the LET run")
+    demo.add_argument("--out", default="runs/demo", help="folder of the two runs, compare.png and demo.json (default runs/demo)")
+    demo.add_argument("--recipe", help="the LET recipe (default configs/small_scale/let.yaml; the baseline is it without LET)")
+    demo.add_argument("--teacher-recipe", help="the teacher's pre-training recipe (default configs/small_scale/teacher.yaml)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar for the teacher's pre-training")
+    demo.set_defaults(func=_cmd_demo)
+    cmp = sub.add_parser("compare", help="compare runs (finished or running) against the first: steps and time to its final metric")
+    cmp.add_argument("runs", nargs="+", metavar="RUN", help="run folders; the first is the reference (e.g. the baseline)")
+    cmp.add_argument("--metric", help="eval metric (default: the first run's train.select_metric, else its task's first)")
+    cmp.add_argument("--mode", choices=("min", "max"), help="whether lower or higher --metric is better (default min)")
+    cmp.add_argument("--plot", help="PNG of the eval curves (default: FIRST_RUN/compare.png)")
+    cmp.add_argument("--json", action="store_true", help="print the comparison as JSON (for scripts)")
+    cmp.set_defaults(func=_cmd_compare)
     ev = sub.add_parser("eval", help="downstream evaluation with lm-evaluation-harness (paper's nine tasks, 1-shot)")
     ev.add_argument("model", help="run dir, checkpoint dir, or HF model folder")
     ev.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (default: the paper's nine)")

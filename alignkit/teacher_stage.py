@@ -130,6 +130,7 @@ def _train(sub: Any, run_dir: Path, device: torch.device, progress: bool) -> Non
     trainer = Trainer(cfg=train, student=student, engine=engine, task=task, run_dir=run_dir, device=device,
                       progress=progress, callbacks=[EarlyStopping(train.patience)])
     trainer.resume_hint = ""  # the caller says how to continue
+    trainer.role = "teacher"  # in its messages and progress bar
     resumed = trainer.resume_latest()
     if resumed is None:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # an attempt killed before its first checkpoint
@@ -137,7 +138,7 @@ def _train(sub: Any, run_dir: Path, device: torch.device, progress: bool) -> Non
           f"({task.num_train_examples} training series, {data.num_classes} classes) on {device}: "
           f"{_plan(sub.train, train)}; cached in {run_dir} for later runs with the same teacher settings")
     trainer.fit()
-    (run_dir / "results.json").write_text(json.dumps(task.report(student, run_dir), indent=2))
+    (run_dir / "results.json").write_text(json.dumps(task.report(student, run_dir, role="teacher"), indent=2))
 
 
 def _plan(given: Any, train: Any) -> str:

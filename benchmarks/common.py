@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from alignkit.compare import eval_curve, plot_curves, spread, steps_to_reach  # noqa: F401 (the benchmarks import them from here)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parent.parent
 # folder -> placeholder, so saved JSONs name machine-specific folders portably (e.g. WIKITEXT2_DIR)
@@ -51,10 +53,6 @@ def run_experiment(name: str, work_dir: Path, overrides: list[str], config: str 
     return {"results": results, "records": records, "run_dir": str(run_dir)}
 
 
-def eval_curve(records: list[dict[str, Any]], key: str = "eval_loss") -> list[tuple[int, float]]:
-    return [(r["step"], r[key]) for r in records if key in r]
-
-
 def train_summary(records: list[dict[str, Any]], stop_step: int = 0) -> dict[str, float]:
     """Mean tokens/s with and without the teacher, and the peak memory."""
     rows = [r for r in records if "tokens_per_s" in r][1:]  # first step includes warm-up
@@ -69,19 +67,6 @@ def train_summary(records: list[dict[str, Any]], stop_step: int = 0) -> dict[str
     }
 
 
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
-    """First step at which the curve reaches ``target`` (linear interpolation between evals)."""
-    previous = None
-    for step, value in curve:
-        if value <= target:
-            if previous is None or previous[1] == value:
-                return float(step)
-            (s0, v0) = previous
-            return s0 + (step - s0) * (v0 - target) / (v0 - value)
-        previous = (step, value)
-    return None
-
-
 def speedup(baseline: list[tuple[int, float]], method: list[tuple[int, float]]) -> dict[str, Any]:
     """(steps the baseline needs to reach its final eval loss) / (steps the method needs)."""
     target = baseline[-1][1]
@@ -93,36 +78,6 @@ def speedup(baseline: list[tuple[int, float]], method: list[tuple[int, float]]) 
         "method_steps": method_steps,
         "speedup": (base_steps / method_steps) if method_steps else None,
     }
-
-
-def plot_curves(path: Path, curves: dict[str, list[tuple[int, float]]], title: str, ylabel: str = "eval loss",
-                vline: int | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, curve in curves.items():
-        ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", markersize=3, label=label)
-    if vline:
-        ax.axvline(vline, color="grey", linestyle="--", linewidth=1, label="stop_step (teacher dropped)")
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    """Mean, sample std, min and max of one figure over seeds (or repeats), with the values."""
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return {"mean": mean, "std": std, "min": min(values), "max": max(values), "values": values}
 
 
 def portable(text: str) -> str:

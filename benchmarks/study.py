@@ -50,7 +50,9 @@ from typing import Any
 import yaml
 
 from common import RESULTS, SMALL_TEACHER_ARCH, wikitext_overrides, write_json
-from study_analysis import TIME_SOURCE, VERDICT_RULE, best_verdict, larger_verdict, paired, run_numbers, summarize, verdict
+from study_analysis import TIME_SOURCE, VERDICT_RULE, best_verdict, larger_verdict, summarize, verdict
+
+from alignkit.compare import paired, read_records, run_numbers
 from study_report import plot_study, write_report
 
 HERE = Path(__file__).resolve().parent
@@ -251,13 +253,9 @@ def run_queue(runner: Runner, queue: list[Run], jobs: int) -> dict[str, bool]:
     return done
 
 
-def records(folder: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def analyse(runs: list[Run], baseline_of: dict[str, str], out: Path) -> dict[str, Any]:
     """Per-run numbers, per-seed paired figures and the summary of every configuration."""
-    numbers = {r.name: run_numbers(records(out / r.name)) for r in runs if (out / r.name / "results.json").is_file()}
+    numbers = {r.name: run_numbers(read_records(out / r.name)) for r in runs if (out / r.name / "results.json").is_file()}
     by_config: dict[str, dict[int, dict[str, Any]]] = {}
     for r in runs:
         if r.name in numbers:

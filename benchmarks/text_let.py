@@ -97,7 +97,8 @@ def main() -> None:
             entry["throughput_ratio_vs_baseline"] = entry["tokens_per_s"] / base_tps
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "text_let.json", report)
-    plot_curves(RESULTS / "text_let.png", curves, f"WikiText-2 eval loss: {args.student} student", vline=stop)
+    plot_curves(RESULTS / "text_let.png", curves, f"WikiText-2 eval loss: {args.student} student",
+                vlines={"stop_step (teacher dropped)": stop})
     print(f"wrote {RESULTS / 'text_let.png'}")
     for name, entry in report["methods"].items():
         extra = f" speedup={entry.get('speedup')}" if "speedup" in entry else ""

@@ -78,10 +78,10 @@ def main() -> None:
                                                "settings": vars(args), "wall_clock_s": time.time() - started, "runs": table})
     methods = [n for n in ("none", "rkd", "salt", "let-cosine", "let-logsum", "let-cca") if n in table]
     plot_curves(RESULTS / "text_methods_loss.png", {n: table[n]["eval_loss_curve"] for n in methods},
-                "eval loss per method", vline=args.stop_step)
+                "eval loss per method", vlines={"stop_step (teacher dropped)": args.stop_step})
     plot_curves(RESULTS / "text_methods_strategies.png",
                 {n: table[n]["eval_loss_curve"] for n in ["let-cosine", *[f"let-{s}" for s in STRATEGIES[1:]]] if n in table},
-                "eval loss per layer strategy (let-cosine = L2E)", vline=args.stop_step)
+                "eval loss per layer strategy (let-cosine = L2E)", vlines={"stop_step (teacher dropped)": args.stop_step})
     cosines = {}
     for lam in LAMBDAS:
         name = "let-cosine" if lam == 0.1 else f"let-lambda{lam}"

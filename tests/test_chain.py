@@ -151,6 +151,7 @@ def test_pretrain_teacher_stage_on_a_univariate_set_budgets_epochs_and_stops_ear
     assert "up to 40 epochs = 80 steps of 8" in out  # 16 training series after the validation carve-out
     assert "stopping early after 3 evals" in out and "no better val_accuracy in 3 evals" in out
     assert "it/s" not in err and "%|" not in err  # --no-progress reaches the stage's trainer
+    assert "teacher's test accuracy" in out and "\nteacher: " in out  # labelled as the teacher's, not a student's
     cache = next((tmp_path / "teachers").glob("timesnet-UnitTest-*"))
     steps = [r["step"] for r in rows(cache) if "ce" in r]
     assert 3 <= steps[-1] < 80 and (cache / "final" / "timesnet.json").is_file()

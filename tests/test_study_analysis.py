@@ -1,4 +1,4 @@
-"""The study's analysis math (benchmarks/study_analysis.py) on synthetic metric records:
+"""The study's analysis math (alignkit/compare.py, benchmarks/study_analysis.py) on synthetic metric records:
 steps-to-target interpolation, speedups, throughput from log intervals, paired differences,
 summaries over seeds and the verdict rule. No training, no timing."""
 from __future__ import annotations
@@ -10,8 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from study_analysis import (aligned_cosine, best_verdict, larger_verdict, paired, run_numbers,  # noqa: E402
-                            summarize, teacher_step_cost, train_time, verdict)
+from study_analysis import best_verdict, larger_verdict, summarize, verdict  # noqa: E402
+
+from alignkit.compare import aligned_cosine, paired, run_numbers, teacher_step_cost, train_time  # noqa: E402
 
 
 def records(evals: list[tuple[int, float]], tokens_per_s: float, tokens_per_step: int = 100,

@@ -26,7 +26,9 @@ checks call before any model is built.
 
 Built in, in this order: :class:`Throughput`; the loggers that ``train.loggers`` names (main
 rank; the LOGGERS registry: ``jsonl``, ``tensorboard``); :class:`~alignkit.core.ema.WeightAverage`
-(``train.ema_decay``); :class:`BestModel` (``train.select_metric``); :class:`ProgressBar`.
+(``train.ema_decay``); :class:`BestModel` (``train.select_metric``); on the main rank
+:class:`~alignkit.core.run_report.RunReport` and :class:`~alignkit.core.run_report.CurvesPlot`
+(the run's plan, a line per eval, ``curves.png``); :class:`ProgressBar`.
 Callbacks passed as ``Trainer(callbacks=[...])`` come after them.
 """
 from __future__ import annotations
@@ -225,15 +227,16 @@ class BestModel(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar over the run's steps with the latest loss and alignment weight."""
+    """A tqdm bar over the run's steps with the latest loss and, in a run that aligns, its weight."""
 
     def on_fit_start(self, trainer: Any) -> None:
-        self.bar = tqdm(total=trainer.cfg.steps, initial=trainer.step, desc="train", dynamic_ncols=True)
+        self.bar = tqdm(total=trainer.cfg.steps, initial=trainer.step, desc=trainer.role, dynamic_ncols=True)
 
     def on_step_end(self, trainer: Any, record: Record | None) -> None:
         self.bar.update(1)
         if record is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.3f}", lam=f"{record.get('lambda', 0.0):.3g}")
+            lam = {"lam": f"{record['lambda']:.3g}"} if "lambda" in record else {}
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", **lam)
 
     def on_interrupt(self, trainer: Any, checkpoint: Path) -> None:
         self.bar.close()

@@ -39,6 +39,7 @@ from alignkit.core.errors import ConfigError, Interrupted, MissingPackage
 from alignkit.core.interrupts import StopRequests
 from alignkit.core.optim import build_lr_schedule, build_optimizer
 from alignkit.core.registry import LOGGERS, LR_SCHEDULES, OPTIMIZERS
+from alignkit.core.run_report import CurvesPlot, RunReport
 
 C = TypeVar("C", bound=Callback)
 
@@ -138,6 +139,7 @@ class Trainer:
         self.optimizer.register_step_post_hook(lambda *_: setattr(self, "_phase", "applied"))
         self.signals = StopRequests()
         self.resume_hint = f"alignkit train --resume {self.run_dir}"  # printed when interrupted ("" = none)
+        self.role = "student"  # what is trained, in messages (the teacher pre-training stage says "teacher")
         self.eval_pending = False  # an eval interrupted by an exception: run it first on resume
         self.last_eval: dict[str, float] = {}
         self._phase = "idle"
@@ -153,6 +155,8 @@ class Trainer:
             found.append(WeightAverage(module=self.student, decay=cfg.ema_decay))
         if cfg.select_metric:
             found.append(BestModel(metric=cfg.select_metric, mode=cfg.select_mode, tiebreak=cfg.select_tiebreak))
+        if main:
+            found += [RunReport(), CurvesPlot()]
         if progress and main:
             found.append(ProgressBar())
         return found

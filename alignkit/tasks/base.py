@@ -81,6 +81,7 @@ class TaskBase:
     def export(self, student: nn.Module, directory: Path) -> None:
         raise NotImplementedError
 
-    def report(self, student: nn.Module, run_dir: Path) -> dict[str, Any]:
-        """Final results after training (on the main rank); default: nothing extra."""
+    def report(self, student: nn.Module, run_dir: Path, role: str = "student") -> dict[str, Any]:
+        """Final results after training (on the main rank; ``role``: what was trained, for
+        messages); default: nothing extra."""
         return {}

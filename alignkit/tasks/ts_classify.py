@@ -121,7 +121,7 @@ class TSClassifyTask(TaskBase):
         save_model(student, str(directory / "model.safetensors"))
         (directory / "task.json").write_text(json.dumps(self.splits.info(), indent=2))
 
-    def report(self, student: nn.Module, run_dir: Path) -> dict[str, Any]:
+    def report(self, student: nn.Module, run_dir: Path, role: str = "student") -> dict[str, Any]:
         """Test accuracy and confusion matrix of the selected model (JSON + PNG in run_dir)."""
         student.eval()
         with torch.no_grad():
@@ -138,7 +138,7 @@ class TSClassifyTask(TaskBase):
         }
         (run_dir / "test_results.json").write_text(json.dumps(results, indent=2))
         plot_confusion(confusion, self.splits.class_names, run_dir / "confusion_matrix.png", results["test_accuracy"])
-        print(f"test accuracy: {results['test_accuracy']:.4f} ({len(labels)} series)")
+        print(f"{role}'s test accuracy: {results['test_accuracy']:.4f} ({len(labels)} series)")
         return {k: results[k] for k in ("test_accuracy", "test_loss", "test_size")}
 
 
