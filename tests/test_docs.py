@@ -23,6 +23,7 @@ README_MAX_LINES = 300
 NOT_OFFLINE = [
     (r"^(pip|torchrun)\b", "installs packages or needs several GPUs"),
     (r"^python -m pytest", "the test command itself"),
+    (r"^alignkit demo\b", "the main job (minutes); tests/test_compare.py runs it end to end with tiny models"),
     (r"^python benchmarks/", "a benchmark (minutes to hours; see docs/benchmarks.md)"),
     (r"--resume|runs/<|runs/my-run|\.\.\.", "needs a run that earlier lines would have made"),
     (r"^alignkit eval\b", "downloads its tasks from the hub"),
