@@ -1,6 +1,7 @@
-"""Document sources for :mod:`alignkit.tasks.text_data`: resolve paths, read local text files,
-the builtin stdlib corpus, Hugging Face datasets and pre-tokenized shards, and decide the
-hash-based held-out split of a document.
+"""Where text comes from (:class:`TextDataConfig`, the ``task.text`` section) and how it is
+read: resolve paths, read local text files, the builtin stdlib corpus, Hugging Face datasets
+and pre-tokenized shards, and decide the hash-based held-out split of a document. The lowest of
+the text data modules: it imports none of them.
 
 Sources (``TextDataConfig.source``):
 
@@ -39,22 +40,44 @@ import json
 import os
 import sysconfig
 import warnings
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from alignkit.core.config import above, at_least, between, checked, one_of
 from alignkit.core.errors import DataError, MissingFile, MissingPackage
 
-if TYPE_CHECKING:
-    from alignkit.tasks.text_data import TextDataConfig
-
+SOURCES = ("builtin", "files", "hf", "tokens")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst", ".parquet")
 TOKEN_SUFFIXES = (".npy", ".bin")
 BUILTIN_MAX_BYTES = 20_000_000  # ~20 MB of stdlib source: a few seconds of fast tokenization
 _BUILTIN_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib"}
 _MAX_LINE_WARNINGS = 10  # per file and read; a broken crawl should not flood the log
+
+
+@dataclass
+class TextDataConfig:
+    """Where the text comes from and how the held-out split is made (seq_len and batch size
+    come from the trainer config)."""
+
+    source: str = checked("builtin", one_of(*SOURCES))
+    train_path: str = ""  # file, directory or glob (.txt/.jsonl/.parquet, or .npy/.bin for tokens)
+    eval_path: str = ""  # optional; else hold out eval_fraction of the documents
+    eval_fraction: float = checked(0.05, between(0, 1, high_open=True))
+    text_field: str = "text"  # jsonl / parquet / hf
+    hf_name: str = ""
+    hf_config: str = ""
+    hf_split: str = "train"
+    hf_eval_split: str = ""
+    streaming: bool = False  # files / hf: tokenize on the fly in bounded memory (alignkit.tasks.text_stream)
+    token_dtype: str = checked("uint16", one_of("uint8", "uint16", "int16", "uint32", "int32", "int64"))  # dtype of raw .bin shards
+    eval_batches: int = checked(20, at_least(1))  # max eval batches (per rank, = global eval batches)
+    max_train_docs: int = checked(0, at_least(0))  # 0 = all
+    seed: int = 0
+    teacher_seq_ratio: float = checked(1.5, above(0))  # teacher length = ceil(ratio * seq_len) under tokenizer mismatch
 
 
 def _doc_hash(key: str) -> float:
@@ -65,6 +88,36 @@ def _doc_hash(key: str) -> float:
 def is_heldout(key: str, fraction: float) -> bool:
     """Deterministic held-out decision for a document key (path or text); seed-independent."""
     return fraction > 0 and _doc_hash(key) < fraction
+
+
+def holdout_stream(
+    keyed: Iterable[tuple[str, str]], cfg: TextDataConfig, need_eval: bool
+) -> Iterator[tuple[bool, float, str]]:
+    """``(held out?, hash, text)`` per document in source order: the hash split, stopping after
+    ``max_train_docs`` train documents. Streams: nothing is kept."""
+    holdout = need_eval and cfg.eval_fraction > 0
+    # With a train cap, keep scanning (at most cap more docs) until the held-out share is what
+    # an uncapped split would give, so a capped run still gets a proportionate eval set.
+    want_eval = max(1, math.ceil(cfg.eval_fraction * cfg.max_train_docs)) if holdout else 0
+    n_train = n_eval = extra = 0
+    for key, text in keyed:
+        capped = bool(cfg.max_train_docs) and n_train >= cfg.max_train_docs
+        if capped:
+            if n_eval >= want_eval or extra >= cfg.max_train_docs:
+                return
+            extra += 1
+        h = _doc_hash(key)
+        if holdout and h < cfg.eval_fraction:
+            n_eval += 1
+            yield True, h, text
+        elif not capped:
+            n_train += 1
+            yield False, h, text
+
+
+def needs_holdout(cfg: TextDataConfig) -> bool:
+    """True when the eval split is carved from the train source by document hash."""
+    return not cfg.eval_path and not (cfg.source == "hf" and cfg.hf_eval_split)
 
 
 def resolve_paths(spec: str, key: str, suffixes: Sequence[str]) -> list[Path]:
@@ -321,7 +374,7 @@ def _hf_documents(cfg: TextDataConfig, split: str) -> Iterator[str]:
             yield text
 
 
-def _load_token_shards(spec: str, key: str, dtype: str) -> list[np.ndarray]:
+def load_token_shards(spec: str, key: str, dtype: str) -> list[np.ndarray]:
     arrays = []
     for path in resolve_paths(spec, key, TOKEN_SUFFIXES):
         if path.stat().st_size == 0:
@@ -353,4 +406,9 @@ __all__ = [
     "source_documents",
     "builtin_documents",
     "is_heldout",
+    "holdout_stream",
+    "needs_holdout",
+    "load_token_shards",
+    "TextDataConfig",
+    "SOURCES",
 ]

@@ -40,29 +40,29 @@ import numpy as np
 import torch
 
 from alignkit.core.errors import DataError, RunDirError
-from alignkit.tasks.text_data import (
-    _ENCODE_CHUNK_CHARS,
-    _ENCODE_CHUNK_DOCS,
-    TextData,
-    TextDataConfig,
-    _Encoder,
-    _Split,
-    _Stream,
-    holdout_stream,
-    needs_holdout,
+from alignkit.tasks.text_batches import TextData
+from alignkit.tasks.text_packing import (
+    ENCODE_CHUNK_CHARS,
+    ENCODE_CHUNK_DOCS,
+    Encoder,
+    PackedBuffer,
+    Split,
+    TokenStream,
     teacher_encoder,
 )
-from alignkit.tasks.text_sources import _load_token_shards, source_documents
+from alignkit.tasks.text_sources import TextDataConfig, holdout_stream, load_token_shards, needs_holdout, source_documents
 
 FORMAT = "alignkit-tokens/1"
 SPLITS = ("train", "eval")
 DEFAULT_SHARD_TOKENS = 1 << 25  # 32M tokens: 64 MB per uint16 shard, the bound on buffered tokens
 _SOURCE_KEYS = ("source", "train_path", "eval_path", "eval_fraction", "text_field", "hf_name", "hf_config",
                 "hf_split", "hf_eval_split", "max_train_docs")
-_worker_encoder: _Encoder | None = None
+# prepare's own chunk sizes (a checkpoint follows every chunk that completed a shard)
+_ENCODE_CHUNK_CHARS, _ENCODE_CHUNK_DOCS = ENCODE_CHUNK_CHARS, ENCODE_CHUNK_DOCS
+_worker_encoder: Encoder | None = None
 
 
-def tokenizer_fingerprint(encoder: _Encoder) -> str:
+def tokenizer_fingerprint(encoder: Encoder) -> str:
     """A short hash of the tokenizer's full definition (vocab, merges, normalizer, EOS)."""
     return hashlib.sha256(encoder.fingerprint().encode()).hexdigest()[:16]
 
@@ -100,13 +100,13 @@ def _chunks(documents: Iterator[tuple[bool, str]], start: int) -> Iterator[tuple
 def _init_worker(tokenizer: Any) -> None:
     global _worker_encoder
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    _worker_encoder = _Encoder(tokenizer, "student tokenizer")
+    _worker_encoder = Encoder(tokenizer, "student tokenizer")
 
 
 Encoded = list  # per split (train, eval): (EOS-terminated token stream, document count, spans)
 
 
-def _encode(flags: list[bool], texts: list[str], spans: bool, encoder: _Encoder | None = None) -> Encoded:
+def _encode(flags: list[bool], texts: list[str], spans: bool, encoder: Encoder | None = None) -> Encoded:
     """Per split (train, eval): the chunk's EOS-terminated token stream, its document count and,
     with ``spans``, ``(chunk index, character offsets)`` per non-empty document."""
     enc = encoder or _worker_encoder
@@ -126,7 +126,7 @@ def _encoded(chunks: Iterator[tuple[int, list[bool], list[str]]], tokenizer: Any
     """``(position, texts, encoded)`` in source order; with ``workers > 1`` from a process pool,
     at most ``2 x workers`` chunks ahead."""
     if workers <= 1:
-        encoder = _Encoder(tokenizer, "student tokenizer")
+        encoder = Encoder(tokenizer, "student tokenizer")
         yield from ((pos, texts, _encode(flags, texts, spans, encoder)) for pos, flags, texts in chunks)
         return
     # fork: workers start at once and share the parent's pages (spawn would re-import torch in each)
@@ -143,7 +143,7 @@ def _encoded(chunks: Iterator[tuple[int, list[bool], list[str]]], tokenizer: Any
             yield done_pos, done_texts, result.get()
 
 
-def _dtype(encoder: _Encoder) -> np.dtype:
+def _dtype(encoder: Encoder) -> np.dtype:
     return np.dtype(np.uint16 if encoder.vocab_size <= 65536 else np.int32)
 
 
@@ -199,8 +199,6 @@ class _TeacherRows:
     sequence) and ``<split>-teacher_count`` (real teacher tokens per sequence)."""
 
     def __init__(self, data: TextData, writers: dict[str, _ShardWriter], split: str, carry: dict[str, Any] | None) -> None:
-        from alignkit.tasks.text_stream import PackedBuffer
-
         self.data, self.split = data, split
         self.writers = {k: writers[f"{split}-teacher_{k}"] for k in ("ids", "index", "count")}
         assert data.student is not None
@@ -226,7 +224,7 @@ class _TeacherRows:
         return {"skip": self.buffer.skip, "pieces": [(p[1].tolist(), p[2].tolist(), p[3]) for p in self.buffer.pieces]}
 
 
-def _settings(cfg: TextDataConfig, encoder: _Encoder, shard_tokens: int, name: str,
+def _settings(cfg: TextDataConfig, encoder: Encoder, shard_tokens: int, name: str,
               teacher: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -281,7 +279,7 @@ def _resume_state(out: Path, settings: dict[str, Any], streams: dict[str, np.dty
     return state, {n: np.load(out / f"{n}.tail.{k}.npy") if k else np.zeros(0, dtype) for n, dtype in streams.items()}
 
 
-def _streams(encoder: _Encoder, teacher: _Encoder | None, teacher_seq_len: int) -> dict[str, np.dtype]:
+def _streams(encoder: Encoder, teacher: Encoder | None, teacher_seq_len: int) -> dict[str, np.dtype]:
     """Every stream a preparation writes, with its dtype."""
     streams = {split: _dtype(encoder) for split in SPLITS}
     if teacher is not None:
@@ -313,7 +311,7 @@ def prepare(
         raise DataError(f"task.text.source={cfg.source!r}: alignkit prepare needs a text source (files, hf, builtin)")
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens={shard_tokens} must be >= 1")
-    encoder = _Encoder(tokenizer, "student tokenizer")
+    encoder = Encoder(tokenizer, "student tokenizer")
     teacher = teacher_encoder(encoder, teacher_tokenizer)
     teacher_settings = None
     if teacher is not None:
@@ -376,10 +374,10 @@ def prepare(
 # --------------------------------------------------------------------------------------------
 
 
-class _StoredTeacherSplit(_Split):
+class _StoredTeacherSplit(Split):
     """A prepared split whose sequences carry the teacher's fields precomputed (LET-dagger)."""
 
-    def __init__(self, stream: _Stream, seq_len: int, rows: dict[str, _Stream], teacher_seq_len: int, pad_id: int) -> None:
+    def __init__(self, stream: TokenStream, seq_len: int, rows: dict[str, TokenStream], teacher_seq_len: int, pad_id: int) -> None:
         super().__init__(stream, seq_len)
         self.rows, self.teacher_seq_len, self.pad_id = rows, teacher_seq_len, pad_id
 
@@ -393,8 +391,8 @@ class _StoredTeacherSplit(_Split):
                 "teacher_index": torch.from_numpy(np.stack([get("index", i, s) for i in indices]))}
 
 
-def _prepared_splits(path: Path, student: _Encoder | None, teacher: _Encoder | None,
-                     seq_len: int) -> tuple[_Split, _Split | None, int]:
+def _prepared_splits(path: Path, student: Encoder | None, teacher: Encoder | None,
+                     seq_len: int) -> tuple[Split, Split | None, int]:
     """Train and eval splits of a prepared dir (with the teacher's fields when ``teacher``) and
     the teacher sequence length."""
     manifest = json.loads((path / "manifest.json").read_text())
@@ -416,15 +414,15 @@ def _prepared_splits(path: Path, student: _Encoder | None, teacher: _Encoder | N
     if teacher is not None and settings["teacher"]["seq_len"] != seq_len:
         raise DataError(f"{where} holds teacher fields for task.seq_len={settings['teacher']['seq_len']}, not {seq_len}")
 
-    def stream(name: str) -> _Stream | None:
+    def stream(name: str) -> TokenStream | None:
         shards = manifest["splits"][name]["shards"]
         arrays = [np.load(path / f"{name}_{i:05d}.npy", mmap_mode="r") for i in range(shards)]
-        return _Stream(arrays) if arrays else None
+        return TokenStream(arrays) if arrays else None
 
-    def split(name: str) -> _Split | None:
+    def split(name: str) -> Split | None:
         ids = stream(name)
         if ids is None or teacher is None:
-            return _Split(ids, seq_len) if ids is not None else None
+            return Split(ids, seq_len) if ids is not None else None
         rows = {k: stream(f"{name}-teacher_{k}") for k in ("ids", "index", "count")}
         return _StoredTeacherSplit(ids, seq_len, rows, settings["teacher"]["teacher_seq_len"], teacher.pad_id)  # type: ignore[arg-type]
 
@@ -437,30 +435,30 @@ def build_token_data(cfg: TextDataConfig, tokenizer: Any, teacher_tokenizer: Any
     """``source: tokens``: a prepared directory (its own eval split; the teacher's fields when
     its tokenizer differs) or ``.npy`` / ``.bin`` shards (the last ``eval_fraction`` of the
     sequences held out unless ``eval_path`` is given)."""
-    student = _Encoder(tokenizer, "student tokenizer") if tokenizer is not None else None
+    student = Encoder(tokenizer, "student tokenizer") if tokenizer is not None else None
     teacher = teacher_encoder(student, teacher_tokenizer) if student is not None else None
     prepared = Path(cfg.train_path).expanduser()
     teacher_len = 0
     if (prepared / "manifest.json").is_file():
         train_split, eval_split, teacher_len = _prepared_splits(prepared, student, teacher, seq_len)
         if cfg.eval_path:
-            eval_split = _Split(_Stream(_load_token_shards(cfg.eval_path, "eval_path", cfg.token_dtype)), seq_len)
+            eval_split = Split(TokenStream(load_token_shards(cfg.eval_path, "eval_path", cfg.token_dtype)), seq_len)
     else:
         if teacher is not None:
             raise DataError(
                 "task.text.source='tokens' with plain shards has no text, so a teacher with a different tokenizer "
                 "cannot be aligned: prepare the data with alignkit prepare (it stores the teacher's side) or use a text source"
             )
-        stream = _Stream(_load_token_shards(cfg.train_path, "train_path", cfg.token_dtype))
+        stream = TokenStream(load_token_shards(cfg.train_path, "train_path", cfg.token_dtype))
         if cfg.eval_path:
-            train_split = _Split(stream, seq_len)
-            eval_split = _Split(_Stream(_load_token_shards(cfg.eval_path, "eval_path", cfg.token_dtype)), seq_len)
+            train_split = Split(stream, seq_len)
+            eval_split = Split(TokenStream(load_token_shards(cfg.eval_path, "eval_path", cfg.token_dtype)), seq_len)
         else:
             n_total = len(stream) // seq_len
             n_eval = math.ceil(cfg.eval_fraction * n_total) if cfg.eval_fraction > 0 and n_total >= 2 else 0
             cut = (n_total - n_eval) * seq_len
-            train_split = _Split(stream.view(0, cut) if n_eval else stream, seq_len)
-            eval_split = _Split(stream.view(cut, n_total * seq_len), seq_len) if n_eval else None
+            train_split = Split(stream.view(0, cut) if n_eval else stream, seq_len)
+            eval_split = Split(stream.view(cut, n_total * seq_len), seq_len) if n_eval else None
     if student is not None:
         probe = train_split.stream.get(0, min(len(train_split.stream), 1_000_000))
         if probe.size and int(probe.max()) >= student.vocab_size:
