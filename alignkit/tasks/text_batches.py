@@ -54,6 +54,7 @@ class TextData:
         student: Encoder | None = None,
         teacher: Encoder | None = None,
         teacher_seq_len: int = 0,
+        manifest_digest: str = "",
     ) -> None:
         if not 0 <= rank < world_size:
             raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
@@ -68,6 +69,7 @@ class TextData:
         self.teacher = teacher
         self.teacher_needed = True  # False once the teacher is freed
         self.teacher_seq_len = teacher_seq_len
+        self.manifest_digest = manifest_digest  # of a prepared token folder: a resume must find the same
         self._epoch = 0
         self._offset = 0  # sequences of this epoch's global order already consumed
         self._order_cache: tuple[int, np.ndarray] | None = None
@@ -139,16 +141,25 @@ class TextData:
                     future, (self._epoch, self._offset) = ahead.popleft()
                     yield future.result()
 
-    def state_dict(self) -> dict[str, int]:
-        return {
+    def state_dict(self) -> dict[str, int | str]:
+        state: dict[str, int | str] = {
             "epoch": self._epoch,
             "offset": self._offset,
             "seed": self.seed,
             "seq_len": self.seq_len,
             "num_train_sequences": self.num_train_sequences,
         }
+        if self.manifest_digest:
+            state["manifest"] = self.manifest_digest
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if "manifest" in state and state["manifest"] != self.manifest_digest:
+            raise DataError(
+                f"data state was saved on prepared token shards with manifest digest {state['manifest']}, but this "
+                f"data's is {self.manifest_digest or 'none'} (re-prepared or replaced shards): resume on the folder "
+                "the run started with, or start a new run"
+            )
         for key in ("seed", "seq_len", "num_train_sequences"):
             if key in state and int(state[key]) != getattr(self, key):
                 raise DataError(

@@ -43,7 +43,7 @@ from alignkit.tasks.text_sources import (
     source_documents,
 )
 from alignkit.tasks.text_stream import StreamingTextData
-from alignkit.tasks.token_shards import build_token_data
+from alignkit.tasks.token_reader import build_token_data
 
 _PROGRESS_MIN_CHARS = 2_000_000  # show a tqdm bar only when tokenization takes noticeable time
 _Encoder = Encoder  # the name this module exported before the packing pieces were made public

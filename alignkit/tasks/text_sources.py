@@ -35,7 +35,6 @@ from __future__ import annotations
 import bisect
 import glob as _glob
 import hashlib
-import io
 import json
 import os
 import sysconfig
@@ -49,6 +48,7 @@ import numpy as np
 
 from alignkit.core.config import above, at_least, between, checked, one_of
 from alignkit.core.errors import DataError, MissingFile, MissingPackage
+from alignkit.tasks.zstd_stream import TruncatedInput, skip, zstd_lines
 
 SOURCES = ("builtin", "files", "hf", "tokens")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst", ".parquet")
@@ -146,21 +146,18 @@ def resolve_paths(spec: str, key: str, suffixes: Sequence[str]) -> list[Path]:
 def _lines(path: Path, start: int = 0) -> Iterator[tuple[int, bytes]]:
     """``(offset, raw line)`` of the lines of a file that start at byte ``start`` or later,
     streamed, never the whole file. ``.zst``: offsets of the decompressed stream, reached by
-    decompressing and discarding (no line splitting, no decoding), as it has no random access."""
+    decompressing and discarding (no line splitting, no decoding), as it has no random access;
+    a truncated frame raises :class:`~alignkit.tasks.zstd_stream.TruncatedInput` after the last
+    whole line before it."""
     with open(path, "rb") as raw:
-        stream: Any = raw
-        if path.name.endswith(".zst"):
-            try:
-                import zstandard
-            except ImportError:
-                raise MissingPackage(f"reading {path} needs zstandard: pip install zstandard") from None
-            stream = zstandard.ZstdDecompressor().stream_reader(raw)
+        lines: Any = zstd_lines(raw, path) if path.name.endswith(".zst") else raw
         # A line starts at byte s when s == 0 or byte s - 1 ends a line: enter one byte early and
         # drop what is left of the line there (just its newline when s starts a line).
         offset = max(start - 1, 0)
-        if start:
-            stream.seek(offset)
-        lines = raw if stream is raw else io.BufferedReader(stream)
+        if start and lines is raw:
+            raw.seek(offset)
+        elif start:
+            skip(lines, offset)
         if start:
             offset += len(lines.readline())
         for line in lines:
@@ -308,22 +305,34 @@ def piece_documents(piece: Piece, text_field: str = "text") -> Iterator[tuple[in
         raise DataError(f"{path}: {empty}")
 
 
-def read_documents(paths: Iterable[Path], text_field: str = "text") -> Iterator[str]:
-    """Documents of local text files in order, streamed (format chosen by suffix; unknown = .txt)."""
+def read_documents(paths: Iterable[Path], text_field: str = "text",
+                   truncated: list[dict[str, Any]] | None = None) -> Iterator[str]:
+    """Documents of local text files in order, streamed (format chosen by suffix; unknown = .txt).
+    A truncated ``.zst`` raises, unless ``truncated`` is given: then its documents before the cut
+    are kept, with a warning, and ``{"file", "offset"}`` is appended to ``truncated``."""
     for path in paths:
-        yield from (text for _, _, text in piece_documents(Piece(path), text_field))
+        try:
+            yield from (text for _, _, text in piece_documents(Piece(path), text_field))
+        except TruncatedInput as err:
+            if truncated is None:
+                raise
+            warnings.warn(f"{path}: TRUNCATED at byte {err.offset}: only the documents before the cut are used "
+                          "(--allow-truncated; recorded in manifest.json as `truncated`)", UserWarning, stacklevel=2)
+            truncated.append({"file": str(path), "offset": err.offset})
 
 
-def source_documents(cfg: TextDataConfig, split: str = "train") -> Iterator[tuple[str, str]]:
+def source_documents(cfg: TextDataConfig, split: str = "train",
+                     truncated: list[dict[str, Any]] | None = None) -> Iterator[tuple[str, str]]:
     """``(held-out key, text)`` of every document of ``cfg``'s source in order, streamed.
     ``split``: ``train`` (train_path / hf_split) or ``eval`` (eval_path / hf_eval_split). Local
-    paths are resolved now, so a missing one is reported before any training starts."""
+    paths are resolved now, so a missing one is reported before any training starts.
+    ``truncated``: see :func:`read_documents`."""
     if cfg.source == "builtin":
         return iter(builtin_documents())
     if cfg.source == "files":
         key = "train_path" if split == "train" else "eval_path"
         paths = resolve_paths(getattr(cfg, key), key, TEXT_SUFFIXES)
-        return ((t, t) for t in read_documents(paths, cfg.text_field))
+        return ((t, t) for t in read_documents(paths, cfg.text_field, truncated))
     if cfg.source == "hf":
         return ((t, t) for t in _hf_documents(cfg, cfg.hf_split if split == "train" else cfg.hf_eval_split))
     raise DataError(f"task.text.source={cfg.source!r} has no documents")
