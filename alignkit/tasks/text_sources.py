@@ -383,6 +383,14 @@ def _hf_documents(cfg: TextDataConfig, split: str) -> Iterator[str]:
             yield text
 
 
+def mapped_npy(path: Path) -> np.ndarray:
+    """``path`` memory-mapped; a damaged header is one :class:`DataError` naming the file."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except Exception as err:  # numpy's header parser raises ValueError, SyntaxError, tokenize errors, ...
+        raise DataError(f"{path}: not a readable .npy shard ({type(err).__name__}: {' '.join(str(err).split())})") from None
+
+
 def load_token_shards(spec: str, key: str, dtype: str) -> list[np.ndarray]:
     arrays = []
     for path in resolve_paths(spec, key, TOKEN_SUFFIXES):
@@ -391,8 +399,8 @@ def load_token_shards(spec: str, key: str, dtype: str) -> list[np.ndarray]:
         if path.suffix not in (".npy", ".bin"):
             raise DataError(f"{path}: token shards must be .npy or .bin (task.text.{key})")
         try:
-            arr = np.load(path, mmap_mode="r") if path.suffix == ".npy" else np.memmap(path, dtype=np.dtype(dtype), mode="r")
-        except (ValueError, OSError) as err:  # garbage .npy header, .bin size not a multiple of the dtype
+            arr = mapped_npy(path) if path.suffix == ".npy" else np.memmap(path, dtype=np.dtype(dtype), mode="r")
+        except (ValueError, OSError) as err:  # .bin size not a multiple of the dtype
             raise DataError(f"{path}: not a readable token shard ({err}; task.text.token_dtype={dtype})") from None
         if not np.issubdtype(arr.dtype, np.integer):
             raise DataError(f"{path}: token shard has dtype {arr.dtype}, not an integer type")
@@ -418,6 +426,7 @@ __all__ = [
     "holdout_stream",
     "needs_holdout",
     "load_token_shards",
+    "mapped_npy",
     "TextDataConfig",
     "SOURCES",
 ]

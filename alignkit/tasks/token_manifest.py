@@ -22,6 +22,7 @@ import numpy as np
 
 from alignkit.core.errors import DataError
 from alignkit.tasks.text_packing import Encoder
+from alignkit.tasks.text_sources import mapped_npy
 
 FORMAT = "alignkit-tokens/2"
 CHECKSUM = "blake2b"  # the hash named in each shard's manifest entry
@@ -87,11 +88,11 @@ def read_manifest(path: Path) -> tuple[dict[str, Any], str]:
             if len(files) != stream["shards"] or not all(f["name"] == shard_name(name, i) and f["bytes"] >= 0
                                                           and isinstance(f[CHECKSUM], str) for i, f in enumerate(files)):
                 raise ValueError(f"the shard list of {name!r} does not match its count")
-            int(stream["tokens"])
             np.dtype(stream["dtype"])
-        int(settings["shard_tokens"])
+            if stream["shards"] != -(-int(stream["tokens"]) // int(settings["shard_tokens"])):
+                raise ValueError(f"{name!r}: {stream['shards']} shards do not hold {stream['tokens']} tokens")
         _ = settings["tokenizer"]["fingerprint"], settings["teacher"]  # read when the folder is opened
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as err:
         raise DataError(f"{path}: not a complete manifest ({type(err).__name__}: {err}): {_again(path)}") from None
     return manifest, hashlib.blake2b(raw, digest_size=16).hexdigest()
 
@@ -103,10 +104,11 @@ def shard_name(stream: str, index: int) -> str:
 class VerifiedShard:
     """One shard of a prepared stream, read through a memory map once its file matched the
     manifest's checksum (checked on first access, once; thread-safe, as the teacher-side batches
-    of a tokenizer mismatch are built in a worker thread). Its size is checked when it is made."""
+    of a tokenizer mismatch are built in a worker thread). Its size, header, shape and dtype are
+    checked when it is made, so the stream's length is right before any data is read."""
 
     def __init__(self, folder: Path, entry: dict[str, Any], length: int, dtype: str) -> None:
-        self.path, self.entry, self.length, self.dtype = folder / entry["name"], entry, length, np.dtype(dtype)
+        self.path, self.entry, self.length = folder / entry["name"], entry, length
         self._array: np.ndarray | None = None
         self._lock = threading.Lock()
         try:
@@ -116,6 +118,13 @@ class VerifiedShard:
         if size != entry["bytes"]:
             raise DataError(f"{self.path}: {size} bytes, but manifest.json says {entry['bytes']} (truncated or "
                             f"replaced since alignkit prepare wrote it): {_again(self.path)}")
+        try:
+            self._mapped = mapped_npy(self.path)
+        except DataError as err:
+            raise DataError(f"{err}: {_again(self.path)}") from None
+        if self._mapped.shape != (length,) or self._mapped.dtype != np.dtype(dtype):
+            raise DataError(f"{self.path}: holds {self._mapped.dtype}{list(self._mapped.shape)}, manifest.json says "
+                            f"{dtype}[{length}]: {_again(self.path)}")
 
     def __len__(self) -> int:
         return self.length
@@ -131,14 +140,7 @@ class VerifiedShard:
         if file_checksum(self.path) != self.entry[CHECKSUM]:
             raise DataError(f"{self.path}: checksum mismatch (its bytes changed since alignkit prepare wrote them): "
                             f"{_again(self.path)}")
-        try:
-            array = np.load(self.path, mmap_mode="r")
-        except (ValueError, OSError) as err:
-            raise DataError(f"{self.path}: not a readable shard ({err}): {_again(self.path)}") from None
-        if array.shape != (self.length,) or array.dtype != self.dtype:
-            raise DataError(f"{self.path}: holds {array.dtype}{list(array.shape)}, manifest.json says "
-                            f"{self.dtype}[{self.length}]: {_again(self.path)}")
-        return array
+        return self._mapped
 
 
 def stream_shards(folder: Path, manifest: dict[str, Any], name: str) -> list[VerifiedShard]:
