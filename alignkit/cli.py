@@ -96,7 +96,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     name = lambda m: m.options.tokenizer or m.name_or_path  # noqa: E731
     manifest = prepare(cfg.task.text, load_tokenizer(cfg.student), args.out, workers=args.workers,
                        tokenizer_name=name(cfg.student), teacher_tokenizer=teacher, teacher_name=name(cfg.teacher),
-                       seq_len=cfg.task.seq_len, shard_tokens=args.shard_tokens, progress=not args.no_progress)
+                       seq_len=cfg.task.seq_len, shard_tokens=args.shard_tokens, progress=not args.no_progress,
+                       allow_truncated=args.allow_truncated)
     print(json.dumps(manifest["splits"], indent=2))
     return 0
 
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, help="output folder; rerun with the same settings to continue")
     prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizer processes")
     prep.add_argument("--shard-tokens", type=int, default=1 << 25, help="tokens per shard (bounds memory)")
+    prep.add_argument("--allow-truncated", action="store_true",
+                      help="keep the documents before the cut of a truncated .zst (warned, recorded in manifest.json)")
     prep.add_argument("--no-progress", action="store_true")
     prep.set_defaults(func=_cmd_prepare)
     stage = sub.add_parser("pretrain-teacher", help="pre-train (or find in the cache) the recipe's TimesNet teacher")

@@ -12,6 +12,17 @@ steps: its memory is the process plus the data path.
     python benchmarks/data_scale.py --data WIKITEXT2_DIR --repeat 20
 
 Results: ``benchmarks/results/data_scale.{json,png}``.
+
+``--checksum-cost`` measures instead what verifying prepared token shards costs (issue 22): the
+BLAKE2b hash rate on the shard files; ``alignkit prepare`` tokens/s with and without hashing the
+shards it writes (1 worker, 1 tokenizer thread; "without" swaps in a hasher that does nothing);
+and debug-recipe training from the prepared shards with and without verifying them (tokens/s of
+the logged steps after the first, and the wall time of the whole run, which includes building
+the data and so the hashing of the shards the first batches and the vocabulary probe read).
+The settings alternate within each of ``--repeats`` rounds, in one process; ratios are
+with/without of the means. Results: ``benchmarks/results/checksum_cost.json``.
+
+    python benchmarks/data_scale.py --data WIKITEXT2_DIR --checksum-cost --repeat 4
 """
 from __future__ import annotations
 
@@ -28,7 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from common import RESULTS, spread  # noqa: E402
+from common import PATH_ALIASES, RESULTS, spread, write_json  # noqa: E402
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 
@@ -94,6 +105,86 @@ def child_prepare(corpus: str, tokenizer: str, out: str, workers: int) -> None:
     print(json.dumps({"seconds": seconds, "tokens": tokens}))
 
 
+class _NoHash:
+    """A hasher that hashes nothing: prepare's cost without checksums."""
+
+    def update(self, data: object) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
+
+
+def checksum_cost(corpus: Path, work: Path, repeats: int, steps: int) -> dict:
+    import contextlib
+    import statistics
+
+    from alignkit.adapters.hf_causal import load_tokenizer
+    from alignkit.cli import main as alignkit_main
+    from alignkit.experiment import load_experiment
+    from alignkit.tasks import token_manifest
+    from alignkit.tasks.text_data import TextDataConfig
+    from alignkit.tasks.token_shards import prepare
+
+    os.environ["RAYON_NUM_THREADS"] = "1"  # set before the tokenizer's first use: one tokenizer thread
+    tokenizer = load_tokenizer(load_experiment(DEBUG, []).student)
+    cfg = TextDataConfig(source="files", train_path=str(corpus), eval_fraction=0.01)
+    real_hasher, real_verify = token_manifest.new_hasher, token_manifest.VerifiedShard._verified
+    rows: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def checks(on: bool):
+        token_manifest.new_hasher = real_hasher if on else _NoHash
+        token_manifest.VerifiedShard._verified = real_verify if on else (lambda self: self._mapped)
+        try:
+            yield
+        finally:
+            token_manifest.new_hasher, token_manifest.VerifiedShard._verified = real_hasher, real_verify
+
+    shards = work / "shards"
+    for r in range(repeats):
+        for on in ((True, False) if r % 2 == 0 else (False, True)):
+            out = work / f"prepare-{on}"
+            shutil.rmtree(out, ignore_errors=True)
+            with checks(on):
+                start = time.perf_counter()
+                manifest = prepare(cfg, tokenizer, out, shard_tokens=1 << 18, progress=False)
+                seconds = time.perf_counter() - start
+            tokens = sum(s["tokens"] for s in manifest["splits"].values())
+            rows.setdefault(f"prepare_tokens_per_s/{on}", []).append(tokens / seconds)
+            print(f"round {r}: prepare, hashing={on}: {tokens / seconds:,.0f} tokens/s", flush=True)
+        if r == 0:
+            shutil.copytree(work / "prepare-True", shards)
+            files = sorted(shards.glob("*_0*.npy"))
+            size = sum(f.stat().st_size for f in files)
+        start = time.perf_counter()
+        for f in files:
+            token_manifest.file_checksum(f)
+        rows.setdefault("hash_mb_per_s", []).append(size / 2**20 / (time.perf_counter() - start))
+        for on in ((False, True) if r % 2 == 0 else (True, False)):
+            name = f"train-{on}-{r}"
+            overrides = ["task.text.source=tokens", f"task.text.train_path={shards}", f"output_dir={work / 'runs'}",
+                         f"run_name={name}", f"train.steps={steps}", "train.eval_every=0", "train.save_every=0",
+                         "train.log_every=5", "--no-progress"]
+            with checks(on):
+                start = time.perf_counter()
+                assert alignkit_main(["train", DEBUG, *overrides]) == 0
+                wall = time.perf_counter() - start
+            records = [json.loads(line) for line in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+            speeds = [x["tokens_per_s"] for x in records if "tokens_per_s" in x][1:]  # the first includes warm-up
+            rows.setdefault(f"train_tokens_per_s/{on}", []).append(statistics.fmean(speeds))
+            rows.setdefault(f"train_wall_s/{on}", []).append(wall)
+            print(f"round {r}: train {steps} steps, verify={on}: {statistics.fmean(speeds):,.0f} tokens/s, {wall:.1f} s", flush=True)
+    figures = {key: spread(values) for key, values in rows.items()}
+    ratio = lambda key: figures[f"{key}/True"]["mean"] / figures[f"{key}/False"]["mean"]  # noqa: E731
+    return {"corpus": {"source": "WikiText-2 valid+test", "path": str(corpus.name), "prepared_tokens": tokens,
+                       "shards": len(files), "shard_mb": size / 2**20 / len(files)},
+            "repeats": repeats, "train_steps": steps, "figures": figures,
+            "ratios": {"prepare_tokens_per_s": ratio("prepare_tokens_per_s"), "train_tokens_per_s": ratio("train_tokens_per_s"),
+                       "train_wall_s": ratio("train_wall_s")},
+            "targets": {"prepare_tokens_per_s": 0.97, "train_tokens_per_s": 0.99}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="WikiText-2 raw folder (valid.txt, test.txt); required")
@@ -101,6 +192,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seeds", default="0,1,2",
                         help="one round of every measurement per seed (train.seed of the training runs); rounds interleave the settings")
+    parser.add_argument("--checksum-cost", action="store_true", help="measure the shard checksums' cost instead (see above)")
+    parser.add_argument("--repeats", type=int, default=3, help="--checksum-cost: rounds")
     parser.add_argument("--child-prepare", nargs=4, metavar=("CORPUS", "TOKENIZER", "OUT", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_prepare:
@@ -115,6 +208,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="data_scale_"))
     corpus = work / "wikitext.jsonl.zst"
     chars = write_corpus(Path(args.data), args.repeat, corpus)
+    if args.checksum_cost:
+        PATH_ALIASES[str(Path(args.data).resolve())] = "WIKITEXT2_DIR"
+        results = checksum_cost(corpus, work, args.repeats, args.steps)
+        write_json(RESULTS / "checksum_cost.json", {**results, "repeat": args.repeat, "chars": chars})
+        print(json.dumps(results["ratios"], indent=2))
+        shutil.rmtree(work)
+        return
     load_tokenizer(load_experiment(DEBUG, []).student).save_pretrained(work / "smollm2")
     seeds = [int(x) for x in args.seeds.split(",")]
     rounds: dict[str, list[dict]] = {}

@@ -148,7 +148,8 @@ def test_time_series_rkd_replays_per_sample_logits(tmp_path, monkeypatch):
 
 def toy_cache(tmp_path: Path, device: str) -> teacher_cache.CachedTeacher:
     weights = tmp_path / "weights.bin"  # keyed on the file's identity: the toy teacher has no .model to hash
-    weights.write_bytes(b"toy")
+    if not weights.exists():  # its identity keys the folder: reopening finds the same cache
+        weights.write_bytes(b"toy")
     return teacher_cache.open_cached_teacher(tmp_path / "cache", config={"kind": "toy"}, weight_files=[weights],
                                              build=ToyTeacher, dtype="float32", device=torch.device(device), label="toy")
 
@@ -178,3 +179,44 @@ def test_a_gpu_replay_equals_the_recording(tmp_path):
     live, _ = cached.run(BATCH, [1, 2])  # the toy teacher runs on the host
     replayed, _ = cached.run(to_device(BATCH, torch.device("cuda")), [1, 2])
     assert cached.replayed == 1 and all(replayed[k].is_cuda and torch.equal(replayed[k].cpu(), live[k]) for k in (1, 2))
+
+
+def recorded_toy(tmp_path: Path, batches: int = 6) -> tuple[list[dict], list[dict[int, torch.Tensor]]]:
+    """A toy cache recorded one batch per shard; the batches and the teacher's live outputs."""
+    cached = toy_cache(tmp_path, "cpu")
+    inputs = [{"input_ids": torch.arange(12).reshape(2, 6) + k, "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+              for k in range(batches)]
+    live = []
+    for batch in inputs:
+        live.append(cached.run(batch, [1, 2])[0])
+        cached._shards.flush()
+    cached.release()
+    return inputs, live
+
+
+def test_a_changed_cache_shard_falls_back_to_the_teacher_with_a_warning(tmp_path):
+    inputs, live = recorded_toy(tmp_path)
+    shards = sorted((tmp_path / "cache").glob("*/shard-*.safetensors"))
+    raw = bytearray(shards[2].read_bytes())
+    raw[-5] ^= 0x80  # a sign bit of a stored feature: still a readable shard
+    shards[2].write_bytes(bytes(raw))
+    cached = toy_cache(tmp_path, "cpu")
+    with pytest.warns(UserWarning, match=f"skipping {shards[2]}: it fails its checksum"):
+        replayed = [cached.run(batch, [1, 2])[0] for batch in inputs]
+    assert (cached.calls, cached.replayed) == (1, len(inputs) - 1)
+    assert all(torch.equal(r[k], w[k]) for r, w in zip(replayed, live) for k in (1, 2))
+
+
+def test_a_damaged_cache_manifest_is_rebuilt_with_a_warning(tmp_path):
+    inputs, live = recorded_toy(tmp_path, batches=2)
+    manifest = next((tmp_path / "cache").glob(f"*/{teacher_cache.MANIFEST}"))
+    layers = ToyTeacher().num_layers
+    text = manifest.read_text()
+    assert f'"num_layers": {layers},' in text
+    for damage in (text[:40], text.replace(f'"num_layers": {layers},', f'"num_layers": {layers + 1},')):
+        manifest.write_text(damage)
+        with pytest.warns(UserWarning, match=f"{manifest} is damaged"):
+            cached = toy_cache(tmp_path, "cpu")
+        assert cached.num_layers == layers
+        assert all(torch.equal(cached.run(b, [1, 2])[0][1], w[1]) for b, w in zip(inputs, live))
+        assert cached.calls == 0  # the shards are still used

@@ -3,6 +3,7 @@ and tokenizer-mismatch alignment. Tokenizers are built in-test with the `tokeniz
 from __future__ import annotations
 
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -736,3 +737,26 @@ def test_mismatch_batches_are_prefetched_resume_exactly_and_stop_with_the_teache
     resumed.release_teacher()  # after stop_step: the teacher's side is no longer built
     later = [b for _, b in zip(range(PREFETCH + 2), resumed.train_batches(2))]
     assert "teacher_input_ids" not in later[-1]
+
+
+def test_a_truncated_or_fake_zst_stops_every_text_path_in_one_line(tmp_path):
+    """A .zst cut short (a partial download) or not zstd at all: the in-memory and the streamed
+    paths stop with one line naming the file (and, for a cut, the byte where it ends)."""
+    from alignkit.core.errors import DataError
+
+    tok = word_tokenizer()
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40))) for _ in range(3000)]  # several zstd blocks
+    whole = write_pile(tmp_path / "whole.jsonl.zst", docs).read_bytes()
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(whole[: len(whole) // 2])
+    fake = tmp_path / "fake.jsonl.zst"
+    fake.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:10]))
+    for path, want in ((cut, f"{cut}: truncated: the zstd frame starting at byte 0 ends early at byte {len(whole) // 2}"),
+                       (fake, f"{fake}: not a zstd file")):
+        for cfg in (files_cfg(path, eval_fraction=0.0), stream_cfg(path, eval_fraction=0.0)):
+            with pytest.raises(DataError) as err:
+                data = build_text_data(cfg, tok, seq_len=8)
+                for _ in data.train_batches(4):  # streamed: found by the reader thread, raised by the step
+                    pass
+            assert str(err.value).startswith(want) and "\n" not in str(err.value), (cfg.streaming, str(err.value))

@@ -23,6 +23,12 @@ files, each written to a temporary name and renamed, every :data:`SHARD_CALLS` b
 :data:`SHARD_BYTES` bytes, at release and at exit. The set of shards is the index: a run killed
 mid-way leaves the shards it finished, and concurrent runs (or ranks) write shards of their own
 names, so they never collide and each picks up the other's finished shards on a miss.
+
+Integrity: each shard carries a BLAKE2b digest of its tensors (names, dtypes, shapes, bytes) in
+its safetensors metadata, checked the first time a run replays from it (once per shard per run);
+a shard that is unreadable, fails the check or has none (an older alignkit's) is skipped with a
+warning naming it, and its batches run the teacher, as a miss does. The manifest carries the
+digest of its own content; a damaged one is rebuilt from the teacher, with a warning.
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ FORMAT = 1
 SHARD_CALLS = 32  # batches per shard (at most)
 SHARD_BYTES = 256 << 20  # bytes per shard (at most, but one batch)
 MANIFEST = "manifest.json"
+CHECKSUM = "blake2b"  # the key of a shard's digest in its safetensors metadata (and of the manifest's)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -107,6 +114,7 @@ class _Shards:
         self.writer = f"r{_rank()}-{os.getpid()}-{os.urandom(4).hex()}"
         self.where: dict[str, Path] = {}
         self.handles: dict[Path, Any] = {}
+        self.verified: set[Path] = set()  # shards whose digest matched in this run
         self.buffer: dict[str, Tensor] = {}
         self.buffered_calls, self.buffered_bytes, self.written = 0, 0, 0
         self.failed = False
@@ -130,8 +138,33 @@ class _Shards:
     def get(self, names: Sequence[str]) -> dict[str, Tensor] | None:
         if not all(name in self.buffer or name in self.where for name in names):
             return None
+        if not all(self._intact(path) for path in {self.where[n] for n in names if n not in self.buffer}):
+            return self.get(names)  # a damaged shard left the index: another may hold the names
         return {name: self.buffer[name] if name in self.buffer else self.handles[self.where[name]].get_tensor(name)
                 for name in names}
+
+    def _intact(self, path: Path) -> bool:
+        """Whether ``path``'s tensors match the digest written with them (checked once per run);
+        a shard that does not is dropped from the index, with a warning naming it."""
+        if path in self.verified:
+            return True
+        handle = self.handles[path]
+        try:
+            stored = (handle.metadata() or {}).get(CHECKSUM)
+            found = digest((name, handle.get_tensor(name)) for name in sorted(handle.keys())) if stored else None
+        except (OSError, SafetensorError, RuntimeError, ValueError) as err:  # a damaged header or data offsets
+            stored, found = "", f"unreadable ({err})"
+        if stored and found == stored:
+            self.verified.add(path)
+            return True
+        problem = "has no checksum (an older alignkit wrote it)" if stored is None else "fails its checksum (damaged)"
+        warnings.warn(f"teacher cache: skipping {path}: it {problem}; its batches run the teacher again", stacklevel=4)
+        self.handles[path] = None
+        self.where = {}
+        for kept, other in sorted(self.handles.items()):
+            if other is not None:
+                self.where.update(dict.fromkeys(other.keys(), kept))
+        return False
 
     def put(self, tensors: Mapping[str, Tensor]) -> int:
         """Buffer one batch's tensors (in the cache dtype); returns their size in bytes."""
@@ -151,7 +184,7 @@ class _Shards:
         name = f"shard-{self.writer}-{self.written:05d}.safetensors"
         temporary = self.folder / f".tmp-{name}"
         try:
-            save_file(self.buffer, str(temporary))
+            save_file(self.buffer, str(temporary), metadata={CHECKSUM: digest(sorted(self.buffer.items()))})
             os.chmod(temporary, 0o644)  # shared like the run folders (safetensors writes 0600)
             os.replace(temporary, self.folder / name)  # readers only ever see finished shards
         except (OSError, SafetensorError) as err:  # a full disk costs the recording, never the run
@@ -246,6 +279,25 @@ def _layout(teacher: TeacherAdapter) -> dict[str, Any]:
             "widths": {str(layer): teacher.width(layer) for layer in layers}}
 
 
+def _manifest_digest(content: Mapping[str, Any]) -> str:
+    return hashlib.blake2b(json.dumps(content, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _stored_layout(manifest: Path) -> dict[str, Any] | None:
+    """The layout a manifest holds, or None when there is none or it is damaged (with a warning)."""
+    if not manifest.is_file():
+        return None
+    try:
+        content = json.loads(manifest.read_text())
+        stored = content.pop(CHECKSUM, None)
+        if stored != _manifest_digest(content):
+            raise ValueError("no checksum (an older alignkit wrote it)" if stored is None else "checksum mismatch")
+        return {key: content[key] for key in ("num_layers", "logits_kind", "widths")}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        warnings.warn(f"teacher cache: {manifest} is damaged ({err}); rebuilding it from the teacher", stacklevel=3)
+        return None
+
+
 def open_cached_teacher(root: Path, *, config: Mapping[str, Any], weight_files: Sequence[Path],
                         build: Callable[[], TeacherAdapter], dtype: str, device: torch.device,
                         label: str) -> CachedTeacher:
@@ -263,15 +315,15 @@ def open_cached_teacher(root: Path, *, config: Mapping[str, Any], weight_files: 
     text = json.dumps(key, sort_keys=True, default=str)
     folder = Path(root) / f"{config.get('kind', 'teacher')}-{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}"
     manifest = folder / MANIFEST
-    if manifest.is_file():
-        layout = json.loads(manifest.read_text())
-    else:
+    layout = _stored_layout(manifest)
+    if layout is None:
         teacher = teacher or build()
         layout = _layout(teacher)
+        content = {**layout, "key": json.loads(text)}
         temporary = folder / f".tmp-{os.getpid()}-{MANIFEST}"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            temporary.write_text(json.dumps({**layout, "key": json.loads(text)}, indent=2))
+            temporary.write_text(json.dumps({**content, CHECKSUM: _manifest_digest(content)}, indent=2))
             os.replace(temporary, manifest)  # concurrent writers write the same content
         except OSError as err:
             raise ConfigError(f"align.teacher_cache={root}: cannot write {folder} ({err.strerror})") from None

@@ -21,7 +21,9 @@ from alignkit.core.config import ConfigError, at_least, checked
 from alignkit.core.terms import logit_kd_terms
 from alignkit.core.trainer import to_device
 from alignkit.tasks.base import TaskBase, TaskConfig
-from alignkit.tasks.text_data import TextData, TextDataConfig, _Encoder, build_text_data, teacher_encoder
+from alignkit.tasks.text_batches import TextData
+from alignkit.tasks.text_data import TextDataConfig, build_text_data
+from alignkit.tasks.text_packing import Encoder, teacher_encoder
 
 
 @dataclass
@@ -67,7 +69,7 @@ class TextPretrainTask(TaskBase):
         """Whether the tokenizers differ (LET-dagger), refusing what needs them equal."""
         if student_tokenizer is None or teacher_tokenizer is None:
             return False
-        differ = teacher_encoder(_Encoder(student_tokenizer, "student tokenizer"), teacher_tokenizer) is not None
+        differ = teacher_encoder(Encoder(student_tokenizer, "student tokenizer"), teacher_tokenizer) is not None
         if differ and self.cfg.teachers:
             raise ConfigError("teachers: extra teachers need the student's tokenizer (only `teacher` may differ)")
         kd_terms = logit_kd_terms(self.cfg.align)

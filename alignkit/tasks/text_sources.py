@@ -1,6 +1,7 @@
-"""Document sources for :mod:`alignkit.tasks.text_data`: resolve paths, read local text files,
-the builtin stdlib corpus, Hugging Face datasets and pre-tokenized shards, and decide the
-hash-based held-out split of a document.
+"""Where text comes from (:class:`TextDataConfig`, the ``task.text`` section) and how it is
+read: resolve paths, read local text files, the builtin stdlib corpus, Hugging Face datasets
+and pre-tokenized shards, and decide the hash-based held-out split of a document. The lowest of
+the text data modules: it imports none of them.
 
 Sources (``TextDataConfig.source``):
 
@@ -34,27 +35,49 @@ from __future__ import annotations
 import bisect
 import glob as _glob
 import hashlib
-import io
 import json
 import os
 import sysconfig
 import warnings
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from alignkit.core.config import above, at_least, between, checked, one_of
 from alignkit.core.errors import DataError, MissingFile, MissingPackage
+from alignkit.tasks.zstd_stream import TruncatedInput, skip, zstd_lines
 
-if TYPE_CHECKING:
-    from alignkit.tasks.text_data import TextDataConfig
-
+SOURCES = ("builtin", "files", "hf", "tokens")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst", ".parquet")
 TOKEN_SUFFIXES = (".npy", ".bin")
 BUILTIN_MAX_BYTES = 20_000_000  # ~20 MB of stdlib source: a few seconds of fast tokenization
 _BUILTIN_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib"}
 _MAX_LINE_WARNINGS = 10  # per file and read; a broken crawl should not flood the log
+
+
+@dataclass
+class TextDataConfig:
+    """Where the text comes from and how the held-out split is made (seq_len and batch size
+    come from the trainer config)."""
+
+    source: str = checked("builtin", one_of(*SOURCES))
+    train_path: str = ""  # file, directory or glob (.txt/.jsonl/.parquet, or .npy/.bin for tokens)
+    eval_path: str = ""  # optional; else hold out eval_fraction of the documents
+    eval_fraction: float = checked(0.05, between(0, 1, high_open=True))
+    text_field: str = "text"  # jsonl / parquet / hf
+    hf_name: str = ""
+    hf_config: str = ""
+    hf_split: str = "train"
+    hf_eval_split: str = ""
+    streaming: bool = False  # files / hf: tokenize on the fly in bounded memory (alignkit.tasks.text_stream)
+    token_dtype: str = checked("uint16", one_of("uint8", "uint16", "int16", "uint32", "int32", "int64"))  # dtype of raw .bin shards
+    eval_batches: int = checked(20, at_least(1))  # max eval batches (per rank, = global eval batches)
+    max_train_docs: int = checked(0, at_least(0))  # 0 = all
+    seed: int = 0
+    teacher_seq_ratio: float = checked(1.5, above(0))  # teacher length = ceil(ratio * seq_len) under tokenizer mismatch
 
 
 def _doc_hash(key: str) -> float:
@@ -65,6 +88,36 @@ def _doc_hash(key: str) -> float:
 def is_heldout(key: str, fraction: float) -> bool:
     """Deterministic held-out decision for a document key (path or text); seed-independent."""
     return fraction > 0 and _doc_hash(key) < fraction
+
+
+def holdout_stream(
+    keyed: Iterable[tuple[str, str]], cfg: TextDataConfig, need_eval: bool
+) -> Iterator[tuple[bool, float, str]]:
+    """``(held out?, hash, text)`` per document in source order: the hash split, stopping after
+    ``max_train_docs`` train documents. Streams: nothing is kept."""
+    holdout = need_eval and cfg.eval_fraction > 0
+    # With a train cap, keep scanning (at most cap more docs) until the held-out share is what
+    # an uncapped split would give, so a capped run still gets a proportionate eval set.
+    want_eval = max(1, math.ceil(cfg.eval_fraction * cfg.max_train_docs)) if holdout else 0
+    n_train = n_eval = extra = 0
+    for key, text in keyed:
+        capped = bool(cfg.max_train_docs) and n_train >= cfg.max_train_docs
+        if capped:
+            if n_eval >= want_eval or extra >= cfg.max_train_docs:
+                return
+            extra += 1
+        h = _doc_hash(key)
+        if holdout and h < cfg.eval_fraction:
+            n_eval += 1
+            yield True, h, text
+        elif not capped:
+            n_train += 1
+            yield False, h, text
+
+
+def needs_holdout(cfg: TextDataConfig) -> bool:
+    """True when the eval split is carved from the train source by document hash."""
+    return not cfg.eval_path and not (cfg.source == "hf" and cfg.hf_eval_split)
 
 
 def resolve_paths(spec: str, key: str, suffixes: Sequence[str]) -> list[Path]:
@@ -93,21 +146,18 @@ def resolve_paths(spec: str, key: str, suffixes: Sequence[str]) -> list[Path]:
 def _lines(path: Path, start: int = 0) -> Iterator[tuple[int, bytes]]:
     """``(offset, raw line)`` of the lines of a file that start at byte ``start`` or later,
     streamed, never the whole file. ``.zst``: offsets of the decompressed stream, reached by
-    decompressing and discarding (no line splitting, no decoding), as it has no random access."""
+    decompressing and discarding (no line splitting, no decoding), as it has no random access;
+    a truncated frame raises :class:`~alignkit.tasks.zstd_stream.TruncatedInput` after the last
+    whole line before it."""
     with open(path, "rb") as raw:
-        stream: Any = raw
-        if path.name.endswith(".zst"):
-            try:
-                import zstandard
-            except ImportError:
-                raise MissingPackage(f"reading {path} needs zstandard: pip install zstandard") from None
-            stream = zstandard.ZstdDecompressor().stream_reader(raw)
+        lines: Any = zstd_lines(raw, path) if path.name.endswith(".zst") else raw
         # A line starts at byte s when s == 0 or byte s - 1 ends a line: enter one byte early and
         # drop what is left of the line there (just its newline when s starts a line).
         offset = max(start - 1, 0)
-        if start:
-            stream.seek(offset)
-        lines = raw if stream is raw else io.BufferedReader(stream)
+        if start and lines is raw:
+            raw.seek(offset)
+        elif start:
+            skip(lines, offset)
         if start:
             offset += len(lines.readline())
         for line in lines:
@@ -255,22 +305,34 @@ def piece_documents(piece: Piece, text_field: str = "text") -> Iterator[tuple[in
         raise DataError(f"{path}: {empty}")
 
 
-def read_documents(paths: Iterable[Path], text_field: str = "text") -> Iterator[str]:
-    """Documents of local text files in order, streamed (format chosen by suffix; unknown = .txt)."""
+def read_documents(paths: Iterable[Path], text_field: str = "text",
+                   truncated: list[dict[str, Any]] | None = None) -> Iterator[str]:
+    """Documents of local text files in order, streamed (format chosen by suffix; unknown = .txt).
+    A truncated ``.zst`` raises, unless ``truncated`` is given: then its documents before the cut
+    are kept, with a warning, and ``{"file", "offset"}`` is appended to ``truncated``."""
     for path in paths:
-        yield from (text for _, _, text in piece_documents(Piece(path), text_field))
+        try:
+            yield from (text for _, _, text in piece_documents(Piece(path), text_field))
+        except TruncatedInput as err:
+            if truncated is None:
+                raise
+            warnings.warn(f"{path}: TRUNCATED at byte {err.offset}: only the documents before the cut are used "
+                          "(--allow-truncated; recorded in manifest.json as `truncated`)", UserWarning, stacklevel=2)
+            truncated.append({"file": str(path), "offset": err.offset})
 
 
-def source_documents(cfg: TextDataConfig, split: str = "train") -> Iterator[tuple[str, str]]:
+def source_documents(cfg: TextDataConfig, split: str = "train",
+                     truncated: list[dict[str, Any]] | None = None) -> Iterator[tuple[str, str]]:
     """``(held-out key, text)`` of every document of ``cfg``'s source in order, streamed.
     ``split``: ``train`` (train_path / hf_split) or ``eval`` (eval_path / hf_eval_split). Local
-    paths are resolved now, so a missing one is reported before any training starts."""
+    paths are resolved now, so a missing one is reported before any training starts.
+    ``truncated``: see :func:`read_documents`."""
     if cfg.source == "builtin":
         return iter(builtin_documents())
     if cfg.source == "files":
         key = "train_path" if split == "train" else "eval_path"
         paths = resolve_paths(getattr(cfg, key), key, TEXT_SUFFIXES)
-        return ((t, t) for t in read_documents(paths, cfg.text_field))
+        return ((t, t) for t in read_documents(paths, cfg.text_field, truncated))
     if cfg.source == "hf":
         return ((t, t) for t in _hf_documents(cfg, cfg.hf_split if split == "train" else cfg.hf_eval_split))
     raise DataError(f"task.text.source={cfg.source!r} has no documents")
@@ -321,7 +383,15 @@ def _hf_documents(cfg: TextDataConfig, split: str) -> Iterator[str]:
             yield text
 
 
-def _load_token_shards(spec: str, key: str, dtype: str) -> list[np.ndarray]:
+def mapped_npy(path: Path) -> np.ndarray:
+    """``path`` memory-mapped; a damaged header is one :class:`DataError` naming the file."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except Exception as err:  # numpy's header parser raises ValueError, SyntaxError, tokenize errors, ...
+        raise DataError(f"{path}: not a readable .npy shard ({type(err).__name__}: {' '.join(str(err).split())})") from None
+
+
+def load_token_shards(spec: str, key: str, dtype: str) -> list[np.ndarray]:
     arrays = []
     for path in resolve_paths(spec, key, TOKEN_SUFFIXES):
         if path.stat().st_size == 0:
@@ -329,8 +399,8 @@ def _load_token_shards(spec: str, key: str, dtype: str) -> list[np.ndarray]:
         if path.suffix not in (".npy", ".bin"):
             raise DataError(f"{path}: token shards must be .npy or .bin (task.text.{key})")
         try:
-            arr = np.load(path, mmap_mode="r") if path.suffix == ".npy" else np.memmap(path, dtype=np.dtype(dtype), mode="r")
-        except (ValueError, OSError) as err:  # garbage .npy header, .bin size not a multiple of the dtype
+            arr = mapped_npy(path) if path.suffix == ".npy" else np.memmap(path, dtype=np.dtype(dtype), mode="r")
+        except (ValueError, OSError) as err:  # .bin size not a multiple of the dtype
             raise DataError(f"{path}: not a readable token shard ({err}; task.text.token_dtype={dtype})") from None
         if not np.issubdtype(arr.dtype, np.integer):
             raise DataError(f"{path}: token shard has dtype {arr.dtype}, not an integer type")
@@ -353,4 +423,10 @@ __all__ = [
     "source_documents",
     "builtin_documents",
     "is_heldout",
+    "holdout_stream",
+    "needs_holdout",
+    "load_token_shards",
+    "mapped_npy",
+    "TextDataConfig",
+    "SOURCES",
 ]

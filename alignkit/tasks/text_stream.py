@@ -33,22 +33,22 @@ import hashlib
 import itertools
 import queue
 import threading
-from collections import deque
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 
 from alignkit.core.errors import DataError
-from alignkit.tasks.text_data import TextData, TextDataConfig, _Split, _Stream, needs_holdout
+from alignkit.tasks.text_batches import TextData
+from alignkit.tasks.text_packing import PackedBuffer, Split
 from alignkit.tasks.text_sources import (
     TEXT_SUFFIXES,
     Piece,
+    TextDataConfig,
     is_heldout,
+    needs_holdout,
     piece_documents,
     resolve_paths,
     source_documents,
@@ -70,7 +70,7 @@ class StreamingTextData(TextData):
         self,
         cfg: TextDataConfig,
         where: str,
-        eval_split: _Split | None,
+        eval_split: Split | None,
         seq_len: int,
         *,
         chunk_docs: int = CHUNK_DOCS,
@@ -216,64 +216,3 @@ def _rank_plan(cfg: TextDataConfig, where: str, rank: int, world_size: int) -> t
 def _fingerprint(parts: list[Any]) -> int:
     """48 bits of a hash: an int that survives JSON and int64 checkpoints."""
     return int.from_bytes(hashlib.sha1(repr(parts).encode()).digest()[:6], "big")
-
-
-class PackedBuffer:
-    """Documents packed into one EOS-separated token stream and cut from the front. With
-    ``spans``, each token keeps its character span and its document's text, which is what
-    :meth:`TextData._teacher_fields` needs to build the teacher's side of a batch."""
-
-    def __init__(self, eos_id: int, spans: bool, skip: int = 0) -> None:
-        self.eos_id, self.spans = eos_id, spans
-        self.pieces: deque = deque()  # (key, ids + EOS, spans [n, 2] or None, text or None)
-        self.skip = skip  # tokens of the first piece already cut
-        self.buffered = -skip
-
-    def available(self) -> int:
-        """Tokens not yet cut (negative until the document holding a resumed position arrives)."""
-        return self.buffered
-
-    def add(self, key: Any, ids: list[int], offsets: Any, text: str) -> int:
-        """Append one document (``key`` identifies it in :meth:`head`); returns its token count."""
-        if not ids:
-            return 0
-        span = np.asarray(offsets, dtype=np.int64).reshape(-1, 2) if self.spans else None
-        self.pieces.append((key, np.asarray(list(ids) + [self.eos_id], dtype=np.int64), span,
-                            text if self.spans else None))
-        self.buffered += len(ids) + 1
-        return len(ids) + 1
-
-    def head(self) -> tuple[Any, int] | None:
-        """(key of the document holding the next token, tokens of it already cut), or None."""
-        return (self.pieces[0][0], self.skip) if self.pieces else None
-
-    def cut(self, n: int, seq_len: int) -> _Split:
-        """The next ``n`` tokens (a multiple of ``seq_len``) as a split of ``n / seq_len`` rows."""
-        parts: list[tuple[tuple, int, int]] = []
-        taken = 0
-        while taken < n:
-            piece = self.pieces[0]
-            hi = min(len(piece[1]), self.skip + n - taken)
-            parts.append((piece, self.skip, hi))
-            taken += hi - self.skip
-            self.skip = hi
-            if hi == len(piece[1]):
-                self.pieces.popleft()
-                self.skip = 0
-        self.buffered -= n
-        ids = np.concatenate([piece[1][lo:hi] for piece, lo, hi in parts])
-        packer = None
-        if self.spans:
-            # What _teacher_fields reads from a packer: per token its document (-1: EOS) and span.
-            doc, start, end = [], [], []
-            for local, (piece, lo, hi) in enumerate(parts):
-                span = np.vstack([piece[2], np.zeros((1, 2), dtype=np.int64)])[lo:hi]
-                d = np.full(hi - lo, local, dtype=np.int32)
-                if hi == len(piece[1]):
-                    d[-1] = -1
-                doc.append(d)
-                start.append(span[:, 0])
-                end.append(span[:, 1])
-            arrays = (ids, np.concatenate(doc), np.concatenate(start), np.concatenate(end))
-            packer = SimpleNamespace(arrays=lambda: arrays, texts=[piece[3] for piece, _, _ in parts])
-        return _Split(_Stream([ids]), seq_len, packer)  # type: ignore[arg-type]

@@ -1,5 +1,5 @@
-"""Pre-tokenized token shards: ``alignkit prepare`` writes them, ``task.text.source=tokens`` reads
-them (a prepared directory, or plain ``.npy`` / ``.bin`` shards).
+"""``alignkit prepare``: tokenize a text source into token shards, which ``task.text.source=tokens``
+reads (:mod:`alignkit.tasks.token_reader`).
 
 A prepared directory holds the packed stream exactly as the in-memory ``files`` / ``hf`` /
 ``builtin`` path builds it (documents tokenized without special tokens, each followed by EOS,
@@ -12,8 +12,11 @@ text, without tokenizing anything:
                           differs (LET-dagger): the teacher's fields of every ``seq_len``-token
                           sequence, so training reads no text (see :class:`_TeacherRows`)
 ``manifest.json``         written last: tokenizer name and fingerprint (and the teacher's), dtype,
-                          EOS id, shard size, token / document / shard counts per stream, source
-``progress.json``         only while unfinished: source position (documents read), shards and
+                          EOS id, shard size, token / document / shard counts per stream, each
+                          shard's size and BLAKE2b checksum (:mod:`alignkit.tasks.token_manifest`),
+                          source, and the source files kept despite a truncation (``truncated``)
+``progress.json``         only while unfinished (written first, so an interrupted folder is never
+                          taken for plain shards): source position (documents read), shards and
                           the partial tails (``<split>.tail.<k>.npy``) at the last checkpoint
 
 Memory stays bounded whatever the corpus size: documents stream from the source in chunks,
@@ -21,12 +24,17 @@ Memory stays bounded whatever the corpus size: documents stream from the source 
 flight) and each split's shard is written as soon as it fills. A checkpoint follows every chunk
 that completed a shard, so an interrupted ``prepare`` rerun with the same settings drops the
 shards written after it, re-reads the source up to its position without tokenizing, and ends
-with the same files as an uninterrupted run.
+with the same files as an uninterrupted run. A folder holding only files of an interrupted
+preparation without ``progress.json`` (one stopped before its first checkpoint, or by an older
+alignkit between its last shard and the manifest) starts over.
+
+A truncated ``.jsonl.zst`` stops the preparation (file and byte offset); ``allow_truncated``
+keeps the documents before the cut, with a warning, and records the file in the manifest. A
+write that fails (disk full, read-only folder) is one :class:`RunDirError`; rerun to continue.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -37,34 +45,25 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from alignkit.core.errors import DataError, RunDirError
-from alignkit.tasks.text_data import (
-    _ENCODE_CHUNK_CHARS,
-    _ENCODE_CHUNK_DOCS,
-    TextData,
-    TextDataConfig,
-    _Encoder,
-    _Split,
-    _Stream,
-    holdout_stream,
-    needs_holdout,
-    teacher_encoder,
-)
-from alignkit.tasks.text_sources import _load_token_shards, source_documents
-
-FORMAT = "alignkit-tokens/1"
+from alignkit.tasks.text_batches import TextData
+from alignkit.tasks.text_packing import ENCODE_CHUNK_CHARS, ENCODE_CHUNK_DOCS, Encoder, PackedBuffer, teacher_encoder
+from alignkit.tasks.text_sources import TextDataConfig, holdout_stream, needs_holdout, source_documents
+from alignkit.tasks.token_manifest import FORMAT, HashingFile, read_manifest, shard_name, tokenizer_fingerprint
+from alignkit.tasks.token_reader import PREPARE_FILES
 SPLITS = ("train", "eval")
 DEFAULT_SHARD_TOKENS = 1 << 25  # 32M tokens: 64 MB per uint16 shard, the bound on buffered tokens
 _SOURCE_KEYS = ("source", "train_path", "eval_path", "eval_fraction", "text_field", "hf_name", "hf_config",
                 "hf_split", "hf_eval_split", "max_train_docs")
-_worker_encoder: _Encoder | None = None
+# prepare's own chunk sizes (a checkpoint follows every chunk that completed a shard)
+_ENCODE_CHUNK_CHARS, _ENCODE_CHUNK_DOCS = ENCODE_CHUNK_CHARS, ENCODE_CHUNK_DOCS
+_worker_encoder: Encoder | None = None
 
 
-def tokenizer_fingerprint(encoder: _Encoder) -> str:
-    """A short hash of the tokenizer's full definition (vocab, merges, normalizer, EOS)."""
-    return hashlib.sha256(encoder.fingerprint().encode()).hexdigest()[:16]
+def _unwritable(out: Path, path: Path, err: OSError) -> RunDirError:
+    return RunDirError(f"--out {out}: cannot write {path.name} ({err.strerror or err}): free space or make the folder "
+                       "writable and rerun the same command to continue, or choose another folder")
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,15 +71,16 @@ def tokenizer_fingerprint(encoder: _Encoder) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _documents(cfg: TextDataConfig) -> Iterator[tuple[bool, str]]:
+def _documents(cfg: TextDataConfig, truncated: list[dict[str, Any]] | None) -> Iterator[tuple[bool, str]]:
     """``(held out?, text)`` in a fixed order: the train source (hash split), then the eval
-    source. Local paths are resolved now (a missing one fails before anything is written)."""
+    source. Local paths are resolved now (a missing one fails before anything is written).
+    ``truncated``: collects the truncated files kept (None: a truncated file is an error)."""
     cfg = dataclasses.replace(cfg, streaming=True)  # hf: never download a whole split first
     holdout = needs_holdout(cfg)
-    train = ((held, text) for held, _, text in holdout_stream(source_documents(cfg), cfg, holdout))
+    train = ((held, text) for held, _, text in holdout_stream(source_documents(cfg, truncated=truncated), cfg, holdout))
     if holdout:
         return train
-    return itertools.chain(train, ((True, text) for _, text in source_documents(cfg, "eval")))
+    return itertools.chain(train, ((True, text) for _, text in source_documents(cfg, "eval", truncated=truncated)))
 
 
 def _chunks(documents: Iterator[tuple[bool, str]], start: int) -> Iterator[tuple[int, list[bool], list[str]]]:
@@ -100,13 +100,13 @@ def _chunks(documents: Iterator[tuple[bool, str]], start: int) -> Iterator[tuple
 def _init_worker(tokenizer: Any) -> None:
     global _worker_encoder
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    _worker_encoder = _Encoder(tokenizer, "student tokenizer")
+    _worker_encoder = Encoder(tokenizer, "student tokenizer")
 
 
 Encoded = list  # per split (train, eval): (EOS-terminated token stream, document count, spans)
 
 
-def _encode(flags: list[bool], texts: list[str], spans: bool, encoder: _Encoder | None = None) -> Encoded:
+def _encode(flags: list[bool], texts: list[str], spans: bool, encoder: Encoder | None = None) -> Encoded:
     """Per split (train, eval): the chunk's EOS-terminated token stream, its document count and,
     with ``spans``, ``(chunk index, character offsets)`` per non-empty document."""
     enc = encoder or _worker_encoder
@@ -126,7 +126,7 @@ def _encoded(chunks: Iterator[tuple[int, list[bool], list[str]]], tokenizer: Any
     """``(position, texts, encoded)`` in source order; with ``workers > 1`` from a process pool,
     at most ``2 x workers`` chunks ahead."""
     if workers <= 1:
-        encoder = _Encoder(tokenizer, "student tokenizer")
+        encoder = Encoder(tokenizer, "student tokenizer")
         yield from ((pos, texts, _encode(flags, texts, spans, encoder)) for pos, flags, texts in chunks)
         return
     # fork: workers start at once and share the parent's pages (spawn would re-import torch in each)
@@ -143,16 +143,17 @@ def _encoded(chunks: Iterator[tuple[int, list[bool], list[str]]], tokenizer: Any
             yield done_pos, done_texts, result.get()
 
 
-def _dtype(encoder: _Encoder) -> np.dtype:
+def _dtype(encoder: Encoder) -> np.dtype:
     return np.dtype(np.uint16 if encoder.vocab_size <= 65536 else np.int32)
 
 
 class _ShardWriter:
     """One split's stream, written as fixed-size ``.npy`` shards as they fill."""
 
-    def __init__(self, out: Path, split: str, shard_tokens: int, counts: dict[str, int], tail: np.ndarray) -> None:
+    def __init__(self, out: Path, split: str, shard_tokens: int, counts: dict[str, Any], tail: np.ndarray) -> None:
         self.out, self.split, self.shard_tokens = out, split, shard_tokens
         self.shards, self.tokens, self.documents = counts["shards"], counts["tokens"], counts["documents"]
+        self.files: list[dict[str, Any]] = list(counts["files"])  # name, size and checksum per shard written
         self.pieces, self.pending, self.dtype = [tail], len(tail), tail.dtype
 
     def add(self, ids: np.ndarray, documents: int) -> int:
@@ -176,10 +177,16 @@ class _ShardWriter:
         return self.pieces[0]
 
     def _write(self, ids: np.ndarray) -> None:
-        path = self.out / f"{self.split}_{self.shards:05d}.npy"
-        with open(path.with_suffix(".tmp"), "wb") as handle:
-            np.save(handle, ids)
-        os.replace(path.with_suffix(".tmp"), path)
+        path = self.out / shard_name(self.split, self.shards)
+        try:
+            with open(path.with_suffix(".tmp"), "wb") as handle:
+                hashed = HashingFile(handle)
+                np.save(hashed, ids)
+            os.replace(path.with_suffix(".tmp"), path)
+        except OSError as err:
+            path.with_suffix(".tmp").unlink(missing_ok=True)
+            raise _unwritable(self.out, path, err) from None
+        self.files.append(hashed.entry(path.name))
         self.shards += 1
 
     def finish(self) -> None:
@@ -187,8 +194,9 @@ class _ShardWriter:
             self._write(self.tail())
             self.pieces, self.pending = [self.tail()[:0]], 0
 
-    def counts(self) -> dict[str, int]:
-        return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents}
+    def counts(self) -> dict[str, Any]:
+        return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents, "dtype": self.dtype.name,
+                "files": self.files}
 
 
 class _TeacherRows:
@@ -199,8 +207,6 @@ class _TeacherRows:
     sequence) and ``<split>-teacher_count`` (real teacher tokens per sequence)."""
 
     def __init__(self, data: TextData, writers: dict[str, _ShardWriter], split: str, carry: dict[str, Any] | None) -> None:
-        from alignkit.tasks.text_stream import PackedBuffer
-
         self.data, self.split = data, split
         self.writers = {k: writers[f"{split}-teacher_{k}"] for k in ("ids", "index", "count")}
         assert data.student is not None
@@ -226,7 +232,7 @@ class _TeacherRows:
         return {"skip": self.buffer.skip, "pieces": [(p[1].tolist(), p[2].tolist(), p[3]) for p in self.buffer.pieces]}
 
 
-def _settings(cfg: TextDataConfig, encoder: _Encoder, shard_tokens: int, name: str,
+def _settings(cfg: TextDataConfig, encoder: Encoder, shard_tokens: int, name: str,
               teacher: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -241,16 +247,23 @@ def _settings(cfg: TextDataConfig, encoder: _Encoder, shard_tokens: int, name: s
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(value, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _unwritable(path.parent, path, err) from None
 
 
 def _checkpoint(out: Path, settings: dict[str, Any], pos: int, writers: dict[str, _ShardWriter],
                 rows: dict[str, _TeacherRows], k: int) -> None:
     """Tails first under a new number, then progress.json naming them (atomic), then old tails go."""
     for name, writer in writers.items():
-        with open(out / f"{name}.tail.{k}.npy", "wb") as handle:
-            np.save(handle, writer.tail())
+        try:
+            with open(out / f"{name}.tail.{k}.npy", "wb") as handle:
+                np.save(handle, writer.tail())
+        except OSError as err:
+            raise _unwritable(out, out / f"{name}.tail.{k}.npy", err) from None
     _write_json(out / "progress.json", {"settings": settings, "docs": pos, "checkpoint": k,
                                         "streams": {n: w.counts() for n, w in writers.items()},
                                         "carry": {s: r.carry() for s, r in rows.items()}})
@@ -260,19 +273,27 @@ def _checkpoint(out: Path, settings: dict[str, Any], pos: int, writers: dict[str
 
 
 def _resume_state(out: Path, settings: dict[str, Any], streams: dict[str, np.dtype]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The last checkpoint of an unfinished preparation in ``out`` (or a fresh start)."""
-    fresh = {"docs": 0, "checkpoint": 0, "streams": {n: {"shards": 0, "tokens": 0, "documents": 0} for n in streams},
-             "carry": {}}
+    """The last checkpoint of an unfinished preparation in ``out``, or a fresh start (whose
+    ``progress.json`` is written now, before any shard)."""
     progress = out / "progress.json"
     if not progress.is_file():
-        if out.exists() and any(out.iterdir()):
+        if out.exists() and not all(PREPARE_FILES.fullmatch(p.name) for p in out.iterdir()):
             raise RunDirError(f"--out {out}: not empty and not an unfinished preparation; choose an empty folder")
-        out.mkdir(parents=True, exist_ok=True)
-        return fresh, {n: np.zeros(0, dtype) for n, dtype in streams.items()}
-    state = json.loads(progress.read_text())
-    if state["settings"] != settings:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise _unwritable(out.parent, out, err) from None
+        fresh = {"settings": settings, "docs": 0, "checkpoint": 0, "carry": {},
+                 "streams": {n: {"shards": 0, "tokens": 0, "documents": 0, "files": []} for n in streams}}
+        _write_json(progress, fresh)
+    try:
+        state = json.loads(progress.read_text())
+        same = state["settings"] == settings
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise RunDirError(f"--out {out}: progress.json is damaged ({err}); choose another folder") from None
+    if not same:
         raise RunDirError(f"--out {out}: holds an unfinished preparation with other settings "
-                              "(tokenizer, source or shard size); choose another folder")
+                          "(format, tokenizer, source or shard size); choose another folder")
     for name in streams:  # shards written after the checkpoint are redone
         for path in out.glob(f"{name}_*.npy"):
             if int(path.stem.split("_")[-1]) >= state["streams"][name]["shards"]:
@@ -281,7 +302,7 @@ def _resume_state(out: Path, settings: dict[str, Any], streams: dict[str, np.dty
     return state, {n: np.load(out / f"{n}.tail.{k}.npy") if k else np.zeros(0, dtype) for n, dtype in streams.items()}
 
 
-def _streams(encoder: _Encoder, teacher: _Encoder | None, teacher_seq_len: int) -> dict[str, np.dtype]:
+def _streams(encoder: Encoder, teacher: Encoder | None, teacher_seq_len: int) -> dict[str, np.dtype]:
     """Every stream a preparation writes, with its dtype."""
     streams = {split: _dtype(encoder) for split in SPLITS}
     if teacher is not None:
@@ -304,16 +325,19 @@ def prepare(
     workers: int = 1,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     progress: bool = True,
+    allow_truncated: bool = False,
 ) -> dict[str, Any]:
     """Tokenize ``cfg``'s text source into shards under ``out``; returns the manifest. Rerun with
     the same settings continues an interrupted preparation (a finished one is left as is).
+    ``allow_truncated``: keep the documents before the cut of a truncated ``.zst`` (warned, and
+    recorded in the manifest) instead of stopping.
     With a teacher tokenizer other than the student's, the teacher's fields of every
     ``seq_len``-token sequence are stored too (training then needs that seq_len)."""
     if cfg.source not in ("builtin", "files", "hf"):
         raise DataError(f"task.text.source={cfg.source!r}: alignkit prepare needs a text source (files, hf, builtin)")
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens={shard_tokens} must be >= 1")
-    encoder = _Encoder(tokenizer, "student tokenizer")
+    encoder = Encoder(tokenizer, "student tokenizer")
     teacher = teacher_encoder(encoder, teacher_tokenizer)
     teacher_settings = None
     if teacher is not None:
@@ -326,11 +350,12 @@ def prepare(
     settings = _settings(cfg, encoder, shard_tokens, tokenizer_name, teacher_settings)
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+        manifest, _ = read_manifest(manifest_path)
         if manifest["settings"] != settings:
             raise RunDirError(f"--out {out}: holds a finished preparation with other settings; choose another folder")
         return manifest
-    documents = _documents(cfg)
+    truncated: list[dict[str, Any]] | None = [] if allow_truncated else None
+    documents = _documents(cfg, truncated)
     streams = _streams(encoder, teacher, teacher_settings["teacher_seq_len"] if teacher_settings else 0)
     state, tails = _resume_state(out, settings, streams)
     writers = {n: _ShardWriter(out, n, shard_tokens, state["streams"][n], tails[n]) for n in streams}
@@ -363,114 +388,9 @@ def prepare(
         raise DataError(f"{cfg.train_path or cfg.hf_name or cfg.source}: no training documents (all held out or empty)")
     for writer in writers.values():
         writer.finish()
-    manifest = {"settings": settings, "splits": {n: w.counts() for n, w in writers.items()}}
+    manifest = {"settings": settings, "splits": {n: w.counts() for n, w in writers.items()}, "truncated": truncated or []}
     _write_json(manifest_path, manifest)
     (out / "progress.json").unlink(missing_ok=True)
     for tail in out.glob("*.tail.*.npy"):
         tail.unlink()
     return manifest
-
-
-# --------------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------------
-
-
-class _StoredTeacherSplit(_Split):
-    """A prepared split whose sequences carry the teacher's fields precomputed (LET-dagger)."""
-
-    def __init__(self, stream: _Stream, seq_len: int, rows: dict[str, _Stream], teacher_seq_len: int, pad_id: int) -> None:
-        super().__init__(stream, seq_len)
-        self.rows, self.teacher_seq_len, self.pad_id = rows, teacher_seq_len, pad_id
-
-    def teacher_fields(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        t, s = self.teacher_seq_len, self.seq_len
-        get = lambda key, i, n: self.rows[key].get(i * n, (i + 1) * n).astype(np.int64)  # noqa: E731
-        ids = torch.from_numpy(np.stack([get("ids", i, t) for i in indices]))
-        count = torch.from_numpy(np.concatenate([get("count", i, 1) for i in indices]))
-        return {"teacher_input_ids": ids,
-                "teacher_attention_mask": (torch.arange(t)[None, :] < count[:, None]).long(),
-                "teacher_index": torch.from_numpy(np.stack([get("index", i, s) for i in indices]))}
-
-
-def _prepared_splits(path: Path, student: _Encoder | None, teacher: _Encoder | None,
-                     seq_len: int) -> tuple[_Split, _Split | None, int]:
-    """Train and eval splits of a prepared dir (with the teacher's fields when ``teacher``) and
-    the teacher sequence length."""
-    manifest = json.loads((path / "manifest.json").read_text())
-    settings = manifest.get("settings", {})
-    if settings.get("format") != FORMAT:
-        raise DataError(f"{path / 'manifest.json'}: format {settings.get('format')!r}, expected {FORMAT!r}")
-    where = f"task.text.train_path={str(path)!r}"
-    for role, encoder, stored in (("student", student, settings["tokenizer"]), ("teacher", teacher, settings["teacher"])):
-        if encoder is None:
-            continue
-        if stored is None:
-            raise DataError(f"{where} holds no teacher fields, and the teacher's tokenizer differs from the student's: "
-                             "run alignkit prepare with this recipe (it stores them)")
-        if tokenizer_fingerprint(encoder) != stored["fingerprint"]:
-            raise DataError(
-                f"{where} was prepared with {role} tokenizer {stored['name'] or '?'} (fingerprint {stored['fingerprint']}), "
-                f"not this {role}'s (fingerprint {tokenizer_fingerprint(encoder)}): run alignkit prepare again with this recipe"
-            )
-    if teacher is not None and settings["teacher"]["seq_len"] != seq_len:
-        raise DataError(f"{where} holds teacher fields for task.seq_len={settings['teacher']['seq_len']}, not {seq_len}")
-
-    def stream(name: str) -> _Stream | None:
-        shards = manifest["splits"][name]["shards"]
-        arrays = [np.load(path / f"{name}_{i:05d}.npy", mmap_mode="r") for i in range(shards)]
-        return _Stream(arrays) if arrays else None
-
-    def split(name: str) -> _Split | None:
-        ids = stream(name)
-        if ids is None or teacher is None:
-            return _Split(ids, seq_len) if ids is not None else None
-        rows = {k: stream(f"{name}-teacher_{k}") for k in ("ids", "index", "count")}
-        return _StoredTeacherSplit(ids, seq_len, rows, settings["teacher"]["teacher_seq_len"], teacher.pad_id)  # type: ignore[arg-type]
-
-    train = split("train")
-    assert train is not None
-    return train, split("eval"), settings["teacher"]["teacher_seq_len"] if teacher is not None else 0
-
-
-def build_token_data(cfg: TextDataConfig, tokenizer: Any, teacher_tokenizer: Any, seq_len: int, **common: Any) -> TextData:
-    """``source: tokens``: a prepared directory (its own eval split; the teacher's fields when
-    its tokenizer differs) or ``.npy`` / ``.bin`` shards (the last ``eval_fraction`` of the
-    sequences held out unless ``eval_path`` is given)."""
-    student = _Encoder(tokenizer, "student tokenizer") if tokenizer is not None else None
-    teacher = teacher_encoder(student, teacher_tokenizer) if student is not None else None
-    prepared = Path(cfg.train_path).expanduser()
-    teacher_len = 0
-    if (prepared / "manifest.json").is_file():
-        train_split, eval_split, teacher_len = _prepared_splits(prepared, student, teacher, seq_len)
-        if cfg.eval_path:
-            eval_split = _Split(_Stream(_load_token_shards(cfg.eval_path, "eval_path", cfg.token_dtype)), seq_len)
-    else:
-        if teacher is not None:
-            raise DataError(
-                "task.text.source='tokens' with plain shards has no text, so a teacher with a different tokenizer "
-                "cannot be aligned: prepare the data with alignkit prepare (it stores the teacher's side) or use a text source"
-            )
-        stream = _Stream(_load_token_shards(cfg.train_path, "train_path", cfg.token_dtype))
-        if cfg.eval_path:
-            train_split = _Split(stream, seq_len)
-            eval_split = _Split(_Stream(_load_token_shards(cfg.eval_path, "eval_path", cfg.token_dtype)), seq_len)
-        else:
-            n_total = len(stream) // seq_len
-            n_eval = math.ceil(cfg.eval_fraction * n_total) if cfg.eval_fraction > 0 and n_total >= 2 else 0
-            cut = (n_total - n_eval) * seq_len
-            train_split = _Split(stream.view(0, cut) if n_eval else stream, seq_len)
-            eval_split = _Split(stream.view(cut, n_total * seq_len), seq_len) if n_eval else None
-    if student is not None:
-        probe = train_split.stream.get(0, min(len(train_split.stream), 1_000_000))
-        if probe.size and int(probe.max()) >= student.vocab_size:
-            raise DataError(
-                f"task.text.train_path={cfg.train_path!r}: token id {int(probe.max())} >= tokenizer "
-                f"vocab size {student.vocab_size} (wrong task.text.token_dtype or tokenizer?)"
-            )
-    if train_split.num_sequences == 0:
-        raise DataError(
-            f"task.text.train_path={cfg.train_path!r}: found {len(train_split.stream)} tokens, but one "
-            f"sequence needs seq_len={seq_len}"
-        )
-    return TextData(train_split, eval_split, seq_len, student=student, teacher=teacher, teacher_seq_len=teacher_len, **common)
