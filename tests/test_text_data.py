@@ -515,7 +515,7 @@ def write_jsonl(path: Path, docs: list[str]) -> Path:
 
 def test_streaming_bounded_read_ahead_and_exact_resume(tmp_path, monkeypatch):
     from alignkit.tasks import text_stream
-    from alignkit.tasks.text_data import _Encoder
+    from alignkit.tasks.text_packing import Encoder
 
     tok = word_tokenizer()
     docs = make_docs(200, words_per_doc=3) * 10  # 2000 documents of 4 tokens
@@ -540,7 +540,7 @@ def test_streaming_bounded_read_ahead_and_exact_resume(tmp_path, monkeypatch):
 
     def make():
         return text_stream.StreamingTextData(stream_cfg(path, eval_fraction=0.0), "test corpus", None, seq, chunk_docs=chunk,
-                                             prefetch=prefetch, student=_Encoder(tok))
+                                             prefetch=prefetch, student=Encoder(tok))
 
     data = make()
     it = data.train_batches(micro)

@@ -46,7 +46,6 @@ from alignkit.tasks.text_stream import StreamingTextData
 from alignkit.tasks.token_reader import build_token_data
 
 _PROGRESS_MIN_CHARS = 2_000_000  # show a tqdm bar only when tokenization takes noticeable time
-_Encoder = Encoder  # the name this module exported before the packing pieces were made public
 
 
 def _split_documents(
