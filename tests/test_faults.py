@@ -6,6 +6,7 @@ import errno
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from alignkit.core import checkpoint as ckpt
+from alignkit.core import checkpoint_integrity as integrity
 from alignkit.core.config import AlignConfig, TrainConfig
 from alignkit.core.distributed import cleanup, init_distributed
 from alignkit.core.engine import build_engine
@@ -257,10 +259,14 @@ def test_a_one_process_run_never_reads_a_planted_sharded_folder(tmp_path, monkey
     (checkpoint / ckpt.SHARDED).mkdir()
     (checkpoint / ckpt.SHARDED / ".metadata").write_bytes(b"not a pickle anyone should load")
     monkeypatch.setattr(ckpt.dcp, "load", lambda *a, **k: pytest.fail("DCP was asked to load"))
+    with pytest.warns(UserWarning, match=r"sharded/\.metadata is not in the manifest"):  # a file it never wrote
+        assert make(tmp_path).resume_latest() is None
+    shutil.rmtree(checkpoint / ckpt.SHARDED)
     resumed = make(tmp_path)
     assert resumed.resume_latest() == checkpoint and resumed.step == 3
     assert json.loads((checkpoint / "trainer.json").read_text())["sharded"] is False
     record = json.loads((checkpoint / "trainer.json").read_text()) | {"sharded": True}
     (checkpoint / "trainer.json").write_text(json.dumps(record))
+    integrity.write_manifest(checkpoint, [integrity.digests(checkpoint)])  # the flag, not the checksum, refuses
     with pytest.raises(CheckpointError, match="written with train.parallel=fsdp"):
         make(tmp_path).resume(checkpoint)

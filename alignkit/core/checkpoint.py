@@ -28,8 +28,10 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from alignkit.core.checkpoint_integrity import RestrictedPlanner, RestrictedReader
 from alignkit.core.errors import CheckpointError
 
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -227,9 +229,9 @@ def _load_weights(directory: Path, module: nn.Module, optimizer: torch.optim.Opt
         prepare()
         model_state, optim_state = get_state_dict(module, optimizer)
         state = {"model": model_state, "optim": optim_state}
-        try:
-            dcp.load(state, checkpoint_id=str(directory / SHARDED))
-        except Exception as err:  # noqa: BLE001 -- DCP wraps file errors in its own types
+        try:  # DCP unpickles: its metadata and non-tensor items go through allowlists
+            dcp.load(state, storage_reader=RestrictedReader(directory / SHARDED), planner=RestrictedPlanner())
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 -- DCP's own is a BaseException
             raise _unreadable(directory / SHARDED, err) from None
         set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         return
