@@ -270,3 +270,105 @@ def test_a_one_process_run_never_reads_a_planted_sharded_folder(tmp_path, monkey
     integrity.write_manifest(checkpoint, [integrity.digests(checkpoint)])  # the flag, not the checksum, refuses
     with pytest.raises(CheckpointError, match="written with train.parallel=fsdp"):
         make(tmp_path).resume(checkpoint)
+
+
+def _damage(path: Path, rng) -> str:
+    """Flip one random bit of ``path`` or cut it short; says which."""
+    data = bytearray(path.read_bytes())
+    if data and rng.random() < 0.5:
+        at = rng.randrange(len(data))
+        data[at] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(data))
+        return f"bit flip at byte {at}"
+    path.write_bytes(bytes(data[:rng.randrange(len(data))]) if data else b"x")
+    return "truncation"
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory) -> Path:
+    """A run stopped after step 6, with the checkpoints of steps 3 and 6."""
+    run_dir = tmp_path_factory.mktemp("six_steps")
+    trainer = make(run_dir)
+    trainer.cfg.steps = 6
+    trainer.fit()
+    return run_dir
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_corruption_soak_never_resumes_from_damaged_checkpoint_files(tmp_path, reference, six_steps, seed):
+    """A seeded bit flip or truncation in any file of any checkpoint: the resume falls back
+    to an intact checkpoint (warning naming the file) and ends equal to the clean run, or
+    refuses with one line: never a silent divergence."""
+    import random
+    import warnings
+
+    rng = random.Random(seed)
+    run_dir = tmp_path / "run"
+    shutil.copytree(six_steps, run_dir)
+    files = sorted(p for p in (run_dir / "checkpoints").rglob("*") if p.is_file())
+    victim = rng.choice(files)
+    how = _damage(victim, rng)
+    resumed = make(run_dir)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            start = resumed.resume_latest()
+    except CheckpointError as err:
+        assert "\n" not in str(err), how
+        return
+    damaged_newest = victim.is_relative_to(ckpt.checkpoint_path(run_dir, 6))
+    assert start.name == ("step_000003" if damaged_newest else "step_000006"), (victim, how)
+    if damaged_newest:
+        assert any(victim.name in str(w.message) or "manifest" in str(w.message) for w in caught), (victim, how)
+    resumed.fit()
+    assert records(run_dir) == records(reference), (victim, how)
+    ref = final_weights(reference)
+    assert all(torch.equal(ref[k], v) for k, v in final_weights(run_dir).items()), (victim, how)
+
+
+def test_a_checkpoint_without_its_manifest_is_skipped_unless_written_before_checksums(tmp_path, six_steps):
+    shutil.copytree(six_steps, tmp_path / "run")
+    run_dir = tmp_path / "run"
+    newest, older = ckpt.checkpoint_path(run_dir, 6), ckpt.checkpoint_path(run_dir, 3)
+    (newest / integrity.MANIFEST).unlink()  # trainer.json says it had one: damage
+    with pytest.warns(UserWarning, match="manifest.json is missing"):
+        assert make(run_dir).resume_latest() == older
+    (older / integrity.MANIFEST).unlink()  # as written before checksums: loaded, with a warning
+    record = {k: v for k, v in json.loads((older / "trainer.json").read_text()).items() if k != "checksums"}
+    (older / "trainer.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="before checkpoints had checksums"):
+        assert make(run_dir).resume_latest() == older
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_dcp_metadata_and_items_are_unpickled_through_allowlists(tmp_path):
+    """A real DCP checkpoint loads through the restricted reader and planner; a metadata pickle
+    or a non-tensor item that names any other callable is refused before it runs."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    model = torch.nn.Linear(3, 2)
+    saved = {"model": model.state_dict(), "hyper": {"lr": 0.1, "betas": (0.9, 0.95), "name": "adamw"}}
+    dcp.save(saved, checkpoint_id=str(tmp_path / "ok"), no_dist=True)
+    target = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()},
+              "hyper": {"lr": 0.0, "betas": (), "name": ""}}
+    dcp.load(target, storage_reader=integrity.RestrictedReader(tmp_path / "ok"), planner=integrity.RestrictedPlanner(),
+             no_dist=True)
+    assert torch.equal(target["model"]["weight"], model.weight) and target["hyper"]["betas"] == (0.9, 0.95)
+    marker = tmp_path / "code_ran"
+    (tmp_path / "ok" / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(BaseException, match="not part of a checkpoint's metadata"):
+        dcp.load(target, storage_reader=integrity.RestrictedReader(tmp_path / "ok"), no_dist=True)
+    dcp.save({"hyper": {"payload": _RunsCode(marker)}}, checkpoint_id=str(tmp_path / "item"), no_dist=True)
+    with pytest.raises(BaseException, match="Weights only load failed"):
+        dcp.load({"hyper": {"payload": None}}, storage_reader=integrity.RestrictedReader(tmp_path / "item"),
+                 planner=integrity.RestrictedPlanner(), no_dist=True)
+    assert not marker.exists()
