@@ -372,3 +372,38 @@ def test_dcp_metadata_and_items_are_unpickled_through_allowlists(tmp_path):
         dcp.load({"hyper": {"payload": None}}, storage_reader=integrity.RestrictedReader(tmp_path / "item"),
                  planner=integrity.RestrictedPlanner(), no_dist=True)
     assert not marker.exists()
+
+
+def test_a_full_disk_during_the_final_export_is_one_line_and_leaves_no_partial_final(tmp_path, monkeypatch):
+    trainer = make(tmp_path)
+    trainer.cfg.steps = 3
+    export = trainer.task.export
+
+    def fills_the_disk(student, directory):
+        export(student, directory)  # part of the export is written, then the disk is full
+        raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                           'left on device" })')  # safetensors' SafetensorError, as torch-free text
+
+    monkeypatch.setattr(trainer.task, "export", lambda student, directory: (
+        fills_the_disk(student, directory) if directory.name.endswith("final") else export(student, directory)))
+    with pytest.raises(CheckpointError) as err:
+        trainer.fit()
+    assert "\n" not in str(err.value) and "cannot write the final export" in str(err.value)
+    assert "no space left on device" in str(err.value)
+    assert not (tmp_path / "final").exists() and not (tmp_path / ".tmp_final").exists()
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_000003"
+
+
+def test_torch_short_write_reads_as_a_full_disk(tmp_path):
+    """torch's zip writer reports a full disk as a position mismatch, even with space left now."""
+    err = ckpt.write_error(RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 9088 vs 8980"), tmp_path)
+    assert f"cannot write checkpoint {tmp_path}: no space left on device" in str(err)
+
+
+def test_ddp_on_one_process_trains_unwrapped_with_a_notice():
+    from alignkit.core.distributed import DistInfo
+    from alignkit.core.parallel import resolve_parallel
+
+    with pytest.warns(UserWarning, match="train.parallel=ddp on one process: training without DDP"):
+        assert resolve_parallel(TrainConfig(parallel="ddp"), DistInfo()) == "none"
+    assert resolve_parallel(TrainConfig(parallel="ddp"), DistInfo(rank=0, world_size=2)) == "ddp"

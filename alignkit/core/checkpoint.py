@@ -136,13 +136,18 @@ def first_line(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
+# how a full disk (or quota) reads when it is not an OSError: torch's zip writer after a short
+# write ("unexpected pos 9088 vs 8980"), safetensors' wrapped Rust I/O error
+_FULL_DISK_SIGNS = ("No space left on device", "StorageFull", "unexpected pos", "PytorchStreamWriter failed writing")
+
+
 def write_error(err: BaseException, directory: Path, what: str = "checkpoint") -> CheckpointError:
     """A one-line reason for a failed checkpoint (or export) write (torch reports a full disk
     as ``unexpected pos``, safetensors as an I/O error, so the disk is asked directly)."""
     failures = getattr(err, "failures", None)  # DCP's CheckpointException: {rank: (error, traceback)}
     if isinstance(failures, dict) and failures:  # every rank gets the same: the first failed rank's error
         err = failures[min(failures)][0]
-    full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+    full = isinstance(err, OSError) and err.errno == errno.ENOSPC or any(sign in str(err) for sign in _FULL_DISK_SIGNS)
     try:
         full = full or shutil.disk_usage(directory.parent if not directory.exists() else directory).free < 2**20
     except OSError:
@@ -195,6 +200,20 @@ def save_sharded(directory: Path, module: nn.Module, optimizer: torch.optim.Opti
     (every rank writes its own shards into ``directory/sharded``)."""
     model_state, optim_state = get_state_dict(module, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / SHARDED))
+
+
+def export_staged(export: Callable[[Path], None], final: Path) -> None:
+    """``export(folder)`` into a staging folder beside ``final``, then renamed to it: a failed
+    export (a full disk) leaves no partial ``final`` behind."""
+    staging = final.with_name(f".tmp_{final.name}")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier, killed export
+    try:
+        export(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
 
 
 def publish(staging: Path, run_dir: Path, step: int, keep: int) -> Path:
