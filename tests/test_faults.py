@@ -407,3 +407,23 @@ def test_ddp_on_one_process_trains_unwrapped_with_a_notice():
     with pytest.warns(UserWarning, match="train.parallel=ddp on one process: training without DDP"):
         assert resolve_parallel(TrainConfig(parallel="ddp"), DistInfo()) == "none"
     assert resolve_parallel(TrainConfig(parallel="ddp"), DistInfo(rank=0, world_size=2)) == "ddp"
+
+
+@pytest.mark.parametrize("raised, code", [("launcher", 143), ((143, 143), 143), ((130,), 130), ((143, 1), 1), ((1,), 1)])
+def test_the_launcher_exits_128_plus_signal_for_a_stopped_run(monkeypatch, raised, code):
+    """torchrun exits 1 for a SIGTERM to itself (SignalException) or to its workers (they save
+    and exit 143: ChildFailedError); alignkit.launch keeps the stopped run's code."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    import alignkit.launch
+
+    def torchrun(argv):
+        if raised == "launcher":
+            raise SignalException("got signal: 15", sigval=signal.SIGTERM)
+        failures = {rank: ProcessFailure(local_rank=rank, pid=1, exitcode=exit_code, error_file="")
+                    for rank, exit_code in enumerate(raised)}
+        raise ChildFailedError("alignkit", failures)
+
+    monkeypatch.setattr(alignkit.launch, "torchrun", torchrun)
+    assert alignkit.launch.main(["--nproc_per_node", "2", "-m", "alignkit"]) == code
