@@ -147,7 +147,7 @@ def write_error(err: BaseException, directory: Path, what: str = "checkpoint") -
     failures = getattr(err, "failures", None)  # DCP's CheckpointException: {rank: (error, traceback)}
     if isinstance(failures, dict) and failures:  # every rank gets the same: the first failed rank's error
         err = failures[min(failures)][0]
-    full = isinstance(err, OSError) and err.errno == errno.ENOSPC or any(sign in str(err) for sign in _FULL_DISK_SIGNS)
+    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or any(sign in str(err) for sign in _FULL_DISK_SIGNS)
     try:
         full = full or shutil.disk_usage(directory.parent if not directory.exists() else directory).free < 2**20
     except OSError:
