@@ -2,14 +2,15 @@
 loaded with ``weights_only=True``), step/tokens/data position (JSON), per-rank RNG state.
 
 Layout: ``RUN_DIR/checkpoints/step_000100/{state.safetensors, optimizer.pt, trainer.json,
-rng_rank0.json, data_rank0.json, model/}``; under ``train.parallel=fsdp`` the weights and optimizer
+rng_rank0.json, data_rank0.json, model/, manifest.json}`` (the manifest: every file's checksum,
+:mod:`alignkit.core.checkpoint_integrity`); under ``train.parallel=fsdp`` the weights and optimizer
 are instead ``sharded/`` (``torch.distributed.checkpoint``: each rank writes its own shards, no
 gather) and there is no ``model/``. ``model/`` is the task's export (Hugging Face format
 for text) that users open directly. The trainer adds ``best.safetensors`` (the weights selected by
 ``train.select_metric`` so far) and ``ema.safetensors`` when those are on. A checkpoint is written to a temporary folder and renamed,
-so an interruption never leaves a half-written one behind. Checkpoints are ordered by their
-parsed step (``step_1000000`` after ``step_999000``); a newest checkpoint that cannot be read is
-skipped with a warning in favour of the one before it.
+so an interruption never leaves a half-written one behind; so is ``final/``. Checkpoints are ordered by their
+parsed step (``step_1000000`` after ``step_999000``); a newest checkpoint that fails its checksums
+or cannot be read is skipped with a warning in favour of the one before it.
 """
 from __future__ import annotations
 
