@@ -114,7 +114,7 @@ def test_refused_and_failed_starts_leave_nothing_behind(tmp_path, capsys, monkey
     (["task.text.source=tokens", "task.text.train_path=GARBAGE"], "not a readable token shard"),
     (["train.log_every=${nosuch.key}"], "config key 'train.log_every': Interpolation key 'nosuch.key' not found"),
     (["train.log_every=${nosuch:x}"], "config key 'train.log_every': Unsupported interpolation type nosuch"),
-    (["train.steps=100000000000000000000000000000"], "train.steps=100000000000000000000000000000: must be in [1, "),
+    (["train.steps=100000000000000000000000000000"], "train.steps=100000000000000000000000000000: must be <= 1000000000000"),
 ])
 def test_values_are_checked_at_load_time(tmp_path, capsys, overrides, message):
     garbage = tmp_path / "tokens.npy"

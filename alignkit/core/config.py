@@ -36,6 +36,15 @@ def at_least(low: float) -> Rule:
     return lambda v: None if v >= low else f"must be >= {low}"
 
 
+def at_most(high: float, why: str = "") -> Rule:
+    return lambda v: None if v <= high else f"must be <= {high}" + (f" ({why})" if why else "")
+
+
+def all_of(*rules: Rule) -> Rule:
+    """The first problem any of ``rules`` finds."""
+    return lambda v: next((m for rule in rules if (m := rule(v))), None)
+
+
 def above(low: float) -> Rule:
     return lambda v: None if v > low else f"must be > {low}"
 
@@ -164,7 +173,7 @@ MAX_STEPS = 10**12
 
 @dataclass
 class TrainConfig:
-    steps: int = checked(1000, between(1, MAX_STEPS))
+    steps: int = checked(1000, all_of(at_least(1), at_most(MAX_STEPS, "31 years at 1000 steps/s")))
     micro_batch_size: int = checked(8, at_least(1))
     grad_accum: int = checked(1, at_least(1))
     optimizer: str = "adamw"  # registry key (core/optim.py): adamw | adam | sgd (momentum betas[0]) | (yours)
