@@ -69,9 +69,12 @@ def preset_dirs() -> dict[str, list[Path]]:
 
 
 def _run_name_problem(name: str) -> str | None:
-    """Run names are single folder names inside output_dir (no ``..``, ``/`` or absolute paths)."""
+    """Run names are single folder names inside output_dir (no ``..``, ``/`` or absolute paths),
+    printable, without surrounding whitespace (a name a shell and a log line show as it is)."""
     if name and (name in (".", "..") or "/" in name or "\\" in name or Path(name).name != name):
         return f"run_name={name!r}: must be a single folder name (no '/', '..' or absolute path)"
+    if name and (name.strip() != name or not name.isprintable()):
+        return f"run_name={name!r}: must be printable, without line breaks or surrounding whitespace"
     return None
 
 

@@ -5,10 +5,16 @@ with the run's ``config.yaml`` (never rewritten): changes that would break exact
 data, batch, seed, alignment, ...) are refused with the list of them; the safe ones users need
 (``train.steps`` longer, eval/save/log cadence, checkpoints kept) are allowed and recorded in
 ``resumes.jsonl``. A finished run (``results.json``) is left as it is.
+
+A new run's folder is ``output_dir/run_name`` itself, never a symlink out of it. A new run that
+fails before it has written anything but its claim (``config.yaml``, ``.lock``) leaves no folder,
+so the same command can simply be run again; ``--resume`` of a folder that is not a run is
+refused before anything is written there.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +23,7 @@ from omegaconf import OmegaConf
 
 from alignkit.core.checkpoint import checkpoint_dirs, checkpoint_step
 from alignkit.core.errors import ConfigError, MissingFile, RunDirError
+from alignkit.core.folder_lock import LOCK_FILE
 from alignkit.experiment import ExperimentConfig, load_experiment, save_resolved
 
 # placement and cadence only: none of these changes a number the run computes (tests pin it)
@@ -24,6 +31,7 @@ SAFE_CHANGES = ("train.steps", "train.eval_every", "train.save_every", "train.lo
                 "train.loggers", "teacher.options.shard")
 NOT_COMPARED = ("run_name", "output_dir")  # the folder itself is named by --resume
 RESUMES_FILE = "resumes.jsonl"
+CLAIM_FILES = {"config.yaml", LOCK_FILE}  # what a new run writes before its first step
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -69,6 +77,31 @@ def is_finished(run_dir: Path, cfg: ExperimentConfig) -> bool:
     return (run_dir / "results.json").is_file() and last_step(run_dir) >= cfg.train.steps
 
 
+def new_run_dir(output_dir: str, name: str) -> Path:
+    """``output_dir/name``, refused when it is a symlink (it would lead the run elsewhere)."""
+    run_dir = Path(output_dir) / name
+    if run_dir.is_symlink() or run_dir.resolve().parent != Path(output_dir).resolve():
+        raise RunDirError(f"{run_dir} is a link to {run_dir.resolve()}: a run folder must be a plain folder inside "
+                          f"output_dir={output_dir} (remove the link or choose another run_name)")
+    return run_dir
+
+
+def existing_run(path: str) -> Path:
+    """The run folder ``--resume`` names, refused before anything is written there if it is not one."""
+    run_dir = Path(path)
+    if not run_dir.is_dir():
+        raise RunDirError(f"--resume {path}: no such run directory")
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirError(f"--resume {path}: no config.yaml there; is it a run folder?")
+    return run_dir
+
+
+def discard_unstarted(run_dir: Path) -> None:
+    """Remove a new run's folder that holds only its claim (the run failed before its first step)."""
+    if run_dir.is_dir() and not {p.name for p in run_dir.iterdir()} - CLAIM_FILES:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def open_new(cfg: ExperimentConfig, run_dir: Path) -> None:
     """Claim ``run_dir`` for a new run (main rank, lock held) and save the resolved config."""
     if (run_dir / "config.yaml").exists() or (run_dir / "metrics.jsonl").exists():
@@ -80,9 +113,7 @@ def open_new(cfg: ExperimentConfig, run_dir: Path) -> None:
 def open_resumed(cfg: ExperimentConfig, run_dir: Path) -> bool:
     """Check a resume of ``run_dir`` (main rank, lock held); record it. False when there is no
     checkpoint yet, so the run starts over in the same folder."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise RunDirError(f"--resume {run_dir}: no config.yaml there; is it a run folder?")
+    saved = existing_run(str(run_dir)) / "config.yaml"
     changes = config_changes(saved, cfg)
     unsafe = {k: v for k, v in changes.items() if k not in SAFE_CHANGES}
     if unsafe:

@@ -32,22 +32,20 @@ from alignkit.core.folder_lock import FolderLock
 from alignkit.core.parallel import shard_teacher
 from alignkit.core.trainer import Trainer
 from alignkit.experiment import ExperimentConfig
-from alignkit.run_folder import is_finished, open_new, open_resumed
+from alignkit.run_folder import discard_unstarted, existing_run, is_finished, new_run_dir, open_new, open_resumed
 from alignkit.tasks import build_task
 from alignkit.teacher_stage import with_pretrained_teachers
 
 
 def run_dir_for(cfg: ExperimentConfig, config_path: str | None, resume: str | None, info: DistInfo) -> Path:
     if resume:
-        if not Path(resume).is_dir():
-            raise RunDirError(f"--resume {resume}: no such run directory")
-        return Path(resume)
+        return existing_run(resume)
     name = cfg.run_name or f"{Path(config_path).stem if config_path else 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     if info.world_size > 1:  # every rank must agree on the folder
         holder = [name]
         dist.broadcast_object_list(holder, src=0)
         name = holder[0]
-    return Path(cfg.output_dir) / name
+    return new_run_dir(cfg.output_dir, name)
 
 
 def _warn_remote_code(cfg: ExperimentConfig) -> None:
@@ -81,6 +79,10 @@ def run(cfg: ExperimentConfig, config_path: str | None = None, resume: str | Non
             raise failure or RunDirError(f"{run_dir} was refused on rank 0 (its message says why)")
         try:
             return _train(cfg, run_dir, bool(resume), info, device, progress)
+        except Exception as err:  # an Interrupted teacher stage continues with --resume of this folder
+            if info.is_main and not resume and not isinstance(err, Interrupted):
+                discard_unstarted(run_dir)
+            raise
         finally:
             lock.release()
     finally:

@@ -7,7 +7,8 @@ SPEC: ``{"runs": [[arg, ...], ...], "faults": [...], "out": DIR}``. A fault
 ``{"run": i, "target": "module:Class.attr", "rank": r, "call": n, "error": "OSError"}`` makes
 that callable raise ``error`` on its ``n``-th call (1-based) during run ``i`` on rank ``r``
 (-1: every rank). Each rank writes ``OUT/rank<r>.json``: per run, the exit code and the last
-line it printed to stderr.
+line it printed to stderr,
+and its warnings.
 """
 import builtins
 import contextlib
@@ -67,7 +68,8 @@ def run_all(spec: dict[str, Any]) -> None:
         with faults_of(index, spec.get("faults", []), rank), contextlib.redirect_stderr(err):
             code = main([*args, "--no-progress"])
         lines = [line for line in err.getvalue().splitlines() if line.startswith("alignkit:")]
-        results.append({"code": code, "message": lines[-1] if lines else ""})
+        warned = [line for line in err.getvalue().splitlines() if "Warning:" in line]
+        results.append({"code": code, "message": lines[-1] if lines else "", "warnings": warned})
     Path(spec["out"], f"rank{rank}.json").write_text(json.dumps(results))
     cleanup()
 

@@ -80,6 +80,21 @@ def test_interrupted_eval_under_fsdp_resumes_exactly(tmp_path):
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
 
 
+def test_a_damaged_newest_fsdp_checkpoint_is_skipped_for_the_previous(tmp_path):
+    """A truncated shard of the newest checkpoint fails its checksum on the rank that checks
+    it; both ranks skip that checkpoint (naming the file) and resume from the one before."""
+    fsdp = ["train.micro_batch_size=1", "train.parallel=fsdp"]
+    launch(tmp_path, [train_args(tmp_path, "full", *fsdp), train_args(tmp_path, "cut", *fsdp)])
+    shard = sorted((tmp_path / "cut" / "checkpoints" / "step_000004" / "sharded").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    (tmp_path / "cut" / "results.json").unlink()  # as if killed after its last checkpoint
+    ranks = launch(tmp_path, [["train", "--resume", str(tmp_path / "cut")]])
+    for rank in ranks:
+        assert rank[0]["code"] == 0, rank
+        assert any("skipping checkpoint step_000004" in w and shard.name in w for w in rank[0]["warnings"]), rank
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
 CHECKPOINT = "alignkit.core.checkpoint"
 FAULTS = [  # (where, which rank, which call): each is one run's only fault
     (f"{CHECKPOINT}:staging_dir", 0, 1),

@@ -6,6 +6,7 @@ import errno
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from alignkit.core import checkpoint as ckpt
+from alignkit.core import checkpoint_integrity as integrity
 from alignkit.core.config import AlignConfig, TrainConfig
 from alignkit.core.distributed import cleanup, init_distributed
 from alignkit.core.engine import build_engine
@@ -257,11 +259,15 @@ def test_a_one_process_run_never_reads_a_planted_sharded_folder(tmp_path, monkey
     (checkpoint / ckpt.SHARDED).mkdir()
     (checkpoint / ckpt.SHARDED / ".metadata").write_bytes(b"not a pickle anyone should load")
     monkeypatch.setattr(ckpt.dcp, "load", lambda *a, **k: pytest.fail("DCP was asked to load"))
+    with pytest.warns(UserWarning, match=r"sharded/\.metadata is not in the manifest"):  # a file it never wrote
+        assert make(tmp_path).resume_latest() is None
+    shutil.rmtree(checkpoint / ckpt.SHARDED)
     resumed = make(tmp_path)
     assert resumed.resume_latest() == checkpoint and resumed.step == 3
     assert json.loads((checkpoint / "trainer.json").read_text())["sharded"] is False
     record = json.loads((checkpoint / "trainer.json").read_text()) | {"sharded": True}
     (checkpoint / "trainer.json").write_text(json.dumps(record))
+    integrity.write_manifest(checkpoint, [integrity.digests(checkpoint)])  # the flag, not the checksum, refuses
     with pytest.raises(CheckpointError, match="written with train.parallel=fsdp"):
         make(tmp_path).resume(checkpoint)
 
@@ -347,3 +353,148 @@ def test_corruption_soak_of_the_teacher_cache_falls_back_to_the_teacher(tmp_path
 
     counts = soak(SOAK_TRIALS, SOAK_SEED, corrupt_and_run, clean)
     assert counts["equal"] == SOAK_TRIALS  # the cache never refuses: it runs the teacher instead
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory) -> Path:
+    """A run stopped after step 6, with the checkpoints of steps 3 and 6."""
+    run_dir = tmp_path_factory.mktemp("six_steps")
+    trainer = make(run_dir)
+    trainer.cfg.steps = 6
+    trainer.fit()
+    return run_dir
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_corruption_soak_never_resumes_from_damaged_checkpoint_files(tmp_path, reference, six_steps, seed):
+    """A seeded bit flip or truncation in any file of any checkpoint: the resume falls back
+    to an intact checkpoint (warning naming the file) and ends equal to the clean run, or
+    refuses with one line: never a silent divergence."""
+    import random
+    import warnings
+
+    rng = random.Random(seed)
+    run_dir = tmp_path / "run"
+    shutil.copytree(six_steps, run_dir)
+    files = sorted(p for p in (run_dir / "checkpoints").rglob("*") if p.is_file())
+    victim = rng.choice(files)
+    how = damage(victim, rng)
+    resumed = make(run_dir)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            start = resumed.resume_latest()
+    except CheckpointError as err:
+        assert "\n" not in str(err), how
+        return
+    damaged_newest = victim.is_relative_to(ckpt.checkpoint_path(run_dir, 6))
+    assert start.name == ("step_000003" if damaged_newest else "step_000006"), (victim, how)
+    if damaged_newest:
+        assert any(victim.name in str(w.message) or "manifest" in str(w.message) for w in caught), (victim, how)
+    resumed.fit()
+    assert records(run_dir) == records(reference), (victim, how)
+    ref = final_weights(reference)
+    assert all(torch.equal(ref[k], v) for k, v in final_weights(run_dir).items()), (victim, how)
+
+
+def test_a_checkpoint_without_its_manifest_is_skipped_unless_written_before_checksums(tmp_path, six_steps):
+    shutil.copytree(six_steps, tmp_path / "run")
+    run_dir = tmp_path / "run"
+    newest, older = ckpt.checkpoint_path(run_dir, 6), ckpt.checkpoint_path(run_dir, 3)
+    (newest / integrity.MANIFEST).unlink()  # trainer.json says it had one: damage
+    with pytest.warns(UserWarning, match="manifest.json is missing"):
+        assert make(run_dir).resume_latest() == older
+    (older / integrity.MANIFEST).unlink()  # as written before checksums: loaded, with a warning
+    record = {k: v for k, v in json.loads((older / "trainer.json").read_text()).items() if k != "checksums"}
+    (older / "trainer.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="before checkpoints had checksums"):
+        assert make(run_dir).resume_latest() == older
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_dcp_metadata_and_items_are_unpickled_through_allowlists(tmp_path):
+    """A real DCP checkpoint loads through the restricted reader and planner; a metadata pickle
+    or a non-tensor item that names any other callable is refused before it runs."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    model = torch.nn.Linear(3, 2)
+    saved = {"model": model.state_dict(), "hyper": {"lr": 0.1, "betas": (0.9, 0.95), "name": "adamw"}}
+    dcp.save(saved, checkpoint_id=str(tmp_path / "ok"), no_dist=True)
+    target = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()},
+              "hyper": {"lr": 0.0, "betas": (), "name": ""}}
+    dcp.load(target, storage_reader=integrity.RestrictedReader(tmp_path / "ok"), planner=integrity.RestrictedPlanner(),
+             no_dist=True)
+    assert torch.equal(target["model"]["weight"], model.weight) and target["hyper"]["betas"] == (0.9, 0.95)
+    marker = tmp_path / "code_ran"
+    (tmp_path / "ok" / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(BaseException, match="not part of a checkpoint's metadata"):
+        dcp.load(target, storage_reader=integrity.RestrictedReader(tmp_path / "ok"), no_dist=True)
+    dcp.save({"hyper": {"payload": _RunsCode(marker)}}, checkpoint_id=str(tmp_path / "item"), no_dist=True)
+    with pytest.raises(BaseException, match="Weights only load failed"):
+        dcp.load({"hyper": {"payload": None}}, storage_reader=integrity.RestrictedReader(tmp_path / "item"),
+                 planner=integrity.RestrictedPlanner(), no_dist=True)
+    assert not marker.exists()
+
+
+def test_a_full_disk_during_the_final_export_is_one_line_and_leaves_no_partial_final(tmp_path, monkeypatch):
+    trainer = make(tmp_path)
+    trainer.cfg.steps = 3
+    export = trainer.task.export
+
+    def fills_the_disk(student, directory):
+        export(student, directory)  # part of the export is written, then the disk is full
+        raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                           'left on device" })')  # safetensors' SafetensorError, as torch-free text
+
+    monkeypatch.setattr(trainer.task, "export", lambda student, directory: (
+        fills_the_disk(student, directory) if directory.name.endswith("final") else export(student, directory)))
+    with pytest.raises(CheckpointError) as err:
+        trainer.fit()
+    assert "\n" not in str(err.value) and "cannot write the final export" in str(err.value)
+    assert "no space left on device" in str(err.value)
+    assert not (tmp_path / "final").exists() and not (tmp_path / ".tmp_final").exists()
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_000003"
+
+
+def test_torch_short_write_reads_as_a_full_disk(tmp_path):
+    """torch's zip writer reports a full disk as a position mismatch, even with space left now."""
+    err = ckpt.write_error(RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 9088 vs 8980"), tmp_path)
+    assert f"cannot write checkpoint {tmp_path}: no space left on device" in str(err)
+
+
+def test_ddp_on_one_process_trains_unwrapped_with_a_notice():
+    from alignkit.core.distributed import DistInfo
+    from alignkit.core.parallel import resolve_parallel
+
+    with pytest.warns(UserWarning, match="train.parallel=ddp on one process: training without DDP"):
+        assert resolve_parallel(TrainConfig(parallel="ddp"), DistInfo()) == "none"
+    assert resolve_parallel(TrainConfig(parallel="ddp"), DistInfo(rank=0, world_size=2)) == "ddp"
+
+
+@pytest.mark.parametrize("raised, code", [("launcher", 143), ((143, 143), 143), ((130,), 130), ((143, 1), 1), ((1,), 1)])
+def test_the_launcher_exits_128_plus_signal_for_a_stopped_run(monkeypatch, raised, code):
+    """torchrun exits 1 for a SIGTERM to itself (SignalException) or to its workers (they save
+    and exit 143: ChildFailedError); alignkit.launch keeps the stopped run's code."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    import alignkit.launch
+
+    def torchrun(argv):
+        if raised == "launcher":
+            raise SignalException("got signal: 15", sigval=signal.SIGTERM)
+        failures = {rank: ProcessFailure(local_rank=rank, pid=1, exitcode=exit_code, error_file="")
+                    for rank, exit_code in enumerate(raised)}
+        raise ChildFailedError("alignkit", failures)
+
+    monkeypatch.setattr(alignkit.launch, "torchrun", torchrun)
+    assert alignkit.launch.main(["--nproc_per_node", "2", "-m", "alignkit"]) == code

@@ -71,6 +71,40 @@ def test_busy_unwritable_and_escaping_run_folders_are_refused(tmp_path, capsys):
     for name in ("../../x", "/tmp/abs", "${oc.env:HOME}"):
         assert train(tmp_path, name) == 2
         assert "must be a single folder name" in one_line_error(capsys)
+    for name in ('"two\\nlines"', '"   "', '" padded"'):  # YAML double quotes: \n is a line break
+        assert train(tmp_path, name) == 2
+        assert "must be printable, without line breaks" in one_line_error(capsys)
+
+
+def test_a_symlinked_run_folder_is_refused(tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "x").symlink_to(elsewhere)
+    assert train(tmp_path / "runs", "x") == 2
+    assert "a run folder must be a plain folder inside output_dir" in one_line_error(capsys)
+    assert not list(elsewhere.iterdir())
+
+
+def test_refused_and_failed_starts_leave_nothing_behind(tmp_path, capsys, monkeypatch):
+    """--resume with a recipe of a folder that is not a run writes nothing there; a new run
+    that fails before its first step leaves no folder, so the same command can run again."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert main(["train", DEBUG, "--resume", str(plain), "--no-progress"]) == 2
+    assert "is it a run folder?" in one_line_error(capsys)
+    assert not list(plain.iterdir())
+
+    import alignkit.train
+    from alignkit.core.errors import DataError
+
+    def broken(*args, **kwargs):
+        raise DataError("injected: the data cannot be read")
+
+    monkeypatch.setattr(alignkit.train, "build_trainer", broken)
+    assert train(tmp_path, "failed") == 2
+    assert "injected" in one_line_error(capsys)
+    assert not (tmp_path / "failed").exists()
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -78,6 +112,9 @@ def test_busy_unwritable_and_escaping_run_folders_are_refused(tmp_path, capsys):
     (["align.lambda0=nan", "train.log_every=0", "train.save_every=-2", "train.select_metric=val_acc"], "4 config problems"),
     (["train.betas.2=0.5"], "train.betas has 2 item(s)"),
     (["task.text.source=tokens", "task.text.train_path=GARBAGE"], "not a readable token shard"),
+    (["train.log_every=${nosuch.key}"], "config key 'train.log_every': Interpolation key 'nosuch.key' not found"),
+    (["train.log_every=${nosuch:x}"], "config key 'train.log_every': Unsupported interpolation type nosuch"),
+    (["train.steps=100000000000000000000000000000"], "train.steps=100000000000000000000000000000: must be <= 1000000000000"),
 ])
 def test_values_are_checked_at_load_time(tmp_path, capsys, overrides, message):
     garbage = tmp_path / "tokens.npy"

@@ -2,14 +2,15 @@
 loaded with ``weights_only=True``), step/tokens/data position (JSON), per-rank RNG state.
 
 Layout: ``RUN_DIR/checkpoints/step_000100/{state.safetensors, optimizer.pt, trainer.json,
-rng_rank0.json, data_rank0.json, model/}``; under ``train.parallel=fsdp`` the weights and optimizer
+rng_rank0.json, data_rank0.json, model/, manifest.json}`` (the manifest: every file's checksum,
+:mod:`alignkit.core.checkpoint_integrity`); under ``train.parallel=fsdp`` the weights and optimizer
 are instead ``sharded/`` (``torch.distributed.checkpoint``: each rank writes its own shards, no
 gather) and there is no ``model/``. ``model/`` is the task's export (Hugging Face format
 for text) that users open directly. The trainer adds ``best.safetensors`` (the weights selected by
 ``train.select_metric`` so far) and ``ema.safetensors`` when those are on. A checkpoint is written to a temporary folder and renamed,
-so an interruption never leaves a half-written one behind. Checkpoints are ordered by their
-parsed step (``step_1000000`` after ``step_999000``); a newest checkpoint that cannot be read is
-skipped with a warning in favour of the one before it.
+so an interruption never leaves a half-written one behind; so is ``final/``. Checkpoints are ordered by their
+parsed step (``step_1000000`` after ``step_999000``); a newest checkpoint that fails its checksums
+or cannot be read is skipped with a warning in favour of the one before it.
 """
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from alignkit.core.checkpoint_integrity import RestrictedPlanner, RestrictedReader
 from alignkit.core.errors import CheckpointError
 
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -134,13 +137,18 @@ def first_line(err: BaseException) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
+# how a full disk (or quota) reads when it is not an OSError: torch's zip writer after a short
+# write ("unexpected pos 9088 vs 8980"), safetensors' wrapped Rust I/O error
+_FULL_DISK_SIGNS = ("No space left on device", "StorageFull", "unexpected pos", "PytorchStreamWriter failed writing")
+
+
 def write_error(err: BaseException, directory: Path, what: str = "checkpoint") -> CheckpointError:
     """A one-line reason for a failed checkpoint (or export) write (torch reports a full disk
     as ``unexpected pos``, safetensors as an I/O error, so the disk is asked directly)."""
     failures = getattr(err, "failures", None)  # DCP's CheckpointException: {rank: (error, traceback)}
     if isinstance(failures, dict) and failures:  # every rank gets the same: the first failed rank's error
         err = failures[min(failures)][0]
-    full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or any(sign in str(err) for sign in _FULL_DISK_SIGNS)
     try:
         full = full or shutil.disk_usage(directory.parent if not directory.exists() else directory).free < 2**20
     except OSError:
@@ -195,6 +203,20 @@ def save_sharded(directory: Path, module: nn.Module, optimizer: torch.optim.Opti
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / SHARDED))
 
 
+def export_staged(export: Callable[[Path], None], final: Path) -> None:
+    """``export(folder)`` into a staging folder beside ``final``, then renamed to it: a failed
+    export (a full disk) leaves no partial ``final`` behind."""
+    staging = final.with_name(f".tmp_{final.name}")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier, killed export
+    try:
+        export(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+
+
 def publish(staging: Path, run_dir: Path, step: int, keep: int) -> Path:
     """Atomically move a finished staging folder into place; keep the newest ``keep``."""
     final = checkpoint_path(run_dir, step)
@@ -227,9 +249,9 @@ def _load_weights(directory: Path, module: nn.Module, optimizer: torch.optim.Opt
         prepare()
         model_state, optim_state = get_state_dict(module, optimizer)
         state = {"model": model_state, "optim": optim_state}
-        try:
-            dcp.load(state, checkpoint_id=str(directory / SHARDED))
-        except Exception as err:  # noqa: BLE001 -- DCP wraps file errors in its own types
+        try:  # DCP unpickles: its metadata and non-tensor items go through allowlists
+            dcp.load(state, storage_reader=RestrictedReader(directory / SHARDED), planner=RestrictedPlanner())
+        except (Exception, CheckpointException) as err:  # noqa: BLE001 -- DCP's own is a BaseException
             raise _unreadable(directory / SHARDED, err) from None
         set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         return

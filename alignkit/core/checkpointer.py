@@ -10,7 +10,9 @@ message on every rank and none waits in a collective.
 The trainer's own state is a :class:`TrainerState` record; callbacks add their entries to its
 JSON form in ``on_save`` and read them back in ``on_load``. A run reads sharded state only if
 it is itself sharded (``trainer.json`` says so): a one-process run never hands a ``sharded/``
-folder to DCP, whose metadata is a pickle.
+folder to DCP, whose metadata is a pickle. Every checkpoint carries the checksums of its files
+(:mod:`alignkit.core.checkpoint_integrity`), verified on every rank's share before it is read:
+a damaged one is skipped like an unreadable one.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import torch
 from torch import nn
 
 from alignkit.core import checkpoint as ckpt
-from alignkit.core.distributed import DistInfo, agree, barrier, min_max_over_ranks
+from alignkit.core import checkpoint_integrity as integrity
+from alignkit.core.distributed import DistInfo, PeerFailure, agree, barrier, gather, min_max_over_ranks
 from alignkit.core.errors import CheckpointError
 
 
@@ -38,6 +41,7 @@ class TrainerState:
     eval_pending: bool = False  # an eval was interrupted: the resumed run evaluates first
     last_eval: dict[str, float] = field(default_factory=dict)
     sharded: bool = False  # weights and optimizer in sharded/ (train.parallel=fsdp)
+    checksums: bool = False  # manifest.json holds every file's checksum (False: written before them)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +81,7 @@ class Checkpointer:
         :class:`CheckpointError` on every rank."""
         main = self.dist.is_main
         staging = ckpt.staging_path(self.run_dir, state.step)
-        state.sharded = self.sharded
+        state.sharded, state.checksums = self.sharded, True
 
         def part(action: Callable[[], Any]) -> Any:  # one rank's part, as a one-line error, agreed on
             return agree(ckpt.as_write_error(action, staging), self.dist)
@@ -88,6 +92,8 @@ class Checkpointer:
             if self.sharded:  # a collective of its own: every rank writes its shards
                 part(lambda: ckpt.save_sharded(staging, self.module, self.optimizer))
             part(lambda: self._save_main(staging, state, on_save) if main else None)
+            shares = gather(part(lambda: integrity.digests(staging, self.dist.rank, self.dist.world_size)), self.dist)
+            part(lambda: integrity.write_manifest(staging, shares) if main else None)
             part(lambda: ckpt.publish(staging, self.run_dir, state.step, self.keep) if main else None)
         except BaseException:  # every rank is here (agree), with the same outcome
             if main:
@@ -108,8 +114,13 @@ class Checkpointer:
     def load(self, directory: Path, prepare: Callable[[int], None] | None = None) -> Loaded:
         """Restore weights, optimizer and this rank's RNG from ``directory``; ``prepare(step)``
         runs before the weights load (the trainer drops what the run had dropped by then)."""
+        verified = self._verify(directory)
         record = ckpt.read_json(directory / "trainer.json")
         state = TrainerState.from_json(record, directory / "trainer.json")
+        if not verified and state.checksums:
+            raise CheckpointError(f"{directory / integrity.MANIFEST} is missing")
+        if not verified:
+            warnings.warn(f"{directory} was written before checkpoints had checksums: loading it unverified", stacklevel=3)
         if "sharded" not in record:  # written before the flag: only a sharded run reads sharded/
             state.sharded = self.sharded and (directory / ckpt.SHARDED).is_dir()
         if state.sharded != self.sharded:
@@ -119,6 +130,13 @@ class Checkpointer:
         data_state = ckpt.load_checkpoint(directory, self.module, self.optimizer, self.dist.rank, self.device,
                                           sharded=self.sharded, prepare=lambda: prepare(state.step) if prepare else None)
         return directory, state, record, data_state
+
+    def _verify(self, directory: Path) -> bool:
+        """Every rank checks its share of the files; all learn whether any failed."""
+        try:
+            return bool(agree(lambda: integrity.verify(directory, self.dist.rank, self.dist.world_size), self.dist))
+        except PeerFailure as err:  # another rank's share failed: the same checkpoint is skipped here
+            raise CheckpointError(str(err)) from None
 
     def load_latest(self, prepare: Callable[[int], None] | None = None) -> Loaded | None:
         """The newest readable checkpoint (older ones if the newest is damaged; half-written

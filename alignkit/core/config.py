@@ -36,6 +36,15 @@ def at_least(low: float) -> Rule:
     return lambda v: None if v >= low else f"must be >= {low}"
 
 
+def at_most(high: float, why: str = "") -> Rule:
+    return lambda v: None if v <= high else f"must be <= {high}" + (f" ({why})" if why else "")
+
+
+def all_of(*rules: Rule) -> Rule:
+    """The first problem any of ``rules`` finds."""
+    return lambda v: next((m for rule in rules if (m := rule(v))), None)
+
+
 def above(low: float) -> Rule:
     return lambda v: None if v > low else f"must be > {low}"
 
@@ -157,9 +166,14 @@ class AlignConfig:
     teacher_cache_dtype: str = checked("bfloat16", one_of("bfloat16", "float32"))
 
 
+# 31 years at 1000 steps/s; step-derived numbers (warm-up steps, float64 metrics, JSON) stay
+# exact far below 2**53, and a typo such as 10**29 fails here instead of deep in torch
+MAX_STEPS = 10**12
+
+
 @dataclass
 class TrainConfig:
-    steps: int = checked(1000, at_least(1))
+    steps: int = checked(1000, all_of(at_least(1), at_most(MAX_STEPS, "31 years at 1000 steps/s")))
     micro_batch_size: int = checked(8, at_least(1))
     grad_accum: int = checked(1, at_least(1))
     optimizer: str = "adamw"  # registry key (core/optim.py): adamw | adam | sgd (momentum betas[0]) | (yours)
@@ -310,8 +324,8 @@ def load_config(
     except OmegaConfBaseException as err:
         raise ConfigError(f"bad override: {str(err).splitlines()[0]}") from None
     recipe_dir = Path(path).resolve().parent if path else None
-    raw = _resolve_presets(raw, preset_dirs or {}, "", recipe_dir)
-    try:
+    try:  # reading a node resolves its ${...}: a missing key or resolver is an error here
+        raw = _resolve_presets(raw, preset_dirs or {}, "", recipe_dir)
         merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
         for item in indexed:
             key = item.split("=", 1)[0]

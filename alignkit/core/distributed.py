@@ -110,6 +110,15 @@ def min_max_over_ranks(value: int, info: DistInfo) -> tuple[int, int]:
     return -low, high
 
 
+def gather(value: T, info: DistInfo) -> list[T]:
+    """Every rank's ``value`` (a small picklable host value), on every rank, in rank order."""
+    if info.world_size <= 1:
+        return [value]
+    found: list = [None] * info.world_size
+    dist.all_gather_object(found, value, group=control_group())
+    return found
+
+
 def barrier(info: DistInfo) -> None:
     """Wait for every rank, on the control plane (gloo: no NCCL timeout while a rank writes files)."""
     if info.world_size > 1:

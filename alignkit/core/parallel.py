@@ -10,6 +10,7 @@ Blocks come from the adapter's ``_parts.blocks`` (the Hugging Face adapters set 
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any, ContextManager, Iterator
@@ -33,6 +34,10 @@ def resolve_parallel(cfg: TrainConfig, dist: DistInfo) -> str:
         raise ConfigError(f"train.parallel={cfg.parallel!r} is unknown (choose from {', '.join(PARALLEL)})")
     if cfg.parallel == "auto":
         return "ddp" if dist.world_size > 1 else "none"
+    if cfg.parallel == "ddp" and dist.world_size == 1:  # one replica: DDP would only add a process group
+        warnings.warn("train.parallel=ddp on one process: training without DDP (the same numbers; "
+                      "launch with torchrun --nproc_per_node N for data parallelism)", stacklevel=2)
+        return "none"
     if cfg.parallel == "none" and dist.world_size > 1:
         raise ConfigError(f"train.parallel=none cannot run on {dist.world_size} processes (use ddp or fsdp)")
     if cfg.parallel == "fsdp" and (cfg.select_metric or cfg.ema_decay > 0):

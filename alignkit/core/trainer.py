@@ -239,7 +239,8 @@ class Trainer:
             # the others wait on the control plane: a long export never meets NCCL's timeout,
             # and a failed one stops every rank with its message
             final = self.run_dir / "final"
-            export = ckpt.as_write_error(lambda: self.task.export(self.student, final), final, "the final export")
+            export = ckpt.as_write_error(lambda: ckpt.export_staged(lambda folder: self.task.export(self.student, folder), final),
+                                         final, "the final export")
             agree(export if self.dist.is_main else None, self.dist)
         return results
 
