@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from alignkit.chain import build_models
-from alignkit.core.checkpoint import seed_everything
+from alignkit.core.checkpoint import checkpoint_dirs, seed_everything
 from alignkit.core.config import resolve_grad_accum
 from alignkit.core.distributed import DistInfo, cleanup, init_distributed, max_over_ranks, resolve_device
 from alignkit.core.errors import AlignkitError, Interrupted, RunDirError
@@ -32,7 +32,9 @@ from alignkit.core.folder_lock import FolderLock
 from alignkit.core.parallel import shard_teacher
 from alignkit.core.trainer import Trainer
 from alignkit.experiment import ExperimentConfig
-from alignkit.run_folder import discard_unstarted, existing_run, is_finished, new_run_dir, open_new, open_resumed
+from alignkit.run_folder import (
+    discard_unstarted, existing_run, is_finished, new_run_dir, open_new, open_resumed, record_resume, resumed_grad_accum,
+)
 from alignkit.tasks import build_task
 from alignkit.teacher_stage import with_pretrained_teachers
 
@@ -66,19 +68,22 @@ def run(cfg: ExperimentConfig, config_path: str | None = None, resume: str | Non
             print(f"{run_dir} is finished (results.json); nothing to do. To train longer: "
                   f"alignkit train --resume {run_dir} train.steps=N", file=sys.stderr)
             return json.loads((run_dir / "results.json").read_text())
+        if resume:  # the run's global batch on this many processes (every rank reads the same files)
+            cfg.train.grad_accum = resumed_grad_accum(cfg, run_dir, info.world_size)
         lock = FolderLock(run_dir)
         failure: AlignkitError | None = None
+        record = None
         if info.is_main:  # one rank claims the folder; all ranks stop if it was refused
             try:
                 lock.acquire()
-                _open_folder(cfg, run_dir, bool(resume))
+                record = _open_folder(cfg, run_dir, bool(resume))
             except AlignkitError as err:
                 failure = err
         if max_over_ranks(int(failure is not None), info):
             lock.release()
             raise failure or RunDirError(f"{run_dir} was refused on rank 0 (its message says why)")
         try:
-            return _train(cfg, run_dir, bool(resume), info, device, progress)
+            return _train(cfg, run_dir, bool(resume), record, info, device, progress)
         except Exception as err:  # an Interrupted teacher stage continues with --resume of this folder
             if info.is_main and not resume and not isinstance(err, Interrupted):
                 discard_unstarted(run_dir)
@@ -89,12 +94,15 @@ def run(cfg: ExperimentConfig, config_path: str | None = None, resume: str | Non
         cleanup()
 
 
-def _open_folder(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
+def _open_folder(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> dict[str, Any] | None:
+    """Claim the folder; a resume's record, written once its checkpoint has loaded."""
     if not resume:
         open_new(cfg, run_dir)
-        return
-    if not open_resumed(cfg, run_dir):
+        return None
+    record = open_resumed(cfg, run_dir)
+    if not checkpoint_dirs(run_dir):
         print(f"{run_dir} has no checkpoint yet: starting the run over", file=sys.stderr)
+    return record
 
 
 def build_trainer(cfg: ExperimentConfig, run_dir: Path, info: DistInfo, device: torch.device, progress: bool = True) -> Trainer:
@@ -116,12 +124,14 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, info: DistInfo, device: 
                    dist=info, progress=progress)
 
 
-def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, info: DistInfo, device: torch.device,
-           progress: bool) -> dict[str, Any]:
+def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, record: dict[str, Any] | None, info: DistInfo,
+           device: torch.device, progress: bool) -> dict[str, Any]:
     _warn_remote_code(cfg)
     trainer = build_trainer(cfg, run_dir, info, device, progress)
     if resume:
         trainer.resume_latest()
+        if record is not None:  # main rank: the resume was accepted
+            record_resume(run_dir, record)
     results = trainer.fit()
     if info.is_main:
         results.update(trainer.task.report(trainer.student, run_dir))

@@ -3,6 +3,7 @@ exactly where an uninterrupted run ends.
 
   python benchmarks/faults.py                          # 20 kills, configs/debug.yaml (4-9 min on 2 busy cores)
   python benchmarks/faults.py --kills 50 --seed 1 --out-dir /tmp/soak
+  python benchmarks/faults.py --torchrun --kills 3   # one rank killed, resumes on 1 and 2 processes (faults_torchrun)
 
 First one uninterrupted run (the reference) is timed: its start-up (process start to the first
 logged step) and its training time. Then the soak run is started and killed ``--kills`` times.
@@ -63,7 +64,12 @@ def parse_args() -> argparse.Namespace:
                         help="share of kills aimed at the start-up of a process (import, build, resume)")
     parser.add_argument("--out-dir", default=None, help="run folders and logs (default: a temp folder, removed "
                         "when every run matched)")
-    parser.add_argument("overrides", nargs="*", default=OVERRIDES, help=f"key=value for both runs (default: {' '.join(OVERRIDES)})")
+    parser.add_argument("--torchrun", action="store_true", help="the torchrun soak instead: one rank killed, "
+                        "resumes on 1 and 2 processes alternately (see faults_torchrun.py)")
+    parser.add_argument("--rtol", type=float, default=1e-4, help="--torchrun: metric tolerance against the reference")
+    parser.add_argument("--atol", type=float, default=1e-3, help="--torchrun: final weight tolerance")
+    parser.add_argument("overrides", nargs="*", default=None, help=f"key=value for both runs (default: {' '.join(OVERRIDES)}; "
+                        "--torchrun: see faults_torchrun.py)")
     return parser.parse_args()
 
 
@@ -287,6 +293,12 @@ def main() -> None:
     rng = random.Random(args.seed)
     out = Path(args.out_dir or tempfile.mkdtemp(prefix="alignkit-faults-"))
     out.mkdir(parents=True, exist_ok=True)
+    if args.torchrun:
+        import faults_torchrun
+
+        sys.exit(1 if faults_torchrun.main(args.config, args.kills, args.seed, out, args.overrides or [],
+                                           args.rtol, args.atol) else 0)
+    args.overrides = args.overrides or OVERRIDES
     began = time.perf_counter()
     ref = reference_run(args.config, out, args.overrides)
     print(f"reference: start-up {ref['startup_s']:.1f} s, training {ref['train_s']:.1f} s, {ref['steps']} steps")

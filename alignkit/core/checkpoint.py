@@ -45,6 +45,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of a rank that has no saved RNG state (a resume on more processes than the
+    run had): derived from the run's seed, the rank and the step, so it is reproducible and
+    differs from every other rank's and step's."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
 def rng_snapshot() -> tuple[Any, ...]:
     """Cheap raw copy of every RNG state (taken at each step start, serialised only on save)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -276,20 +283,29 @@ def _load_weights(directory: Path, module: nn.Module, optimizer: torch.optim.Opt
         raise _unreadable(optimizer_file, err) from None
 
 
+def saved_ranks(directory: Path) -> int:
+    """How many processes wrote the checkpoint in ``directory`` (one RNG file each), for
+    checkpoints whose ``trainer.json`` predates its ``world_size``."""
+    return len(list(directory.glob("rng_rank*.json")))
+
+
 def load_checkpoint(
     directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int, device: torch.device,
-    sharded: bool, prepare: Callable[[], None],
-) -> dict[str, Any]:
+    sharded: bool, prepare: Callable[[], None], resharded_from: int | None = None,
+) -> list[dict[str, Any]]:
     """Restore module, optimizer (from ``sharded/`` if ``sharded``) and this rank's RNG; return
-    this rank's data position. ``prepare()`` runs before the weights are loaded. Any unreadable
-    part raises :class:`CheckpointError` naming the file (see :class:`alignkit.core.checkpointer.Checkpointer`)."""
+    the data positions to continue from: ``[this rank's]``, or on a resume on another process
+    count (``resharded_from``: the saved count) every saved rank's, and this rank's RNG only if
+    it was saved. ``prepare()`` runs before the weights are loaded. Any unreadable part raises
+    :class:`CheckpointError` naming the file (see :class:`alignkit.core.checkpointer.Checkpointer`)."""
+    ranks = [rank] if resharded_from is None else list(range(resharded_from))
+    data_states = [read_json(directory / f"data_rank{r}.json") for r in ranks]
     rng_file = directory / f"rng_rank{rank}.json"
-    if not rng_file.is_file():
-        raise CheckpointError(f"{rng_file} missing: resume with the same number of processes as the run")
-    data_state, rng = read_json(directory / f"data_rank{rank}.json"), read_json(rng_file)
+    rng = read_json(rng_file) if resharded_from is None or rank < resharded_from else None
     _load_weights(directory, module, optimizer, device, sharded, prepare)
     try:
-        set_rng_state(rng)
+        if rng is not None:
+            set_rng_state(rng)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{rng_file} is corrupt ({err})") from None
-    return data_state
+    return data_states

@@ -42,6 +42,8 @@ class TrainerState:
     last_eval: dict[str, float] = field(default_factory=dict)
     sharded: bool = False  # weights and optimizer in sharded/ (train.parallel=fsdp)
     checksums: bool = False  # manifest.json holds every file's checksum (False: written before them)
+    world_size: int = 0  # processes that wrote it (0: written before this field; its RNG files say)
+    global_batch: int = 0  # sequences per optimizer step over all processes (0: not recorded)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,7 +57,7 @@ class TrainerState:
             raise CheckpointError(f"{where} is corrupt ({err})") from None
 
 
-Loaded = tuple[Path, TrainerState, dict[str, Any], dict[str, Any]]  # folder, state, its JSON, data position
+Loaded = tuple[Path, TrainerState, dict[str, Any], list[dict[str, Any]]]  # folder, state, its JSON, data positions
 
 
 class Checkpointer:
@@ -81,7 +83,7 @@ class Checkpointer:
         :class:`CheckpointError` on every rank."""
         main = self.dist.is_main
         staging = ckpt.staging_path(self.run_dir, state.step)
-        state.sharded, state.checksums = self.sharded, True
+        state.sharded, state.checksums, state.world_size = self.sharded, True, self.dist.world_size
 
         def part(action: Callable[[], Any]) -> Any:  # one rank's part, as a one-line error, agreed on
             return agree(ckpt.as_write_error(action, staging), self.dist)
@@ -113,7 +115,10 @@ class Checkpointer:
     # --- reading ------------------------------------------------------------------------------
     def load(self, directory: Path, prepare: Callable[[int], None] | None = None) -> Loaded:
         """Restore weights, optimizer and this rank's RNG from ``directory``; ``prepare(step)``
-        runs before the weights load (the trainer drops what the run had dropped by then)."""
+        runs before the weights load (the trainer drops what the run had dropped by then). On
+        another process count than the checkpoint's, DCP reshards the FSDP state, a new rank
+        keeps its RNG as it is, and every saved rank's data position is returned (the trainer
+        has the task map them)."""
         verified = self._verify(directory)
         record = ckpt.read_json(directory / "trainer.json")
         state = TrainerState.from_json(record, directory / "trainer.json")
@@ -127,9 +132,12 @@ class Checkpointer:
             written = "with" if state.sharded else "without"
             raise CheckpointError(f"{directory} was written {written} train.parallel=fsdp: resume with the run's "
                                   "own train.parallel")
-        data_state = ckpt.load_checkpoint(directory, self.module, self.optimizer, self.dist.rank, self.device,
-                                          sharded=self.sharded, prepare=lambda: prepare(state.step) if prepare else None)
-        return directory, state, record, data_state
+        state.world_size = state.world_size or ckpt.saved_ranks(directory)
+        resharded_from = state.world_size if state.world_size != self.dist.world_size else None
+        data_states = ckpt.load_checkpoint(directory, self.module, self.optimizer, self.dist.rank, self.device,
+                                           sharded=self.sharded, prepare=lambda: prepare(state.step) if prepare else None,
+                                           resharded_from=resharded_from)
+        return directory, state, record, data_states
 
     def _verify(self, directory: Path) -> bool:
         """Every rank checks its share of the files; all learn whether any failed."""

@@ -53,6 +53,10 @@ class Task(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def resharded_state(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """A rank's data position on another process count, from every saved rank's (or refuse)."""
+        ...
+
     def evaluate(self, student: nn.Module, device: torch.device) -> dict[str, float]:
         """Called on every rank; must return the same numbers on each (all-reduce)."""
         ...
@@ -183,10 +187,28 @@ class Trainer:
         self._restore(*found)
         return found[0]
 
-    def _restore(self, directory: Path, state: TrainerState, record: dict[str, Any], data_state: dict[str, Any]) -> None:
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step over all processes."""
+        return self.cfg.micro_batch_size * self.cfg.grad_accum * self.dist.world_size
+
+    def _restore(self, directory: Path, state: TrainerState, record: dict[str, Any],
+                 data_states: list[dict[str, Any]]) -> None:
+        """Continue from a loaded checkpoint; on another process count (elastic) the global
+        batch must be the run's, the task maps the saved data positions, and a rank the run did
+        not have seeds its RNG from the seed, its rank and the step."""
+        if state.global_batch and state.global_batch != self.global_batch:
+            raise ConfigError(f"{directory}: the run's global batch is {state.global_batch} sequences, this resume's "
+                              f"{self.global_batch} (train.micro_batch_size x train.grad_accum x {self.dist.world_size} "
+                              f"processes): set train.global_batch_size={state.global_batch}")
         self.step, self.tokens = state.step, state.tokens
         self.eval_pending, self.last_eval = state.eval_pending, state.last_eval
-        self.task.load_state_dict(data_state)
+        if state.world_size == self.dist.world_size:
+            self.task.load_state_dict(data_states[0])
+        else:
+            self.task.load_state_dict(self.task.resharded_state(data_states))
+            if self.dist.rank >= state.world_size:
+                ckpt.seed_everything(ckpt.rank_seed(self.cfg.seed, self.dist.rank, state.step))
         if self.engine is not None and self.engine.after_step(self.step - 1):  # teachers over before this step
             self._teacher_released()
         self._call("on_load", directory, record)
@@ -194,7 +216,8 @@ class Trainer:
     def save(self, data_state: dict[str, Any], rng: tuple[Any, ...]) -> Path:
         """Checkpoint the current step (see :class:`Checkpointer`)."""
         self._reduce([])  # self.tokens up to date (a compute-plane collective every rank reaches)
-        state = TrainerState(step=self.step, tokens=self.tokens, eval_pending=self.eval_pending, last_eval=self.last_eval)
+        state = TrainerState(step=self.step, tokens=self.tokens, eval_pending=self.eval_pending, last_eval=self.last_eval,
+                             global_batch=self.global_batch)
         path = self.checkpointer.save(state, data_state, rng,
                                       on_save=lambda staging, record: self._call("on_save", staging, record))
         self._saved_step = self.step

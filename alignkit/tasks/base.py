@@ -16,6 +16,7 @@ from torch import nn
 
 from alignkit.core.adapter import Batch, DataInfo
 from alignkit.core.distributed import DistInfo
+from alignkit.core.errors import DataError
 
 
 @dataclass
@@ -71,6 +72,12 @@ class TaskBase:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def resharded_state(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """The data position for a rank of a new process count, from every saved rank's state
+        (``states[r]`` is rank r's); a task whose position cannot be mapped refuses."""
+        raise DataError(f"task.name={self.cfg.task.name}: its data position is kept per process: resume on the "
+                        f"run's {len(states)} processes")
 
     def evaluate(self, student: nn.Module, device: torch.device) -> dict[str, float]:
         raise NotImplementedError

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -38,7 +38,11 @@ class TextData:
     of an epoch is skipped so every rank steps together.
 
     The position lives on this object (shared by every iterator it hands out) and advances when
-    a batch is yielded: ``state_dict()`` after k batches resumes at batch k+1.
+    a batch is yielded: ``state_dict()`` after k batches resumes at batch k+1. It is global (the
+    same on every rank). The epoch length and the held-out set follow the process count of the
+    run's first start, saved with the position (``layout_world_size``): a run resumed on another
+    number of processes reads the same sequences in the same steps (a pass may then span two
+    epochs) and evaluates the same ones.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class TextData:
         self.manifest_digest = manifest_digest  # of a prepared token folder: a resume must find the same
         self._epoch = 0
         self._offset = 0  # sequences of this epoch's global order already consumed
+        self._layout_world_size = world_size  # the run's first start's (load_state_dict)
         self._order_cache: tuple[int, np.ndarray] | None = None
         self._eval_cache: dict[int, list[dict[str, torch.Tensor]]] = {}
 
@@ -105,6 +110,11 @@ class TextData:
             self._order_cache = (epoch, rng.permutation(self.num_train_sequences))
         return self._order_cache[1]
 
+    def _epoch_length(self, micro_batch_size: int) -> int:
+        """Sequences read per epoch: whole passes of the run's first start (the rest is skipped)."""
+        layout_pass = micro_batch_size * self._layout_world_size
+        return self.num_train_sequences // layout_pass * layout_pass
+
     def train_batches(self, micro_batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         """Infinite stream of this rank's micro-batches, resuming at the saved position."""
         b = int(micro_batch_size)
@@ -112,20 +122,25 @@ class TextData:
         n = self.num_train_sequences
         if b < 1:
             raise DataError(f"micro_batch_size={micro_batch_size} must be >= 1")
-        if n < g:
+        if n < max(g, b * self._layout_world_size):
             raise DataError(
                 f"train split has {n} sequences of {self.seq_len} tokens; one global batch needs "
                 f"{g} (micro batch {b} x world size {self.world_size}): use more data or smaller batches"
             )
+        return self._train_batches(b)
+
+    def _train_batches(self, b: int) -> Iterator[dict[str, torch.Tensor]]:
+        g, length = b * self.world_size, self._epoch_length(b)
 
         def upcoming(epoch: int, offset: int) -> Iterator[tuple[list[int], tuple[int, int]]]:
-            """Batch indices with the position after each (self's position = what was served)."""
+            """Batch indices with the position after each (self's position = what was served);
+            positions run over the epochs back to back."""
+            position = epoch * length + offset
             while True:
-                if offset + g > n:
-                    epoch, offset = epoch + 1, 0
-                lo = offset + self.rank * b
-                offset += g
-                yield [int(i) for i in self._order(epoch)[lo : lo + b]], (epoch, offset)
+                first = position + self.rank * b
+                indices = [int(self._order(p // length)[p % length]) for p in range(first, first + b)]
+                position += g
+                yield indices, divmod(position, length)
 
         if self.teacher is None:
             for idx, (self._epoch, self._offset) in upcoming(self._epoch, self._offset):
@@ -148,10 +163,19 @@ class TextData:
             "seed": self.seed,
             "seq_len": self.seq_len,
             "num_train_sequences": self.num_train_sequences,
+            "layout_world_size": self._layout_world_size,
         }
         if self.manifest_digest:
             state["manifest"] = self.manifest_digest
         return state
+
+    def resharded_state(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """The position for this rank of a new process count, from every saved rank's state:
+        the position is global, so the ranks saved the same one (a state older than its
+        ``layout_world_size`` was written by the run's first process count)."""
+        if any(state != states[0] for state in states):
+            raise DataError("the saved ranks' data positions differ: resume on the run's own number of processes")
+        return {"layout_world_size": len(states), **states[0]}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if "manifest" in state and state["manifest"] != self.manifest_digest:
@@ -168,17 +192,22 @@ class TextData:
                 )
         self._epoch = int(state["epoch"])
         self._offset = int(state["offset"])
+        # an older state has none: it is resumed on the process count it was written with
+        self._layout_world_size = int(state.get("layout_world_size", self.world_size))
 
     # -- eval ----------------------------------------------------------------------------------
     def eval_batches(self, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
         """This rank's held-out micro-batches: sequences in stream order, at most
-        ``max_eval_batches``, sharded like training; [] when there is no held-out split."""
+        ``max_eval_batches`` global batches of the run's first start, sharded like training; [] when
+        there is no held-out split. Resumed on a process count that does not divide them, the
+        ranks left one micro-batch short get a padding batch without labels (every rank runs as
+        many forwards, as FSDP needs), so the evaluated sequences are always the same."""
         b = int(micro_batch_size)
         if b in self._eval_cache:
             return self._eval_cache[b]
         if self.eval_split is None or self.max_eval_batches <= 0:
             return []
-        g = b * self.world_size
+        g = b * self._layout_world_size
         if isinstance(self.eval_split, LazyEvalSplit):
             self.eval_split.ensure(self.max_eval_batches * g)
         m = self.eval_split.num_sequences
@@ -186,13 +215,16 @@ class TextData:
         if n_batches == 0:
             raise DataError(
                 f"eval split has {m} sequences of {self.seq_len} tokens; one global eval batch "
-                f"needs {g} (micro batch {b} x world size {self.world_size}): raise "
+                f"needs {g} (micro batch {b} x world size {self._layout_world_size}): raise "
                 "task.text.eval_fraction, give task.text.eval_path, or set task.text.eval_fraction=0 to disable eval"
             )
-        batches = []
-        for k in range(n_batches):
-            lo = k * g + self.rank * b
-            batches.append(self._make_batch(self.eval_split, list(range(lo, lo + b))))
+        micro_batches = n_batches * g // b
+        batches = [self._make_batch(self.eval_split, list(range(j * b, (j + 1) * b)))
+                   for j in range(self.rank, micro_batches, self.world_size)]
+        if len(batches) < -(-micro_batches // self.world_size):
+            padding = self._make_batch(self.eval_split, list(range(b)))
+            padding["labels"].fill_(-100)
+            batches.append(padding)
         self._eval_cache[b] = batches
         return batches
 

@@ -115,6 +115,9 @@ class TextPretrainTask(TaskBase):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.data.load_state_dict(state)
 
+    def resharded_state(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.data.resharded_state(states)
+
     def release_teacher(self) -> None:
         self.data.release_teacher()
 
@@ -124,7 +127,8 @@ class TextPretrainTask(TaskBase):
         for batch in self.data.eval_batches(self.cfg.train.micro_batch_size):
             batch = to_device(batch, device)
             tokens = (batch["labels"][:, 1:] != -100).sum()
-            sums += torch.stack([student(batch, []).loss.double() * tokens, tokens.double()])
+            loss = student(batch, []).loss.double()  # NaN for a padding batch (no labels): counted as 0
+            sums += torch.stack([torch.where(tokens > 0, loss * tokens, 0.0), tokens.double()])
         if self.dist.world_size > 1:
             torch.distributed.all_reduce(sums)
         loss = float(sums[0] / sums[1].clamp(min=1))

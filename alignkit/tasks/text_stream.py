@@ -95,6 +95,10 @@ class StreamingTextData(TextData):
     def state_dict(self) -> dict[str, int]:
         return {**self._pos, "seq_len": self.seq_len, "world_size": self.world_size, "plan": self.plan}
 
+    def resharded_state(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        raise DataError(f"{self.where}: a streamed source keeps a position per process, in its own share of the "
+                        f"files: resume on the run's {len(states)} processes (or use task.text.source=tokens)")
+
     def load_state_dict(self, state: dict[str, int]) -> None:
         if "doc" in state and "piece" not in state:
             raise DataError("data state is an older alignkit's streamed position (a document index, not a "

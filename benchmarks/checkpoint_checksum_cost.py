@@ -1,10 +1,10 @@
 """What checkpoint checksums cost: the SHA-256 manifest at save time and its verification at
 resume, in seconds and as a share of a save and of a load, on one process.
 
-  python benchmarks/checksum_cost.py [--config configs/debug.yaml] [--repeats 5] [key=value ...]
+  python benchmarks/checkpoint_checksum_cost.py [--config configs/debug.yaml] [--repeats 5] [key=value ...]
 
 A save is timed whole (its hashing included) and its hashing alone; a resume is timed as the
-verification alone and the load that follows it. Writes benchmarks/results/checksum_cost.json.
+verification alone and the load that follows it. Writes benchmarks/results/checkpoint_checksum_cost.json.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def main() -> None:
         "load_s": load_s, "load_verify_s": verify_s, "load_verify_share": verify_s / load_s,
         "verify_vs_save": verify_s / save_s, "hash_mb_per_s": size / hash_s / 1e6,
     }
-    out = REPO / "benchmarks" / "results" / "checksum_cost.json"
+    out = REPO / "benchmarks" / "results" / "checkpoint_checksum_cost.json"
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
@@ -70,4 +70,4 @@ if __name__ == "__main__":
     try:
         main()
     except CheckpointError as err:
-        raise SystemExit(f"checksum_cost: {err}") from None
+        raise SystemExit(f"checkpoint_checksum_cost: {err}") from None
