@@ -9,6 +9,7 @@ data, batch, seed, alignment, ...) are refused with the list of them; the safe o
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from omegaconf import OmegaConf
 
 from alignkit.core.checkpoint import checkpoint_dirs, checkpoint_step
 from alignkit.core.errors import ConfigError, MissingFile, RunDirError
+from alignkit.core.folder_lock import LOCK_FILE
 from alignkit.experiment import ExperimentConfig, load_experiment, save_resolved
 
 # placement and cadence only: none of these changes a number the run computes (tests pin it)
@@ -75,6 +77,14 @@ def open_new(cfg: ExperimentConfig, run_dir: Path) -> None:
         hint = "" if checkpoint_dirs(run_dir) else " (it has no checkpoint yet: --resume starts it over)"
         raise RunDirError(f"{run_dir} already holds a run: pass --resume {run_dir}{hint} or choose another run_name")
     save_resolved(cfg, run_dir)
+
+
+def discard_unstarted(run_dir: Path) -> None:
+    """Remove a new run's folder that holds nothing but its config and lock (main rank, lock
+    held): its build failed (a model or data that cannot be loaded), and a retry should not
+    find a folder to clean up."""
+    if {path.name for path in run_dir.iterdir()} <= {"config.yaml", LOCK_FILE}:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def open_resumed(cfg: ExperimentConfig, run_dir: Path) -> bool:

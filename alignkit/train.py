@@ -32,7 +32,7 @@ from alignkit.core.folder_lock import FolderLock
 from alignkit.core.parallel import shard_teacher
 from alignkit.core.trainer import Trainer
 from alignkit.experiment import ExperimentConfig
-from alignkit.run_folder import is_finished, open_new, open_resumed
+from alignkit.run_folder import discard_unstarted, is_finished, open_new, open_resumed
 from alignkit.tasks import build_task
 from alignkit.teacher_stage import with_pretrained_teachers
 
@@ -81,6 +81,10 @@ def run(cfg: ExperimentConfig, config_path: str | None = None, resume: str | Non
             raise failure or RunDirError(f"{run_dir} was refused on rank 0 (its message says why)")
         try:
             return _train(cfg, run_dir, bool(resume), info, device, progress)
+        except AlignkitError as err:
+            if info.is_main and not resume and not isinstance(err, Interrupted):
+                discard_unstarted(run_dir)
+            raise
         finally:
             lock.release()
     finally:
