@@ -221,7 +221,8 @@ def _jsonl_documents(path: Path, field: str, start: int, stop: int | None) -> It
             continue
         value = record.get(field) if isinstance(record, dict) else None
         if not isinstance(value, str):
-            what = "no" if value is None else f"a {type(value).__name__} in the"
+            kind = type(value).__name__
+            what = "no" if value is None else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} in the"
             _bad_line(path, lineno, offset, f"{what} {field!r} field (task.text.text_field); line skipped", counts)
             continue
         if value.strip():
