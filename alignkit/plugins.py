@@ -28,6 +28,7 @@ def load_plugins(extra: Sequence[str] = ()) -> list[str]:
         import alignkit.core.optim  # noqa: F401
         import alignkit.core.projections  # noqa: F401
         import alignkit.core.schedules  # noqa: F401
+        import alignkit.core.wandb_logger  # noqa: F401
         import alignkit.tasks  # noqa: F401
 
         _LOADED.append("<builtin>")
