@@ -182,10 +182,11 @@ def test_logged_lr_follows_the_configured_schedule_and_unknown_names_are_refused
     assert [row["lr"] for row in rows if "lr" in row] == [1e-2] * 4
     with pytest.raises(ConfigError, match=r"train.optimizer='lion' is not a registered optimizer \(known: adam, adamw, sgd"):
         make(tmp_path, optimizer="lion")
-    with pytest.raises(ConfigError, match=r"train.lr_schedule='cosine' is not a registered learning-rate schedule \(known: "
+    with pytest.raises(ConfigError, match=r"train.lr_schedule='cosine' is not a registered learning-rate schedule; "
+                                          r"did you mean 'warmup_cosine'\? \(known: "
                                           r"constant, warmup_cosine, warmup_linear"):
         make(tmp_path, lr_schedule="cosine")
-    bad = TrainConfig(optimizer="lion", lr_schedule="cosine", loggers=["jsonl", "wandb"])
+    bad = TrainConfig(optimizer="lion", lr_schedule="cosine", loggers=["jsonl", "mlflow"])
     assert [p.split("=")[0] for p in config_problems(bad, "task.teacher_pretrain")] == [
         "task.teacher_pretrain.optimizer", "task.teacher_pretrain.lr_schedule", "task.teacher_pretrain.loggers"]
     with pytest.raises(ConfigError, match="task.teacher_pretrain.optimizer='lion'"):  # train and check refuse it at load
