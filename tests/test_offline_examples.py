@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from alignkit.core import hub
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The example's files and commands, as the docs give them.
@@ -57,8 +59,8 @@ def test_add_your_own_teacher_runs_offline_as_written(tmp_path):
     assert "source: gguf" in saved and "source: builtin" in saved
 
 
-UNREACHABLE = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": "", "HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "",
-               "HF_DATASETS_OFFLINE": ""}  # port 9 refuses at once; an empty cache
+# port 9 refuses at once; no offline switch or proxy set (tests give HF_HOME an empty cache)
+UNREACHABLE = {"HF_ENDPOINT": "http://127.0.0.1:9", **dict.fromkeys(hub.OFFLINE_ENV + hub.PROXY_ENV, "")}
 
 
 def assert_one_line_no_retries(done: subprocess.CompletedProcess, *needles: str) -> None:
@@ -78,14 +80,14 @@ def test_hub_model_fails_fast_with_one_line(tmp_path):
         align: {early_layer: 2, stop_step: 4}
         train: {steps: 8}
         """))
-    done = alignkit(["check", str(recipe)], tmp_path, **{**UNREACHABLE, "HF_HOME": str(tmp_path / "hf")})
+    done = alignkit(["check", str(recipe)], tmp_path, **UNREACHABLE, HF_HOME=str(tmp_path / "hf"))
     assert_one_line_no_retries(done, "name_or_path='EleutherAI/pythia-70m'", "local folder")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="needs the datasets package (the hub extra)")
 def test_hub_dataset_fails_fast_and_leaves_no_run_folder(tmp_path):
     done = alignkit(["train", str(ROOT / "configs" / "debug.yaml"), "task.preset=wikitext2", f"output_dir={tmp_path / 'runs'}",
-                     "--no-progress"], tmp_path, **{**UNREACHABLE, "HF_HOME": str(tmp_path / "hf")})
+                     "--no-progress"], tmp_path, **UNREACHABLE, HF_HOME=str(tmp_path / "hf"))
     assert_one_line_no_retries(done, "task.text.hf_name='Salesforce/wikitext'",
                          "task.text.source=files")
     assert list((tmp_path / "runs").iterdir()) == []

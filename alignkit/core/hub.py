@@ -2,9 +2,10 @@
 
 :func:`offline` says whether models, tokenizers and datasets named by a hub id must come from the
 local cache: ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE`` / ``HF_DATASETS_OFFLINE``) is set, or
-the hub's host does not answer a short connect. In the second case it switches the Hugging Face
-libraries to their offline mode, so a load that is not cached fails in about a second instead of
-a minute of retries, and :func:`not_reachable` words that failure as one line.
+the hub's host does not answer a short connect (not tried behind a proxy). In the second case it
+switches the Hugging Face libraries to their offline mode, so a load that is not cached fails in
+about a second instead of a minute of retries, and :func:`not_reachable` words that failure as
+one line.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 from urllib.parse import urlparse
 
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 CONNECT_TIMEOUT_S = 3.0
 
 
@@ -28,6 +30,8 @@ def offline_reason() -> str:
     for name in OFFLINE_ENV:
         if _env_true(name):
             return f"{name} is set"
+    if any(os.environ.get(name) for name in PROXY_ENV):
+        return ""  # the hub is reached through the proxy: a direct connect would say nothing
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host = endpoint.hostname or "huggingface.co"
     try:
