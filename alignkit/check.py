@@ -29,6 +29,10 @@ MODES = {"ddp": ("ddp", False), "ddp+ckpt": ("ddp", True), "fsdp": ("fsdp", Fals
 META = torch.device("meta")
 
 
+def count_processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
+
+
 def _teacher_size(teacher: Any, dtype: str) -> tuple[int, int, int]:
     """(parameters, final-layer width, bytes per parameter) of a causal-LM teacher built on meta."""
     from alignkit.adapters.hf_causal import _torch_dtype
@@ -60,7 +64,7 @@ def _memory(cfg: ExperimentConfig, student: Any, main_teacher: Any, seq_len: int
     fits = peak * GB <= GPU_BYTES
     fitting = [mode for mode in MODES if table[mode]["peak"] * GB <= GPU_BYTES]
     verdict = (
-        f"{chosen} at {processes} processes: about {peak:.1f} GB per GPU: "
+        f"{chosen} at {count_processes(processes)}: about {peak:.1f} GB per GPU: "
         + ("fits an 80 GB GPU" if fits else
            "DOES NOT FIT an 80 GB GPU" + (f" (fits: {', '.join(fitting)}; set train.parallel / "
                                            "train.activation_checkpointing)" if fitting else
@@ -112,7 +116,7 @@ def memory_table(report: dict[str, Any]) -> str:
         return "memory: estimated for hf_causal students only"
     rows = ["weights", "gradients", "accumulated_gradients", "optimizer", "activations", "loss_buffers", "teacher",
             "build", "peak"]
-    header = f"GB per GPU, {report['processes']} processes"
+    header = f"GB per GPU, {count_processes(report['processes'])}"
     lines = [f"{header:<32}" + "".join(f"{m:>11}" for m in table)]
     lines += [f"{row:<32}" + "".join(f"{table[m][row]:>11.1f}" for m in table) for row in rows]
     return "\n".join(lines + [report["verdict"]])

@@ -1,4 +1,4 @@
-"""Command line: ``alignkit train|check|prepare|pretrain-teacher|demo|compare|eval`` (also ``python -m alignkit``).
+"""Command line: alignkit train|check|prepare|pretrain-teacher|demo|compare|eval (also python -m alignkit).
 
   alignkit train configs/quickstart.yaml                  # run a recipe
   alignkit train configs/quickstart.yaml train.steps=50   # override any key
@@ -10,11 +10,11 @@
   alignkit demo                                              # the main job: baseline vs LET, compared
   alignkit compare runs/demo/baseline runs/demo/let [--json] # any runs against the first
 
-Plug-ins register adapters, tasks, objectives, projections and schedules when imported
-(:mod:`alignkit.core.registry`): list their modules in ``$ALIGNKIT_PLUGINS`` (comma-separated),
-pass ``--plugin module``, or install a package with an ``alignkit.plugins`` entry point.
+Plug-ins register adapters, tasks, objectives, projections, schedules and loggers when imported
+(alignkit/core/registry.py): pass --plugin MODULE or --plugin path/to/plugin.py, list them in
+$ALIGNKIT_PLUGINS (comma-separated), or install a package with an alignkit.plugins entry point.
 Problems with configs, data, run folders and checkpoints are printed as one line naming the
-key or file (exit code 2); ``--debug`` (or ALIGNKIT_DEBUG=1) shows the traceback. A run
+key or file (exit code 2); --debug (or ALIGNKIT_DEBUG=1) shows the traceback. A run
 stopped by SIGINT/SIGTERM saves a checkpoint and exits with 130/143.
 """
 from __future__ import annotations
@@ -24,10 +24,11 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
+from alignkit import __version__
 from alignkit.core.errors import AlignkitError, ConfigError, Interrupted
 
 
@@ -128,58 +129,70 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_arguments(parser: argparse.ArgumentParser, progress: bool = True, resumable: bool = False) -> None:
+    """The arguments every recipe command takes: CONFIG, key=value overrides, --no-progress."""
+    if resumable:
+        parser.add_argument("config", nargs="?", help="recipe YAML (see configs/); optional with --resume")
+    else:
+        parser.add_argument("config", help="recipe YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe, e.g. train.steps=10")
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _command(commands: Any, name: str, summary: str) -> argparse.ArgumentParser:
+    """A subcommand whose summary is both its line in ``alignkit --help`` and its own description."""
+    return commands.add_parser(name, help=summary, description=summary)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plugin", action="append", default=[], help="plug-in module to import (it registers adapters, tasks, objectives, ...)")
+    parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="plug-in to import: a module name or a path/to/plugin.py (repeatable)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of user errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a student (with LET or another method)")
-    train.add_argument("config", nargs="?", help="recipe YAML (see configs/); optional with --resume")
-    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = _command(sub, "train", "train a student (with LET or another method)")
+    _recipe_arguments(train, resumable=True)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
-    check = sub.add_parser("check", help="validate a recipe and build its models on the meta device")
-    check.add_argument("config")
-    check.add_argument("overrides", nargs="*")
+    check = _command(sub, "check", "validate a recipe and build its models on the meta device")
+    _recipe_arguments(check, progress=False)
     check.add_argument("--print-config", action="store_true", help="print the resolved config")
     check.set_defaults(func=_cmd_check)
-    prep = sub.add_parser("prepare", help="tokenize the recipe's text source into token shards (task.text.source=tokens)")
-    prep.add_argument("config")
-    prep.add_argument("overrides", nargs="*")
+    prep = _command(sub, "prepare", "tokenize the recipe's text source into token shards (task.text.source=tokens)")
+    _recipe_arguments(prep)
     prep.add_argument("--out", required=True, help="output folder; rerun with the same settings to continue")
-    prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="tokenizer processes")
-    prep.add_argument("--shard-tokens", type=int, default=1 << 25, help="tokens per shard (bounds memory)")
+    prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                      help="tokenizer processes (default: CPU cores - 1)")
+    prep.add_argument("--shard-tokens", type=int, default=1 << 25, help="tokens per shard (bounds memory; default 2^25)")
     prep.add_argument("--allow-truncated", action="store_true",
                       help="keep the documents before the cut of a truncated .zst (warned, recorded in manifest.json)")
-    prep.add_argument("--no-progress", action="store_true")
     prep.set_defaults(func=_cmd_prepare)
-    stage = sub.add_parser("pretrain-teacher", help="pre-train (or find in the cache) the recipe's TimesNet teacher")
-    stage.add_argument("config")
-    stage.add_argument("overrides", nargs="*")
-    stage.add_argument("--no-progress", action="store_true", help="no progress bar")
+    stage = _command(sub, "pretrain-teacher", "pre-train (or find in the cache) the recipe's TimesNet teacher")
+    _recipe_arguments(stage)
     stage.set_defaults(func=_cmd_pretrain_teacher)
-    demo = sub.add_parser("demo", help="the main job: pre-train a small teacher, train a baseline and LET side by side, compare")
+    demo = _command(sub, "demo", "the main job: pre-train a small teacher, train a baseline and LET side by side, compare")
     demo.add_argument("overrides", nargs="*", help="key=value overrides for the baseline and the LET run")
     demo.add_argument("--out", default="runs/demo", help="folder of the two runs, compare.png and demo.json (default runs/demo)")
     demo.add_argument("--recipe", help="the LET recipe (default configs/small_scale/let.yaml; the baseline is it without LET)")
     demo.add_argument("--teacher-recipe", help="the teacher's pre-training recipe (default configs/small_scale/teacher.yaml)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar for the teacher's pre-training")
     demo.set_defaults(func=_cmd_demo)
-    cmp = sub.add_parser("compare", help="compare runs (finished or running) against the first: steps and time to its final metric")
+    cmp = _command(sub, "compare", "compare runs (finished or running) against the first: steps and time to its final metric")
     cmp.add_argument("runs", nargs="+", metavar="RUN", help="run folders; the first is the reference (e.g. the baseline)")
     cmp.add_argument("--metric", help="eval metric (default: the first run's train.select_metric, else its task's first)")
     cmp.add_argument("--mode", choices=("min", "max"), help="whether lower or higher --metric is better (default min)")
     cmp.add_argument("--plot", help="PNG of the eval curves (default: FIRST_RUN/compare.png)")
     cmp.add_argument("--json", action="store_true", help="print the comparison as JSON (for scripts)")
     cmp.set_defaults(func=_cmd_compare)
-    ev = sub.add_parser("eval", help="downstream evaluation with lm-evaluation-harness (paper's nine tasks, 1-shot)")
+    ev = _command(sub, "eval", "downstream evaluation with lm-evaluation-harness (paper's nine tasks, 1-shot)")
     ev.add_argument("model", help="run dir, checkpoint dir, or HF model folder")
     ev.add_argument("--tasks", default="", help="comma-separated lm-eval tasks (default: the paper's nine)")
-    ev.add_argument("--num-fewshot", type=int, default=1)
+    ev.add_argument("--num-fewshot", type=int, default=1, help="examples shown before each question (default 1)")
     ev.add_argument("--limit", type=int, default=None, help="documents per task (quick looks)")
-    ev.add_argument("--batch-size", default="auto")
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--batch-size", default="auto", help="sequences per forward, or auto (default)")
+    ev.add_argument("--device", default="cpu", help="torch device, e.g. cpu (default) or cuda")
     ev.add_argument("--include-path", default=None, help="folder with your own lm-eval task YAMLs")
     ev.add_argument("--output", default=None, help="output folder (default: MODEL/eval)")
     ev.set_defaults(func=_cmd_eval)

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.core.config import (
-    AlignConfig, ConfigError, ModelConfig, TrainConfig, load_config, problems, structured, to_yaml,
+    AlignConfig, ConfigError, ModelConfig, TrainConfig, closest, load_config, problems, structured, to_yaml,
 )
 from alignkit.core.engine import check_align_config
+from alignkit.core.errors import MissingFile
 from alignkit.core.registry import TASKS, typed_options
 from alignkit.plugins import load_plugins
 from alignkit.core.trainer import config_problems
@@ -100,7 +101,30 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(found[0] if len(found) == 1 else f"{len(found)} config problems:\n  " + "\n  ".join(found))
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def missing_recipe(path: Path) -> MissingFile:
+    """The error for a recipe path that does not exist: names the recipes under ``configs/``
+    (the working directory's, then alignkit's) with the same file name, or the closest name."""
+    recipes = {p.resolve() for root in (Path.cwd() / "configs", REPO_ROOT / "configs") if root.is_dir()
+               for p in root.rglob("*.y*ml")}
+    same = sorted(_shown(p) for p in recipes if p.name == path.name)
+    by_stem = {p.stem: _shown(p) for p in sorted(recipes)}
+    if not same and (match := closest(path.stem, list(by_stem))):
+        same = [by_stem[match]]
+    hint = f"; did you mean {' or '.join(same)}?" if same else " (recipes are under configs/)"
+    return MissingFile(f"{path}: no such recipe file{hint}")
+
+
 def load_experiment(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    if path and not Path(path).is_file():
+        raise missing_recipe(Path(path))
     load_plugins()  # the registries must know every name the recipe may use
     cfg = load_config(ExperimentConfig, path, overrides, preset_dirs())
     type_model_options(cfg)

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import signal
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,9 +19,11 @@ from alignkit.core.errors import Interrupted, MissingPackage
 from alignkit.core.optim import build_lr_schedule
 from alignkit.core.trainer import Trainer, config_problems
 from alignkit.experiment import load_experiment
+from alignkit.plugins import load_plugins
 from toys import ToyStudent, ToyTask
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+HAS_WANDB = importlib.util.find_spec("wandb") is not None
 
 
 def make(run_dir: Path, callbacks=(), **train) -> Trainer:
@@ -96,8 +99,9 @@ def test_jsonl_is_the_default_logger_and_unknown_loggers_are_refused(tmp_path):
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 4]  # four steps and the final eval
     make(tmp_path / "none", loggers=[]).fit()
     assert not (tmp_path / "none" / "metrics.jsonl").exists()
-    with pytest.raises(ConfigError, match=r"train.loggers='wandb' is not a registered logger \(known: jsonl, tensorboard"):
-        make(tmp_path / "bad", loggers=["jsonl", "wandb"])
+    load_plugins()  # registers every built-in logger
+    with pytest.raises(ConfigError, match=r"train.loggers='wandbb' is not a registered logger; did you mean 'wandb'\?"):
+        make(tmp_path / "bad", loggers=["jsonl", "wandbb"])
 
 
 @pytest.mark.skipif(HAS_TENSORBOARD, reason="tensorboard is installed (its logger is tested instead)")
@@ -119,6 +123,31 @@ def test_tensorboard_logs_train_and_eval_scalars_and_purges_on_resume(tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.step for e in events.Scalars("eval/eval_loss")] == [4]
     assert {"train/lr", "train/tokens_per_s", "train/grad_norm"} <= set(events.Tags()["scalars"])
+
+
+def test_wandb_without_the_package_names_the_extra(tmp_path, monkeypatch):
+    load_plugins()
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
+    with pytest.raises(MissingPackage, match=r"train.loggers names 'wandb'.*pip install 'alignkit\[wandb\]'"):
+        make(tmp_path, loggers=["jsonl", "wandb"])
+
+
+@pytest.mark.skipif(not HAS_WANDB, reason="needs the wandb package (the test extra installs it)")
+def test_wandb_offline_run_holds_the_config_the_metrics_and_the_final_table(tmp_path, monkeypatch):
+    load_plugins()
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default: no network, no login
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "home"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("run_name: marker-7f3a\ntrain: {steps: 4}\n")  # what a run folder holds
+    results = make(run_dir, loggers=["jsonl", "wandb"], eval_every=2).fit()
+    [offline_run] = (run_dir / "wandb").glob("offline-run-*")
+    log = next(offline_run.glob("run-*.wandb")).read_bytes()  # protobuf records: keys and values appear as text
+    assert all(key in log for key in (b"marker-7f3a", b"train/loss", b"train/lr", b"eval/eval_loss"))
+    [table] = (offline_run / "files" / "media" / "table").glob("final_results_*.table.json")
+    rows = json.loads(table.read_text())["data"]
+    assert {name: value for name, value in rows} == pytest.approx({k: v for k, v in results.items()})
 
 
 @pytest.mark.parametrize("name, kind", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
@@ -153,10 +182,11 @@ def test_logged_lr_follows_the_configured_schedule_and_unknown_names_are_refused
     assert [row["lr"] for row in rows if "lr" in row] == [1e-2] * 4
     with pytest.raises(ConfigError, match=r"train.optimizer='lion' is not a registered optimizer \(known: adam, adamw, sgd"):
         make(tmp_path, optimizer="lion")
-    with pytest.raises(ConfigError, match=r"train.lr_schedule='cosine' is not a registered learning-rate schedule \(known: "
+    with pytest.raises(ConfigError, match=r"train.lr_schedule='cosine' is not a registered learning-rate schedule; "
+                                          r"did you mean 'warmup_cosine'\? \(known: "
                                           r"constant, warmup_cosine, warmup_linear"):
         make(tmp_path, lr_schedule="cosine")
-    bad = TrainConfig(optimizer="lion", lr_schedule="cosine", loggers=["jsonl", "wandb"])
+    bad = TrainConfig(optimizer="lion", lr_schedule="cosine", loggers=["jsonl", "mlflow"])
     assert [p.split("=")[0] for p in config_problems(bad, "task.teacher_pretrain")] == [
         "task.teacher_pretrain.optimizer", "task.teacher_pretrain.lr_schedule", "task.teacher_pretrain.loggers"]
     with pytest.raises(ConfigError, match="task.teacher_pretrain.optimizer='lion'"):  # train and check refuse it at load

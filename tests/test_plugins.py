@@ -3,6 +3,8 @@ and an objective, plus (written here) a task, all registered by plug-in modules 
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from alignkit.core.errors import MissingFile, MissingPackage
 from alignkit.plugins import load_plugins
 import torch
 
@@ -150,3 +153,51 @@ def test_plugin_adapter_task_and_objective_train_end_to_end(plugin_dir, tmp_path
     bad = subprocess.run([sys.executable, "-m", "alignkit", "check", str(recipe), "teacher.options.average_lst=2"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "teacher.options.average_lst" in bad.stderr and "average_last" in bad.stderr
+
+
+def readme_plugin_command() -> list[str]:
+    """The docs' command that trains with the plug-in, as argv (env assignments first)."""
+    text = (ROOT / "docs" / "extending.md").read_text()
+    match = re.search(r"```bash\n(ALIGNKIT_PLUGINS=my_alignkit_plugin alignkit .*?)```", text, re.S)
+    assert match, "docs/extending.md lost its command that trains with the plug-in"
+    return shlex.split(match.group(1).replace("\\\n", " "))
+
+
+def console_script(folder: Path) -> list[str]:
+    """``alignkit`` as the installed console script runs it: the import path starts at the
+    script's folder, not at the working directory (unlike ``python -m``)."""
+    script = folder / "bin" / "alignkit"
+    script.parent.mkdir(exist_ok=True)
+    script.write_text("import sys\nfrom alignkit.cli import main\nsys.exit(main())\n")
+    return [sys.executable, str(script)]
+
+
+@pytest.mark.parametrize("form", ["module name from the working directory", "--plugin path/to/file.py"])
+def test_readme_plugin_command_runs_from_the_plugin_folder_without_pythonpath(tmp_path, form):
+    (tmp_path / "my_alignkit_plugin.py").write_text(readme_plugin())
+    (tmp_path / "configs").mkdir()
+    shutil.copy(ROOT / "configs" / "debug.yaml", tmp_path / "configs")
+    words = readme_plugin_command()
+    env = {k: v for k, v in os.environ.items() if k not in ("ALIGNKIT_PLUGINS", "PYTHONPATH")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")  # alignkit itself, not the plug-in's folder
+    while "=" in words[0]:
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    assert words[:2] == ["alignkit", "train"]
+    args = words[1:] + ["train.steps=2", "align.stop_step=1", "train.eval_every=2", "--no-progress"]
+    if form.startswith("--plugin"):
+        del env["ALIGNKIT_PLUGINS"]
+        args = ["--plugin", "my_alignkit_plugin.py"] + args
+    done = subprocess.run(console_script(tmp_path) + args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [run] = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "results.json").read_text())["eval_loss"] > 0
+    assert "objective: centered_cosine" in (run / "config.yaml").read_text()
+
+
+def test_plugin_file_errors_are_one_line(tmp_path):
+    with pytest.raises(MissingFile, match=r"plug-in 'nowhere/mine.py' .*: no such file"):
+        load_plugins(["nowhere/mine.py"])
+    with pytest.raises(MissingPackage, match=r"plug-in 'no_such_plugin_module' .*--plugin path/to/plugin.py"):
+        load_plugins(["no_such_plugin_module"])

@@ -3,7 +3,7 @@ import pytest
 from alignkit.plugins import load_plugins
 from alignkit.experiment import load_experiment
 def test_unknown_adapter_option_names_key_and_valid_ones():
-    with pytest.raises(ValueError, match=r"student.options.poolng' \(valid: .*pooling"):
+    with pytest.raises(ValueError, match=r"student.options.poolng'; did you mean 'student.options.pooling'\? \(valid: .*pooling"):
         load_experiment("configs/ts/japanese_vowels.yaml", ["student.options.poolng=last"])
 def test_mistyped_and_out_of_range_options():
     with pytest.raises(ValueError, match=r"student.options.keep_layers"):
@@ -80,4 +80,4 @@ def test_entry_point_plugin_registers_an_adapter_with_typed_options(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.stdout.split() == ["Options", "2.0"], out.stderr
-    assert "unknown config key 'teacher.options.scael' (valid: scale)" in out.stderr
+    assert "unknown config key 'teacher.options.scael'; did you mean 'teacher.options.scale'? (valid: scale)" in out.stderr

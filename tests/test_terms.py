@@ -141,7 +141,7 @@ def test_the_readme_plugin_objective_is_usable_by_name_with_its_options(monkeypa
 
 
 @pytest.mark.parametrize("align, message", [
-    (AlignConfig(objective="cosin"), r"align.objective='cosin' is not a registered objective \(known: cca, cosine, logsum, mse"),
+    (AlignConfig(objective="cosin"), r"align.objective='cosin' is not a registered objective; did you mean 'cosine'\? \(known: cca, cosine, logsum, mse"),
     (AlignConfig(terms=[TermConfig(projection="lin")]), r"align.terms.0.projection='lin' .*known: interpolate, linear, none"),
     (AlignConfig(terms=[TermConfig(), TermConfig(type="logit_kd", schedule="exp")]),
      r"align.terms.1.schedule='exp' .*known: constant, cosine, linear_decay, step"),

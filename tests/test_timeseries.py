@@ -321,7 +321,7 @@ def test_timesnet_student_from_registry():
     assert student.options["num_classes"] == 9 and student.num_layers == 1 and student.width(1) == 16
     with pytest.raises(ValueError, match="num_classes"):
         build_student(ModelConfig(kind="timesnet", options={"num_classes": 4}), data=DataInfo(num_classes=9, num_channels=12))
-    with pytest.raises(ValueError, match=r"student.options.d_modle' \(valid: d_model, d_ff"):
+    with pytest.raises(ValueError, match=r"student.options.d_modle'; did you mean 'student.options.d_model'\? \(valid: d_model, d_ff"):
         build_student(ModelConfig(kind="timesnet", options={"d_modle": 8}), data=DataInfo(num_classes=9, num_channels=12))
 
 

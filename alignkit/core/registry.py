@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from alignkit.core.adapter import DataInfo
-from alignkit.core.config import structured
+from alignkit.core.config import did_you_mean, structured
 from alignkit.core.errors import ConfigError
 
 T = TypeVar("T")
@@ -49,7 +49,7 @@ class Registry(Generic[T]):
         """The component called ``name``; ``key`` is the config key that named it (for the error)."""
         if name not in self._items:
             known = ", ".join(sorted(self._items)) or "none registered"
-            raise ConfigError(f"{key}={name!r} is not a registered {self.kind} (known: {known})")
+            raise ConfigError(f"{key}={name!r} is not a registered {self.kind}{did_you_mean(name, self.names())} (known: {known})")
         return self._items[name]
 
     def names(self) -> list[str]:

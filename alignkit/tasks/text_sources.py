@@ -46,6 +46,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from alignkit.core import hub
 from alignkit.core.config import above, at_least, between, checked, one_of
 from alignkit.core.errors import DataError, MissingFile, MissingPackage
 from alignkit.tasks.zstd_stream import TruncatedInput, skip, zstd_lines
@@ -220,7 +221,8 @@ def _jsonl_documents(path: Path, field: str, start: int, stop: int | None) -> It
             continue
         value = record.get(field) if isinstance(record, dict) else None
         if not isinstance(value, str):
-            what = "no" if value is None else f"a {type(value).__name__} in the"
+            kind = type(value).__name__
+            what = "no" if value is None else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} in the"
             _bad_line(path, lineno, offset, f"{what} {field!r} field (task.text.text_field); line skipped", counts)
             continue
         if value.strip():
@@ -374,7 +376,16 @@ def _hf_documents(cfg: TextDataConfig, split: str) -> Iterator[str]:
         ) from None
     if not cfg.hf_name:
         raise DataError("task.text.source='hf' needs task.text.hf_name (a hub dataset id or local path)")
-    ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=split, streaming=cfg.streaming)
+    if not os.path.exists(cfg.hf_name):
+        hub.offline()  # looks for the hub once: unreachable means cached-only loads, not a minute of retries
+    try:
+        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config or None, split=split, streaming=cfg.streaming)
+    except ConnectionError:
+        if not hub.offline():
+            raise
+        raise DataError(hub.not_reachable("task.text.hf_name", cfg.hf_name, (
+            "use raw text files (task.text.source=files task.text.train_path=... task.text.eval_path=...) "
+            "or the built-in corpus (task.preset=builtin)"))) from None
     for record in ds:
         if cfg.text_field not in record:
             raise DataError(f"{cfg.hf_name}[{split}]: no {cfg.text_field!r} field (task.text.text_field)")
