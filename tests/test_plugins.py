@@ -103,7 +103,7 @@ def test_readme_plugin_teacher_and_objective_compute_what_they_say(plugin_dir, m
     monkeypatch.delitem(sys.modules, "my_alignkit_plugin", raising=False)
     import my_alignkit_plugin as plugin
 
-    from alignkit.adapters.hf_causal import HFCausalTeacher, load_hf_causal_lm
+    from alignkit.adapters.hf_causal import HFCausalTeacher
     from alignkit.core.config import ModelConfig
     from alignkit.core.registry import OBJECTIVES, build_teacher
 

@@ -3,7 +3,6 @@ break exactness and records the safe ones, a run killed before its first checkpo
 resumed, bad folders and busy folders give one-line errors, run names cannot escape."""
 import json
 import os
-from pathlib import Path
 
 import pytest
 
