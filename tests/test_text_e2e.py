@@ -91,7 +91,7 @@ def test_bad_data_files_give_clear_errors(tmp_path, capsys):
 @pytest.mark.parametrize("recipe, params, lr", [("llama-1.4b_smollm2-135m", 1.41e9, "0.0004"), ("llama-7b_smollm2-1.7b", 6.88e9, "0.0003")])
 def test_paper_recipes_build_on_meta_and_run_two_tiny_steps(tmp_path, capsys, recipe, params, lr):
     config = str(REPO / "configs" / "paper" / f"{recipe}.yaml")
-    assert main(["check", config]) == 0
+    assert main(["check", config, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["student_params"] == pytest.approx(params, rel=0.01)
     assert report["global_batch"] == 2048 and report["processes"] == 8 and report["student_layers"] in (24, 32)
