@@ -140,6 +140,7 @@ def test_teacher_cache_is_keyed_on_what_changes_the_teacher():
     assert folder("task.teacher_pretrain.steps=5") == folder("task.teacher_pretrain.steps=5", "task.teacher_pretrain.epochs=3")
 
 
+@pytest.mark.slow
 def test_pretrain_teacher_stage_on_a_univariate_set_budgets_epochs_and_stops_early(tmp_path, capsys, one_thread):
     """UnitTest (shipped by aeon, 1 channel): `alignkit pretrain-teacher` announces its budget,
     stops once the validation accuracy stops improving, shows no progress bar under
@@ -162,6 +163,7 @@ def test_pretrain_teacher_stage_on_a_univariate_set_budgets_epochs_and_stops_ear
     assert "cos/t-1-s1" in rows(tmp_path / "uni")[0]
 
 
+@pytest.mark.slow
 def test_pairs_may_name_an_extra_time_series_teacher(tmp_path, one_thread):
     extra = ["teachers.small.preset=timesnet", "teachers.small.options.d_model=4", "teachers.small.options.d_ff=4",
              "teachers.small.options.num_kernels=1", "teachers.small.options.e_layers=1"]
@@ -173,6 +175,7 @@ def test_pairs_may_name_an_extra_time_series_teacher(tmp_path, one_thread):
     assert len(list((tmp_path / "teachers").glob("timesnet-BasicMotions-*/final"))) == 2  # each teacher pre-trained
 
 
+@pytest.mark.slow
 def test_small_scale_recipes_run_as_a_pair(tmp_path):
     """configs/small_scale: the teacher recipe's run is the LET recipe's teacher (both cut to a
     few steps on the built-in corpus); check and train accept the pair."""

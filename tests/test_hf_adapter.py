@@ -349,6 +349,7 @@ def test_packed_batch_without_mask_gives_the_same_loss_as_an_all_ones_mask() -> 
     torch.testing.assert_close(without.features[1], with_mask.features[1])
 
 
+@pytest.mark.slow
 def test_compiled_student_does_not_recompile_across_forwards() -> None:
     """Taps registered once: a torch.compile'd student (eager backend: tracing only, fast) runs
     tapped forwards and backwards without recompiling."""
@@ -363,6 +364,7 @@ def test_compiled_student_does_not_recompile_across_forwards() -> None:
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile's inductor backend on CPU needs a C++ compiler (g++ or c++)")
 @pytest.mark.parametrize("checkpointed", [False, True])

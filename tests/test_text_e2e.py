@@ -88,6 +88,7 @@ def test_bad_data_files_give_clear_errors(tmp_path, capsys):
     assert "fewer than one sequence" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe, params, lr", [("llama-1.4b_smollm2-135m", 1.41e9, "0.0004"), ("llama-7b_smollm2-1.7b", 6.88e9, "0.0003")])
 def test_paper_recipes_build_on_meta_and_run_two_tiny_steps(tmp_path, capsys, recipe, params, lr):
     config = str(REPO / "configs" / "paper" / f"{recipe}.yaml")
@@ -111,6 +112,7 @@ def test_paper_recipes_build_on_meta_and_run_two_tiny_steps(tmp_path, capsys, re
     assert f"lr: {lr}" in saved and "weight_decay: 0.01" in saved and "stop_step: 2" in saved
 
 
+@pytest.mark.dist
 def test_torchrun_two_processes_match_one(tmp_path):
     common = ["train.steps=2", "train.eval_every=0", "train.save_every=0", "align.stop_step=2"]
     assert train(tmp_path, "one", *common, "train.micro_batch_size=4") == 0

@@ -4,9 +4,12 @@ as the text task."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from alignkit.cli import main
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "configs" / "ts" / "japanese_vowels.yaml")
