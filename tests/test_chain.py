@@ -91,6 +91,29 @@ def test_check_sizes_a_time_series_student_from_the_data(capsys):
     assert "options.num_classes=5 but the data has 9" in capsys.readouterr().err
 
 
+def test_check_reports_the_terms_as_written_and_says_what_it_does_not_estimate(capsys):
+    """A recipe with align.terms is reported by its terms (not the preset's defaults); the table
+    goes to the terminal, JSON only with --json; a family without a memory model says so."""
+    # debug.yaml's align.stop_step / early_layer back to their defaults: they belong to the presets
+    terms = ["align.terms=[{type: feature, early_layer: 2, stop_step: 6, lambda0: 0.3}]", "align.early_layer=null",
+             "align.stop_step=200"]
+    assert main(["check", DEBUG, *terms]) == 0
+    out = capsys.readouterr().out
+    assert "align.terms.0: feature on teacher default, lambda0 0.3, linear_decay, stop_step 6" in out
+    assert "1 process)" in out and "1 processes" not in out and not out.lstrip().startswith("{")
+    assert main(["check", DEBUG, *terms, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(t["origin"], t["stop_step"], t["lambda0"]) for t in report["terms"]] == [("align.terms.0", 6, 0.3)]
+    assert main(["check", TS, "student.preset=llama-tiny-ts", *TINY_TEACHER, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory"] == "not estimated for hf_ts_classifier students"
+
+
+def test_a_typo_in_the_architecture_is_one_error_naming_the_nearest_key():
+    with pytest.raises(ConfigError, match=r"^student\.options\.arch\.hiden_size: .*did you mean 'hidden_size'\?$"):
+        load_experiment(DEBUG, ["student.options.arch.hiden_size=128"])
+    load_experiment(DEBUG, ["student.options.arch.rope_theta=10000.0"])  # a legacy key the config class folds in
+
+
 def _other_tokenizer(folder: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
