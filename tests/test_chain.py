@@ -61,6 +61,7 @@ def test_each_task_types_its_own_config_section():
 # --- check: the chain on meta ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_check_runs_the_chain_on_every_recipe_offline_in_under_a_minute(monkeypatch):
     from transformers import AutoModelForCausalLM
 

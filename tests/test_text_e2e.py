@@ -45,6 +45,7 @@ def test_debug_recipe_runs_end_to_end_and_loss_falls(tmp_path):
     assert model(ids).logits.shape[-1] == 49152
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     keep = ["train.save_every=3", "train.keep_checkpoints=5"]
     assert train(tmp_path, "full", *keep) == 0
