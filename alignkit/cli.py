@@ -50,17 +50,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from alignkit.check import check_experiment, memory_table
+    from alignkit.check import check_experiment, memory_table, report_text
     from alignkit.experiment import load_experiment
 
     cfg = load_experiment(args.config, args.overrides)
     if args.print_config:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     report = check_experiment(cfg)
-    print(json.dumps(report, indent=2))
+    if not args.json:
+        print(report_text(report))
+        return 0
+    print(json.dumps(report, indent=2))  # stdout stays JSON for scripts; the rest for people
     for note in report["notes"]:
         print(f"note: {note}", file=sys.stderr)
-    print(memory_table(report), file=sys.stderr)  # for people; stdout stays JSON for scripts
+    print(memory_table(report), file=sys.stderr)
     return 0
 
 
@@ -159,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = _command(sub, "check", "validate a recipe and build its models on the meta device")
     _recipe_arguments(check, progress=False)
     check.add_argument("--print-config", action="store_true", help="print the resolved config")
+    check.add_argument("--json", action="store_true", help="print the report as JSON (stdout) for scripts")
     check.set_defaults(func=_cmd_check)
     prep = _command(sub, "prepare", "tokenize the recipe's text source into token shards (task.text.source=tokens)")
     _recipe_arguments(prep)

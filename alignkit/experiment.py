@@ -10,7 +10,7 @@ override the preset's, and ``a.b=c`` command-line overrides override both.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,18 +126,16 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
     if path and not Path(path).is_file():
         raise missing_recipe(Path(path))
     load_plugins()  # the registries must know every name the recipe may use
-    cfg = load_config(ExperimentConfig, path, overrides, preset_dirs())
-    type_model_options(cfg)
+    cfg = type_model_options(load_config(ExperimentConfig, path, overrides, preset_dirs()))
     validate(cfg)
     return cfg
 
 
-def type_model_options(cfg: ExperimentConfig) -> None:
-    """Each model's ``options`` mapping becomes its adapter's options dataclass (unknown or
-    mistyped options fail here, naming the key; their range rules join :func:`validate`)."""
-    cfg.student = typed_options(cfg.student, "student")
-    cfg.teacher = typed_options(cfg.teacher, "teacher")
-    cfg.teachers = {name: typed_options(model, f"teachers.{name}") for name, model in cfg.teachers.items()}
+def type_model_options(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with each model's ``options`` mapping as its adapter's options dataclass (unknown
+    or mistyped options fail here, naming the key; their range rules join :func:`validate`)."""
+    return replace(cfg, student=typed_options(cfg.student, "student"), teacher=typed_options(cfg.teacher, "teacher"),
+                   teachers={name: typed_options(model, f"teachers.{name}") for name, model in cfg.teachers.items()})
 
 
 def save_resolved(cfg: ExperimentConfig, run_dir: Path) -> None:

@@ -46,45 +46,15 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from alignkit.core.adapter import ModelShape
 from alignkit.core.linear_ce import CHUNK_TOKENS
 
 GPU_BYTES = 80 * 10**9  # an 80 GB A100/H100
 GB = 10**9
-
-
-@dataclass
-class ModelShape:
-    """What the estimate needs to know about a transformer: sizes and parameter counts."""
-
-    params: int
-    block_params: int  # one block
-    layers: int
-    hidden: int
-    intermediate: int
-    vocab: int
-    largest_param: int
-
-
-def transformer_shape(model: nn.Module, blocks: nn.ModuleList) -> ModelShape:
-    """Shape of a Hugging Face causal LM (works on the meta device)."""
-    config = model.config
-    hidden = int(config.hidden_size)
-    intermediate = int(getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
-                       or getattr(config, "n_inner", None) or 4 * hidden)
-    unique = {id(p): p for p in model.parameters()}.values()  # tied embeddings count once
-    head = model.get_output_embeddings()
-    return ModelShape(
-        params=sum(p.numel() for p in unique),
-        block_params=sum(p.numel() for p in blocks[0].parameters()) if len(blocks) else 0,
-        layers=len(blocks), hidden=hidden, intermediate=intermediate,
-        vocab=int(head.weight.shape[0]) if head is not None else int(config.vocab_size),
-        largest_param=max((p.numel() for p in unique), default=0),
-    )
 
 
 @dataclass

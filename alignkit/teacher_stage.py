@@ -1,19 +1,20 @@
-"""Teacher pre-training, a stage of its own: a TimesNet teacher without weights
-(``teacher.kind: timesnet`` and no ``name_or_path``, also among ``teachers``) is trained on
-the task's data before the run that uses it, and cached for later runs.
+"""Teacher pre-training, a stage of its own: a teacher that has no weights (no ``name_or_path``,
+of a kind whose adapter declares ``teacher_from_student``, also among ``teachers``) is trained
+on the task's data before the run that uses it, and cached for later runs. The task declares
+how (:attr:`~alignkit.tasks.base.TaskSpec.teacher_training`: the run's task and train sections,
+what of the data changes the teacher); a task that declares nothing refuses such a teacher.
 
   alignkit pretrain-teacher CONFIG [key=value ...]   # only this stage
   alignkit train CONFIG ...                          # runs it first when needed
 
 It is one ordinary training run through the build chain (the teacher as student, no
-alignment, ``task.teacher_pretrain`` as its ``train`` section) on ``task.teacher_datasets``
-(default ``task.uea.datasets``), selected on the validation split carved from TRAIN, with
-its own seed and device. Budget: ``epochs`` over the training split (``steps`` > 0 overrides
-it), stopped early once ``patience`` evals bring no better ``select_metric``. The stage says
-what it will do and cost before it starts. The cache, ``<output_dir>/teachers/timesnet-<datasets>-<hash>/``,
-is keyed on what changes the teacher (not on device, logging or checkpoint cadence); it is
-locked while in use and resumes after an interruption. The run's own random state is the
-same whether the teacher was trained or reused.
+alignment), selected on the task's validation split, with its own seed and device. Budget:
+``epochs`` over the training split (``steps`` > 0 overrides it), stopped early once
+``patience`` evals bring no better ``select_metric``. The stage says what it will do and cost
+before it starts. The cache, ``<output_dir>/teachers/<kind>-<data>-<hash>/``, is keyed on what
+changes the teacher (not on device, logging or checkpoint cadence); it is locked while in use
+and resumes after an interruption. The run's own random state is the same whether the teacher
+was trained or reused.
 """
 from __future__ import annotations
 
@@ -32,40 +33,43 @@ from alignkit.core.distributed import DistInfo, resolve_device
 from alignkit.core.folder_lock import FolderLock
 from alignkit.core.callbacks import Callback
 from alignkit.core.trainer import Trainer
+from alignkit.experiment import task_spec
 from alignkit.tasks import build_task
+from alignkit.tasks.base import TeacherTraining
 
 # fields of the pre-training `train` section that do not change the trained teacher
 NO_EFFECT = ("device", "log_every", "save_every", "keep_checkpoints", "num_processes", "parallel")
-DONE = "timesnet.json"  # written into <cache>/final when the stage finished
+DONE = "results.json"  # written into the cache folder when the stage finished
+
+
+def _training(cfg: Any, teacher: ModelConfig) -> TeacherTraining:
+    """How the task of ``cfg`` pre-trains ``teacher``; an error when it does not."""
+    declared = task_spec(cfg.task.name).teacher_training
+    if declared is None:
+        raise ConfigError(f"teacher.kind={teacher.kind} without name_or_path needs pre-training, which task.name="
+                          f"{cfg.task.name} does not do: set teacher.name_or_path")
+    return declared(cfg.task)
 
 
 def teacher_run_config(cfg: Any, teacher: ModelConfig) -> Any:
     """The experiment that trains ``teacher``: it is the student, nothing is aligned."""
-    task = cfg.task
-    if not hasattr(task, "teacher_pretrain"):
-        raise ConfigError(f"teacher.kind={teacher.kind} without name_or_path needs pre-training, which task.name="
-                          f"{task.name} does not do (ts_classify does): set teacher.name_or_path")
-    datasets = list(task.teacher_datasets or task.uea.datasets)
-    return dataclasses.replace(
-        cfg, student=teacher, teacher=ModelConfig(), teachers={}, align=AlignConfig(method="none"),
-        train=task.teacher_pretrain, task=dataclasses.replace(task, uea=dataclasses.replace(task.uea, datasets=datasets)),
-    )
+    training = _training(cfg, teacher)
+    return dataclasses.replace(cfg, student=teacher, teacher=ModelConfig(), teachers={}, align=AlignConfig(method="none"),
+                               train=training.train, task=training.task)
 
 
 def teacher_cache_dir(sub: Any) -> Path:
-    """``<output_dir>/teachers/timesnet-<datasets>-<hash of what changes the teacher>``."""
+    """``<output_dir>/teachers/<kind>-<data>-<hash of what changes the teacher>``."""
+    training = _training(sub, sub.student)
     train = {k: v for k, v in dataclasses.asdict(sub.train).items() if k not in NO_EFFECT}
     if sub.train.steps:
         train.pop("epochs")  # steps override the epoch budget
     if not sub.train.select_metric:
         train.pop("patience")  # early stopping watches select_metric
-    uea = {k: v for k, v in dataclasses.asdict(sub.task.uea).items() if k not in ("extract_path", "download")}
     teacher = {"kind": sub.student.kind, "source": sub.student.source, "options": sub.student.options}
-    spec = json.dumps({"teacher": teacher, "train": train, "uea": uea}, sort_keys=True, default=str)
+    spec = json.dumps({"teacher": teacher, "train": train, **training.identity}, sort_keys=True, default=str)
     digest = hashlib.sha256(spec.encode()).hexdigest()[:10]
-    datasets = uea["datasets"]
-    name = "+".join(datasets) if len(datasets) <= 3 else f"{len(datasets)}datasets"
-    return Path(sub.output_dir) / "teachers" / f"timesnet-{name}-{digest}"
+    return Path(sub.output_dir) / "teachers" / f"{sub.student.kind}-{training.label}-{digest}"
 
 
 class EarlyStopping(Callback):
@@ -79,11 +83,11 @@ class EarlyStopping(Callback):
         if trainer.step < trainer.cfg.steps and self._exhausted(trainer):
             print(f"teacher pre-training: no better {trainer.cfg.select_metric} in {self.patience} evals; "
                   f"stopping early at step {trainer.step}")
-            trainer.cfg.steps = trainer.step  # the loop ends after this step's checkpoint
+            trainer.cfg = dataclasses.replace(trainer.cfg, steps=trainer.step)  # the loop ends after this step's checkpoint
 
     def on_load(self, trainer: Any, directory: Path, state: dict[str, Any]) -> None:
         if self._exhausted(trainer):  # it had stopped early just before the interruption
-            trainer.cfg.steps = trainer.step
+            trainer.cfg = dataclasses.replace(trainer.cfg, steps=trainer.step)
 
     def _exhausted(self, trainer: Any) -> bool:
         key, log = trainer.cfg.select_metric, trainer.run_dir / "metrics.jsonl"
@@ -109,11 +113,11 @@ def pretrain_teacher(cfg: Any, teacher: ModelConfig, *, device: torch.device, pr
     sub = teacher_run_config(cfg, teacher)
     run_dir = teacher_cache_dir(sub)
     final = run_dir / "final"
-    if (final / DONE).is_file():
-        print(f"reusing the pre-trained TimesNet teacher {final}")
+    if (run_dir / DONE).is_file():
+        print(f"reusing the pre-trained {teacher.kind} teacher {final}")
         return final
     with FolderLock(run_dir, "teacher cache folder"):  # two runs never train one teacher together
-        if not (final / DONE).is_file():  # else finished by another run just before the lock
+        if not (run_dir / DONE).is_file():  # else finished by another run just before the lock
             with kept_rng():  # the run's own RNG must not depend on whether the cache was hit
                 _train(sub, run_dir, device, progress)
     return final
@@ -126,7 +130,7 @@ def _train(sub: Any, run_dir: Path, device: torch.device, progress: bool) -> Non
     task = build_task(sub, dist=DistInfo(), device=device)
     data = task.build_data({})
     train = budget(sub.train, task.num_train_examples)
-    student, _, engine = build_models(sub, task, data, {}, device)
+    student, _, engine = build_models(sub.student, sub.align, train, task, data, {}, device)
     trainer = Trainer(cfg=train, student=student, engine=engine, task=task, run_dir=run_dir, device=device,
                       progress=progress, callbacks=[EarlyStopping(train.patience)])
     trainer.resume_hint = ""  # the caller says how to continue
@@ -134,8 +138,8 @@ def _train(sub: Any, run_dir: Path, device: torch.device, progress: bool) -> Non
     resumed = trainer.resume_latest()
     if resumed is None:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # an attempt killed before its first checkpoint
-    print(f"{'continuing' if resumed else 'pre-training'} the TimesNet teacher on {', '.join(sub.task.uea.datasets)} "
-          f"({task.num_train_examples} training series, {data.num_classes} classes) on {device}: "
+    print(f"{'continuing' if resumed else 'pre-training'} the {sub.student.kind} teacher on {', '.join(data.datasets)} "
+          f"({task.num_train_examples} training examples, {data.num_classes} classes) on {device}: "
           f"{_plan(sub.train, train)}; cached in {run_dir} for later runs with the same teacher settings")
     trainer.fit()
     (run_dir / "results.json").write_text(json.dumps(task.report(student, run_dir, role="teacher"), indent=2))

@@ -1,7 +1,7 @@
 """Entry point of a training run, one visible build chain (:func:`build_trainer`):
 
-  config -> task (tasks.build_task) -> teacher pre-training stage (only a TimesNet teacher
-         without weights: teacher_stage) -> data (task.build_data reports a DataInfo)
+  config -> task (tasks.build_task) -> teacher pre-training stage (only a teacher without
+         weights: teacher_stage) -> data (task.build_data reports a DataInfo)
          -> student -> teachers -> engine (chain.build_models) -> trainer (core.trainer) -> fit
 
 Run:  alignkit train CONFIG [key=value ...]
@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 import sys
 import time
-import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from alignkit.chain import build_models
+from alignkit.chain import build_models, shards_weights
 from alignkit.core.checkpoint import checkpoint_dirs, seed_everything
 from alignkit.core.config import resolve_grad_accum
 from alignkit.core.distributed import DistInfo, cleanup, init_distributed, max_over_ranks, resolve_device
@@ -50,19 +50,12 @@ def run_dir_for(cfg: ExperimentConfig, config_path: str | None, resume: str | No
     return new_run_dir(cfg.output_dir, name)
 
 
-def _warn_remote_code(cfg: ExperimentConfig) -> None:
-    models = {"student": cfg.student, "teacher": cfg.teacher, **{f"teachers.{n}": m for n, m in cfg.teachers.items()}}
-    for role, model in models.items():
-        if getattr(model.options, "trust_remote_code", False):  # an hf_causal option
-            warnings.warn(f"{role}.options.trust_remote_code=true: Python code shipped with {model.name_or_path or 'the model'} "
-                          "will run in this process", stacklevel=2)
-
-
 def run(cfg: ExperimentConfig, config_path: str | None = None, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
     info = init_distributed(cfg.train.device)
     try:
         device = resolve_device(cfg.train.device, info)
-        cfg.train.grad_accum = resolve_grad_accum(cfg.train, info.world_size)  # global batch -> per-process accumulation
+        # global batch -> per-process accumulation
+        cfg = replace(cfg, train=replace(cfg.train, grad_accum=resolve_grad_accum(cfg.train, info.world_size)))
         run_dir = run_dir_for(cfg, config_path, resume, info)
         if resume and is_finished(run_dir, cfg):
             print(f"{run_dir} is finished (results.json); nothing to do. To train longer: "
@@ -115,8 +108,8 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, info: DistInfo, device: 
         raise Interrupted(f"teacher pre-training {err}; continue with: alignkit train --resume {run_dir}",
                           err.exit_code - 128) from None
     data = task.build_data(teacher_cfgs)
-    student, teachers, engine = build_models(cfg, task, data, teacher_cfgs, device)
-    if teachers and getattr(cfg.teacher.options, "shard", False):  # a large frozen teacher (hf_causal option)
+    student, teachers, engine = build_models(cfg.student, cfg.align, cfg.train, task, data, teacher_cfgs, device)
+    if teachers and shards_weights(teacher_cfgs["default"]):  # a large frozen teacher
         shard_teacher(teachers["default"], device)
     del teachers  # the engine owns them and frees them when no term needs them any more
     seed_everything(cfg.train.seed + info.rank)  # per-rank streams (dropout) from here on
@@ -126,7 +119,6 @@ def build_trainer(cfg: ExperimentConfig, run_dir: Path, info: DistInfo, device: 
 
 def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, record: dict[str, Any] | None, info: DistInfo,
            device: torch.device, progress: bool) -> dict[str, Any]:
-    _warn_remote_code(cfg)
     trainer = build_trainer(cfg, run_dir, info, device, progress)
     if resume:
         trainer.resume_latest()

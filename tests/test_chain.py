@@ -61,6 +61,7 @@ def test_each_task_types_its_own_config_section():
 # --- check: the chain on meta ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_check_runs_the_chain_on_every_recipe_offline_in_under_a_minute(monkeypatch):
     from transformers import AutoModelForCausalLM
 
@@ -89,6 +90,29 @@ def test_check_sizes_a_time_series_student_from_the_data(capsys):
     assert main(["check", TS, *student, "student.options.num_classes=9", "student.options.num_channels=12"]) == 0
     assert main(["check", TS, *student, "student.options.num_classes=5"]) == 2
     assert "options.num_classes=5 but the data has 9" in capsys.readouterr().err
+
+
+def test_check_reports_the_terms_as_written_and_says_what_it_does_not_estimate(capsys):
+    """A recipe with align.terms is reported by its terms (not the preset's defaults); the table
+    goes to the terminal, JSON only with --json; a family without a memory model says so."""
+    # debug.yaml's align.stop_step / early_layer back to their defaults: they belong to the presets
+    terms = ["align.terms=[{type: feature, early_layer: 2, stop_step: 6, lambda0: 0.3}]", "align.early_layer=null",
+             "align.stop_step=200"]
+    assert main(["check", DEBUG, *terms]) == 0
+    out = capsys.readouterr().out
+    assert "align.terms.0: feature on teacher default, lambda0 0.3, linear_decay, stop_step 6" in out
+    assert "1 process)" in out and "1 processes" not in out and not out.lstrip().startswith("{")
+    assert main(["check", DEBUG, *terms, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(t["origin"], t["stop_step"], t["lambda0"]) for t in report["terms"]] == [("align.terms.0", 6, 0.3)]
+    assert main(["check", TS, "student.preset=llama-tiny-ts", *TINY_TEACHER, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory"] == "not estimated for hf_ts_classifier students"
+
+
+def test_a_typo_in_the_architecture_is_one_error_naming_the_nearest_key():
+    with pytest.raises(ConfigError, match=r"^student\.options\.arch\.hiden_size: .*did you mean 'hidden_size'\?$"):
+        load_experiment(DEBUG, ["student.options.arch.hiden_size=128"])
+    load_experiment(DEBUG, ["student.options.arch.rope_theta=10000.0"])  # a legacy key the config class folds in
 
 
 def _other_tokenizer(folder: Path) -> Path:
@@ -140,6 +164,7 @@ def test_teacher_cache_is_keyed_on_what_changes_the_teacher():
     assert folder("task.teacher_pretrain.steps=5") == folder("task.teacher_pretrain.steps=5", "task.teacher_pretrain.epochs=3")
 
 
+@pytest.mark.slow
 def test_pretrain_teacher_stage_on_a_univariate_set_budgets_epochs_and_stops_early(tmp_path, capsys, one_thread):
     """UnitTest (shipped by aeon, 1 channel): `alignkit pretrain-teacher` announces its budget,
     stops once the validation accuracy stops improving, shows no progress bar under
@@ -159,10 +184,11 @@ def test_pretrain_teacher_stage_on_a_univariate_set_budgets_epochs_and_stops_ear
     assert evals.index(max(evals)) == len(evals) - 4  # the best, then three evals without a better one
     assert json.loads((cache / "final" / "timesnet.json").read_text())["num_channels"] == 1
     assert main(["train", TS, *overrides, "run_name=uni", "train.steps=2", "align.stop_step=1", "--no-progress"]) == 0
-    assert "reusing the pre-trained TimesNet teacher" in capsys.readouterr().out
+    assert "reusing the pre-trained timesnet teacher" in capsys.readouterr().out
     assert "cos/t-1-s1" in rows(tmp_path / "uni")[0]
 
 
+@pytest.mark.slow
 def test_pairs_may_name_an_extra_time_series_teacher(tmp_path, one_thread):
     extra = ["teachers.small.preset=timesnet", "teachers.small.options.d_model=4", "teachers.small.options.d_ff=4",
              "teachers.small.options.num_kernels=1", "teachers.small.options.e_layers=1"]
@@ -174,6 +200,7 @@ def test_pairs_may_name_an_extra_time_series_teacher(tmp_path, one_thread):
     assert len(list((tmp_path / "teachers").glob("timesnet-BasicMotions-*/final"))) == 2  # each teacher pre-trained
 
 
+@pytest.mark.slow
 def test_small_scale_recipes_run_as_a_pair(tmp_path):
     """configs/small_scale: the teacher recipe's run is the LET recipe's teacher (both cut to a
     few steps on the built-in corpus); check and train accept the pair."""

@@ -50,6 +50,7 @@ def losses(run_dir: Path) -> list[float]:
     return [r.get("loss", r.get("eval_loss")) for r in rows]
 
 
+@pytest.mark.dist
 def test_every_method_under_every_parallel_setting_matches_one_process(tmp_path):
     for method, overrides in METHODS.items():
         assert main([*train_args(tmp_path, f"{method}-one", *overrides, "train.micro_batch_size=2"), "--no-progress"]) == 0
@@ -65,6 +66,7 @@ def test_every_method_under_every_parallel_setting_matches_one_process(tmp_path)
     assert [k for k in first if k.endswith("kd") and first[k] > 0], first  # the KD term ran under fsdp
 
 
+@pytest.mark.dist
 def test_interrupted_eval_under_fsdp_resumes_exactly(tmp_path):
     fsdp = ["train.micro_batch_size=1", "train.parallel=fsdp"]
     cut = str(tmp_path / "cut")
@@ -105,6 +107,7 @@ FAULTS = [  # (where, which rank, which call): each is one run's only fault
 ]
 
 
+@pytest.mark.dist
 def test_a_failure_on_one_rank_stops_every_rank_with_one_message(tmp_path):
     runs, faults = [], []
     for index, (target, rank, call) in enumerate(FAULTS):

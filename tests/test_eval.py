@@ -18,6 +18,7 @@ QUESTIONS = [
 ]
 
 
+@pytest.mark.slow
 def test_eval_command_on_a_local_multiple_choice_task(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

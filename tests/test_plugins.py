@@ -125,6 +125,7 @@ def test_readme_plugin_teacher_and_objective_compute_what_they_say(plugin_dir, m
     del sys.modules["my_alignkit_plugin"]
 
 
+@pytest.mark.slow
 def test_plugin_adapter_task_and_objective_train_end_to_end(plugin_dir, tmp_path):
     recipe = tmp_path / "plugged.yaml"
     recipe.write_text(textwrap.dedent(f"""\

@@ -174,6 +174,7 @@ def corpus_and_tokenizer(tmp_path_factory) -> tuple[Path, list[str]]:
     return write_pile(tmp / "00.jsonl.zst", docs), [f"{m}.options.tokenizer={tmp / 'bpe'}" for m in ("student", "teacher")]
 
 
+@pytest.mark.slow
 def test_training_from_shards_equals_training_from_the_text(tmp_path, corpus_and_tokenizer):
     corpus, tokenizer = corpus_and_tokenizer
     text = ["task.text.source=files", f"task.text.train_path={corpus}", *tokenizer]
@@ -186,6 +187,7 @@ def test_training_from_shards_equals_training_from_the_text(tmp_path, corpus_and
     assert len(losses) == 6 and losses == _losses(tmp_path / "tokens")
 
 
+@pytest.mark.slow
 def test_pile_recipe_streams_and_resumes_exactly(tmp_path, corpus_and_tokenizer):
     """tasks/pile.yaml (hf, streaming) on a local folder in the Pile's layout: trains, resumes exactly."""
     pytest.importorskip("datasets")

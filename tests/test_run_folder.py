@@ -140,7 +140,8 @@ def test_preset_path_cannot_shadow_a_shipped_preset(tmp_path, monkeypatch):
 
 
 def test_trust_remote_code_is_announced(tmp_path):
-    from alignkit.train import _warn_remote_code
+    from alignkit.core.registry import build_student
 
-    with pytest.warns(UserWarning, match="student.options.trust_remote_code=true"):
-        _warn_remote_code(load_experiment(DEBUG, ["student.options.trust_remote_code=true"]))
+    cfg = load_experiment(DEBUG, ["student.options.trust_remote_code=true"])
+    with pytest.warns(UserWarning, match="options.trust_remote_code=true: Python code shipped with"):
+        build_student(cfg.student, device="meta")

@@ -131,6 +131,7 @@ def test_cache_settings_go_with_terms_and_refuse_a_sharded_teacher(tmp_path):
         chain.build_teachers(sharded, device=torch.device("cpu"), data=None, align=AlignConfig(teacher_cache=str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_time_series_rkd_replays_per_sample_logits(tmp_path, monkeypatch):
     """A pre-trained TimesNet teacher's class logits: the replay equals the recording run."""
     pytest.importorskip("aeon")

@@ -193,6 +193,7 @@ def test_build_engine_checks_each_term_against_its_teacher(align, student, teach
         build_engine(align, student, teachers)
 
 
+@pytest.mark.slow
 def test_let_plus_a_short_logit_kd_phase_on_text_end_to_end(tmp_path, monkeypatch):
     from alignkit.adapters.hf_causal import HFCausalTeacher
     from alignkit.cli import main
@@ -215,6 +216,7 @@ def test_let_plus_a_short_logit_kd_phase_on_text_end_to_end(tmp_path, monkeypatc
     assert asked == [True, True, False, False]  # one teacher pass per step; logits only while KD runs
 
 
+@pytest.mark.slow
 def test_rkd_on_a_time_series_recipe_runs_end_to_end(tmp_path):
     pytest.importorskip("aeon")
     from alignkit.cli import main

@@ -45,6 +45,7 @@ def test_debug_recipe_runs_end_to_end_and_loss_falls(tmp_path):
     assert model(ids).logits.shape[-1] == 49152
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     keep = ["train.save_every=3", "train.keep_checkpoints=5"]
     assert train(tmp_path, "full", *keep) == 0
@@ -88,10 +89,11 @@ def test_bad_data_files_give_clear_errors(tmp_path, capsys):
     assert "fewer than one sequence" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe, params, lr", [("llama-1.4b_smollm2-135m", 1.41e9, "0.0004"), ("llama-7b_smollm2-1.7b", 6.88e9, "0.0003")])
 def test_paper_recipes_build_on_meta_and_run_two_tiny_steps(tmp_path, capsys, recipe, params, lr):
     config = str(REPO / "configs" / "paper" / f"{recipe}.yaml")
-    assert main(["check", config]) == 0
+    assert main(["check", config, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["student_params"] == pytest.approx(params, rel=0.01)
     assert report["global_batch"] == 2048 and report["processes"] == 8 and report["student_layers"] in (24, 32)
@@ -111,6 +113,7 @@ def test_paper_recipes_build_on_meta_and_run_two_tiny_steps(tmp_path, capsys, re
     assert f"lr: {lr}" in saved and "weight_decay: 0.01" in saved and "stop_step: 2" in saved
 
 
+@pytest.mark.dist
 def test_torchrun_two_processes_match_one(tmp_path):
     common = ["train.steps=2", "train.eval_every=0", "train.save_every=0", "align.stop_step=2"]
     assert train(tmp_path, "one", *common, "train.micro_batch_size=4") == 0

@@ -117,6 +117,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     cleanup()
 
 
+@pytest.mark.dist
 def test_two_gloo_processes_match_one_process(tmp_path):
     torch.manual_seed(0)  # the learned projection's init, as in each worker
     student, teacher = ToyStudent(), ToyTeacher()

@@ -4,9 +4,12 @@ as the text task."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from alignkit.cli import main
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "configs" / "ts" / "japanese_vowels.yaml")
@@ -97,7 +100,7 @@ def test_interrupted_teacher_pretraining_continues_with_the_run(tmp_path, monkey
     teacher = next((tmp_path / "teachers").glob("timesnet-BasicMotions-*"))
     assert (teacher / "checkpoints" / "step_000006").is_dir()  # kept, never deleted
     assert main(["train", "--resume", str(tmp_path / "ts"), "--no-progress"]) == 0
-    assert "continuing the TimesNet teacher" in capsys.readouterr().out
+    assert "continuing the timesnet teacher" in capsys.readouterr().out
     assert [r["step"] for r in rows(teacher) if "ce" in r] == list(range(1, 13))
     assert (teacher / "final" / "timesnet.json").is_file()
 

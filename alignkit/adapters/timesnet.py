@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from alignkit.core.config import at_least, between, checked
 from alignkit.core.errors import ConfigError, DataError, MissingFile
-from alignkit.adapters.hf_causal import resolve_path
+from alignkit.adapters.common import resolve_path, weight_files
 from alignkit.core.adapter import Batch, DataInfo, StudentOutput, resolve_layer
 from alignkit.core.registry import register_adapter, typed_options
 from alignkit.core.taps import LayerTaps
@@ -364,4 +364,5 @@ def build_timesnet_teacher(cfg: Any, *, device: str | torch.device = "cpu", data
     return TimesNetTeacher(load_timesnet(resolve_path(cfg.name_or_path), device))
 
 
-register_adapter("timesnet", student=build_timesnet_student, teacher=build_timesnet_teacher, options=TimesNetOptions)
+register_adapter("timesnet", student=build_timesnet_student, teacher=build_timesnet_teacher, options=TimesNetOptions,
+                 weight_files=weight_files, teacher_from_student=TimesNetTeacher)

@@ -63,6 +63,20 @@ class StudentOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class ModelShape:
+    """What the memory estimate (:mod:`alignkit.memory`) needs to know of a model: sizes and
+    parameter counts (an adapter's ``memory_shape`` capability gives it)."""
+
+    params: int
+    block_params: int  # one block
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    largest_param: int
+
+
 HOST = "host"  # the batch key of a moved batch's HostCopy
 
 

@@ -11,6 +11,7 @@ walks a loaded config and returns every violation at once, NaN and infinities in
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -116,6 +117,9 @@ class PairConfig:
 
 STRATEGIES = ("L2E", "L2M", "L2L", "M2E", "M2M", "M2L")
 TERM_TYPES = ("feature", "logit_kd")
+# a term's weight at step 0 and schedule when it does not set them (the one-word presets too)
+TERM_DEFAULTS: dict[str, dict[str, Any]] = {"feature": {"lambda0": 0.1, "schedule": "linear_decay"},
+                                            "logit_kd": {"lambda0": 1.0, "schedule": "constant"}}
 
 
 @dataclass
@@ -134,8 +138,8 @@ class TermConfig:
     objective_options: dict[str, Any] = field(default_factory=dict)  # (feature) keyword options, e.g. {alpha: 4} for logsum
     projection: str = "interpolate"  # (feature) registered projection
     temperature: float = checked(1.0, above(0))  # (logit_kd)
-    lambda0: Optional[float] = checked(None, at_least(0))  # weight at step 0; None: 0.1 (feature), 1.0 (logit_kd)
-    schedule: Optional[str] = None  # registered schedule; None: linear_decay (feature), constant (logit_kd)
+    lambda0: Optional[float] = checked(None, at_least(0))  # weight at step 0; None: the type's TERM_DEFAULTS
+    schedule: Optional[str] = None  # registered schedule; None: the type's TERM_DEFAULTS
     stop_step: int = checked(200, at_least(-1))  # weight 0 from here on; -1 = never (schedule `constant` only)
 
 
@@ -155,16 +159,24 @@ class AlignConfig:
     objective: str = "cosine"  # registered objective: cosine | logsum | cca | mse | (yours)
     logsum_alpha: float = checked(4.0, above(0))
     projection: str = "interpolate"  # registered projection: interpolate | linear | none | (yours)
-    lambda0: float = checked(0.1, above(0))
-    schedule: str = "linear_decay"  # registered schedule: linear_decay | constant | cosine | step | (yours)
+    lambda0: float = checked(TERM_DEFAULTS["feature"]["lambda0"], above(0))
+    schedule: str = TERM_DEFAULTS["feature"]["schedule"]  # registered schedule: linear_decay | constant | cosine | step | (yours)
     stop_step: int = checked(200, at_least(1))  # a fifth of the default run, as the paper's 1500 of 7630
-    kd_weight: float = checked(1.0, at_least(0))  # rkd / salt: weight of the logit-KD term
+    kd_weight: float = checked(TERM_DEFAULTS["logit_kd"]["lambda0"], at_least(0))  # rkd / salt: weight of the logit-KD term
     kd_temperature: float = checked(1.0, above(0))
     n_kd: int = checked(-1, at_least(-1))  # salt: KD for the first n_kd steps; -1 = stop_step
     # record the teachers' outputs into this folder on a first run, replay them on later runs
     # with the same teacher and batches (alignkit.core.teacher_cache); "" = off
     teacher_cache: str = ""
     teacher_cache_dtype: str = checked("bfloat16", one_of("bfloat16", "float32"))
+
+    @functools.cached_property
+    def expanded(self) -> tuple[Any, ...]:
+        """The terms, every default filled in (:func:`alignkit.core.terms.expand_terms`): expanded
+        once, when the config is validated, and kept (a config is never changed in place)."""
+        from alignkit.core.terms import expand_terms  # terms.py builds on this schema
+
+        return tuple(expand_terms(self))
 
 
 # 31 years at 1000 steps/s; step-derived numbers (warm-up steps, float64 metrics, JSON) stay

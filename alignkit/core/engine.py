@@ -29,7 +29,7 @@ from alignkit.core.objectives import Objective, cosine_similarity, kd
 from alignkit.core.pairing import DEFAULT_EARLY_LAYER, Pair, strategy_pairs, validate_pairs
 from alignkit.core.projections import build_projection
 from alignkit.core.schedules import Schedule, build_weight_schedule
-from alignkit.core.terms import Term, check_terms, expand_terms, objective_of
+from alignkit.core.terms import Term, check_terms, objective_of
 
 __all__ = ["AlignmentEngine", "FeatureTerm", "LogitTerm", "build_engine", "check_align_config"]
 
@@ -280,7 +280,7 @@ def build_engine(cfg: AlignConfig, student: nn.Module, teachers: dict[str, Teach
     """The engine for ``cfg`` (None when there is no term: method ``none``). ``teachers`` maps
     names to adapters (the main one is ``default``); each term is checked against its teacher
     and the student, with errors naming the config key the user wrote."""
-    terms = expand_terms(cfg)
+    terms = cfg.expanded
     if not terms:
         return None
     built: list[FeatureTerm | LogitTerm] = []

@@ -17,9 +17,10 @@ components at import (``OBJECTIVES.register("mine", fn)``) or in the function th
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from alignkit.core.adapter import DataInfo
+from alignkit.core.adapter import DataInfo, ModelShape
 from alignkit.core.config import did_you_mean, structured
 from alignkit.core.errors import ConfigError
 
@@ -65,12 +66,31 @@ class Registry(Generic[T]):
 @dataclass(frozen=True)
 class AdapterSpec:
     """One model family: builders ``student(cfg, *, device, data)`` / ``teacher(cfg, *, device, data)``
-    (``data``: the :class:`~alignkit.core.adapter.DataInfo` the task reported) and the
-    dataclass that ``cfg.options`` must fit (None: the adapter takes no options)."""
+    (``data``: the :class:`~alignkit.core.adapter.DataInfo` the task reported), the dataclass
+    that ``cfg.options`` must fit (None: the adapter takes no options), and its capabilities,
+    each None where the family has none (what the generic code then does is said per field):
+
+    * ``check_options(options, key)``: rules the dataclass cannot state (e.g. keys of a nested
+      mapping); raises a ConfigError naming ``<key>.options.<name>``.
+    * ``weight_files(cfg)``: the local files a model's weights come from (the teacher cache's
+      key); None: the cache keys on the config only.
+    * ``tokenizer(cfg)``: the model's tokenizer (text tasks); None: the family reads no text.
+    * ``teacher_from_student(student)``: the family's student wrapped as a frozen teacher; it
+      says that a teacher of this kind without ``name_or_path`` has no weights: the task's teacher
+      stage pre-trains it (:mod:`alignkit.teacher_stage`), and ``check`` builds it untrained.
+    * ``memory_shape(model)``: the :class:`~alignkit.core.adapter.ModelShape` of a built
+      student or teacher (also on the meta device) for the memory estimate of ``check``; None:
+      memory is not estimated for this family.
+    """
 
     student: Callable[..., Any] | None = None
     teacher: Callable[..., Any] | None = None
     options: type | None = None
+    check_options: Callable[[Any, str], None] | None = None
+    weight_files: Callable[[Any], list[Path]] | None = None
+    tokenizer: Callable[[Any], Any] | None = None
+    teacher_from_student: Callable[[Any], Any] | None = None
+    memory_shape: Callable[[Any], ModelShape] | None = None
 
 
 ADAPTERS: Registry[AdapterSpec] = Registry("adapter")
@@ -90,22 +110,32 @@ def register_adapter(
     options: type | None = None,
     *,
     replace: bool = False,
+    **capabilities: Any,
 ) -> None:
     """Register the builders (and options dataclass) of the model family ``kind``: each is
-    called as ``builder(cfg, device=..., data=DataInfo(...))``."""
-    ADAPTERS.register(kind, AdapterSpec(student, teacher, options), replace=replace)
+    called as ``builder(cfg, device=..., data=DataInfo(...))``; ``capabilities`` are the other
+    fields of :class:`AdapterSpec`."""
+    ADAPTERS.register(kind, AdapterSpec(student, teacher, options, **capabilities), replace=replace)
+
+
+def adapter_spec(cfg: Any, key: str) -> AdapterSpec:
+    """The spec of the family ``cfg.kind`` (a ModelConfig at config key ``key``)."""
+    return ADAPTERS.get(cfg.kind, f"{key}.kind")
 
 
 def typed_options(cfg: Any, key: str) -> Any:
     """``cfg`` (a ModelConfig at config key ``key``) with ``options`` turned into its adapter's
     options dataclass: an unknown or mistyped option is a ConfigError naming
     ``<key>.options.<name>`` and the valid names."""
-    spec = ADAPTERS.get(cfg.kind, f"{key}.kind")
+    spec = adapter_spec(cfg, key)
     if spec.options is None:
         if cfg.options:
             raise ConfigError(f"{key}.options: adapter {cfg.kind!r} takes no options (got {sorted(cfg.options)})")
         return cfg
-    return replace(cfg, options=structured(spec.options, cfg.options, f"{key}.options"))
+    typed = replace(cfg, options=structured(spec.options, cfg.options, f"{key}.options"))
+    if spec.check_options is not None:
+        spec.check_options(typed.options, key)
+    return typed
 
 
 def build_student(cfg: Any, *, device: Any = "cpu", data: DataInfo = DataInfo()) -> Any:

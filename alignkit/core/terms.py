@@ -15,13 +15,12 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field, fields, replace
 
-from alignkit.core.config import AlignConfig, ConfigError, TermConfig
+from alignkit.core.config import TERM_DEFAULTS, AlignConfig, ConfigError, TermConfig
 from alignkit.core.objectives import Objective
 from alignkit.core.registry import OBJECTIVES, PROJECTIONS, SCHEDULES
 
 FEATURE_ONLY = ("pairs", "strategy", "early_layer", "objective", "objective_options", "projection")
 KD_ONLY = ("temperature",)
-DEFAULTS = {"feature": {"lambda0": 0.1, "schedule": "linear_decay"}, "logit_kd": {"lambda0": 1.0, "schedule": "constant"}}
 NEVER = -1  # stop_step of a term that runs the whole run
 NOT_PRESET = ("terms", "teacher_cache", "teacher_cache_dtype")  # align fields that go with terms too
 
@@ -86,12 +85,13 @@ def _fill(term: TermConfig, prefix: str) -> TermConfig:
         if getattr(term, name) != getattr(blank, name):
             other = "logit_kd" if term.type == "feature" else "feature"
             raise ConfigError(f"{prefix}{name} applies to {other} terms only (this term has type={term.type})")
-    filled = {name: value for name, value in DEFAULTS[term.type].items() if getattr(term, name) is None}
+    filled = {name: value for name, value in TERM_DEFAULTS[term.type].items() if getattr(term, name) is None}
     return replace(term, **filled)
 
 
 def expand_terms(cfg: AlignConfig) -> list[Term]:
-    """The terms ``cfg`` describes: ``align.terms`` as written, else the preset's expansion."""
+    """The terms ``cfg`` describes: ``align.terms`` as written, else the preset's expansion.
+    Callers read them once expanded, from :attr:`AlignConfig.expanded`."""
     if not cfg.terms:
         return _preset_terms(cfg)
     _check_preset_fields_unset(cfg)
@@ -101,7 +101,7 @@ def expand_terms(cfg: AlignConfig) -> list[Term]:
 
 def logit_kd_terms(cfg: AlignConfig, teacher: str = "default") -> list[Term]:
     """The logit-distillation terms that use ``teacher``."""
-    return [term for term in expand_terms(cfg) if term.kind == "logit_kd" and term.cfg.teacher == teacher]
+    return [term for term in cfg.expanded if term.kind == "logit_kd" and term.cfg.teacher == teacher]
 
 
 def objective_of(term: Term) -> Objective:
@@ -122,7 +122,7 @@ def objective_of(term: Term) -> Objective:
 def check_terms(cfg: AlignConfig, total_steps: int) -> list[Term]:
     """Every check that needs no model: names against the registries, per-type fields, stop
     steps against the run. Returns the terms."""
-    terms = expand_terms(cfg)
+    terms = list(cfg.expanded)
     for term in terms:
         c = term.cfg
         SCHEDULES.get(c.schedule, term.key("schedule"))

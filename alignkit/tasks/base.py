@@ -7,7 +7,7 @@ builds the student and teachers from that, and hands the task to the one trainer
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from alignkit.core.adapter import Batch, DataInfo
+from alignkit.core.config import TrainConfig, above, at_least, checked
 from alignkit.core.distributed import DistInfo
 from alignkit.core.errors import DataError
 
@@ -27,15 +28,44 @@ class TaskConfig:
     name: str = "text_pretrain"  # the registered task (alignkit.core.registry.TASKS)
 
 
+@dataclass
+class TeacherPretrainConfig(TrainConfig):
+    """The ``train`` section of a teacher's pre-training (:mod:`alignkit.teacher_stage`).
+    Budget: ``epochs`` over the training split (``steps`` > 0 overrides it), stopped early when
+    ``patience`` evals in a row bring no better ``select_metric``."""
+
+    steps: int = checked(0, at_least(0))  # 0 = epochs x batches per epoch
+    epochs: int = checked(100, at_least(1))
+    patience: int = checked(10, at_least(0))  # evals without a better select_metric; 0 = never stop early
+    micro_batch_size: int = checked(32, at_least(1))
+    lr: float = checked(1e-3, above(0))
+    eval_every: int = checked(10, at_least(0))
+    select_metric: str = "val_accuracy"
+
+
+@dataclass(frozen=True)
+class TeacherTraining:
+    """How a task pre-trains a teacher that has no weights: the ``task`` and ``train`` sections
+    of that run, what of the data changes the teacher (``identity``, part of the cache key) and
+    the data's name in the cache folder (``label``)."""
+
+    task: Any
+    train: TeacherPretrainConfig
+    identity: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """A task in the registry: ``config`` types the recipe's ``task`` section, ``build(cfg, *,
     dist, device)`` makes the task, ``metrics`` are the eval metrics it reports (what
-    ``train.select_metric`` may name)."""
+    ``train.select_metric`` may name). ``teacher_training(task_section)`` says how the task
+    pre-trains a teacher without weights (None: it does not; such a teacher needs weights)."""
 
     config: type
     build: Callable[..., "TaskBase"]
     metrics: tuple[str, ...] = ()
+    teacher_training: Callable[[Any], TeacherTraining] | None = None
 
 
 class TaskBase:
@@ -58,6 +88,11 @@ class TaskBase:
         """What :meth:`build_data` would report, cheaply and offline (no download, no
         tokenizing): ``alignkit check`` builds the models on the meta device from it. What
         cannot be known offline is filled in as documented by the task and said in ``notes``."""
+        raise NotImplementedError
+
+    @property
+    def num_train_examples(self) -> int:
+        """Examples in the training split once the data is built (a teacher pre-training's epoch)."""
         raise NotImplementedError
 
     def check_student(self, student: nn.Module, data: DataInfo) -> None:

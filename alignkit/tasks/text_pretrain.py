@@ -18,6 +18,7 @@ from torch import nn
 
 from alignkit.core.adapter import Batch, DataInfo
 from alignkit.core.config import ConfigError, at_least, checked
+from alignkit.core.registry import adapter_spec
 from alignkit.core.terms import logit_kd_terms
 from alignkit.core.trainer import to_device
 from alignkit.tasks.base import TaskBase, TaskConfig
@@ -45,13 +46,22 @@ def _tokenizer_is_local(model: Any) -> bool:
     return not spec or spec.startswith("pkg:") or os.path.exists(os.path.expanduser(spec))
 
 
+def _tokenizer(model: Any, key: str) -> Any:
+    """``model``'s tokenizer, as its adapter reads it (the ``tokenizer`` capability)."""
+    read = adapter_spec(model, key).tokenizer
+    if read is None:
+        raise ConfigError(f"{key}.kind={model.kind!r} reads no text (its adapter declares no tokenizer): "
+                          "pick a text model for task.name=text_pretrain")
+    return read(model)
+
+
 class TextPretrainTask(TaskBase):
     loss_name = "nll"
 
     def _tokenizers(self, teachers: Mapping[str, Any], offline: bool) -> tuple[Any, Any]:
         """(student tokenizer, main teacher tokenizer or None); ``offline``: a tokenizer that
         only the hub has is not loaded (None, with a note) -- `alignkit check` never goes online."""
-        from alignkit.adapters.hf_causal import hf_options, load_tokenizer
+        from alignkit.adapters.hf_causal import hf_options
 
         loaded = []
         for key, model in (("student", self.cfg.student), ("teacher", teachers.get("default"))):
@@ -62,7 +72,7 @@ class TextPretrainTask(TaskBase):
                                   "not loaded offline (vocabulary and tokenizer match unchecked)")
                 loaded.append(None)
             else:
-                loaded.append(load_tokenizer(model))
+                loaded.append(_tokenizer(model, key))
         return loaded[0], loaded[1]
 
     def _refuse_mismatch(self, student_tokenizer: Any, teacher_tokenizer: Any) -> bool:

@@ -10,7 +10,7 @@ Batches: ``x`` [B, T, C] float32, ``attention_mask`` [B, T] long, ``labels`` [B]
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -18,28 +18,13 @@ import torch
 from torch import nn
 
 from alignkit.core.adapter import Batch, DataInfo
-from alignkit.core.config import ConfigError, TrainConfig, above, at_least, checked
+from alignkit.core.config import ConfigError
 from alignkit.core.distributed import DistInfo
 from alignkit.core.trainer import to_device
-from alignkit.tasks.base import TaskBase, TaskConfig
-from alignkit.tasks.uea import UEADataConfig, UEASplits, describe_uea, load_uea
+from alignkit.tasks.base import TaskBase, TaskConfig, TeacherPretrainConfig, TeacherTraining
+from alignkit.tasks.uea import UEABatches, UEADataConfig, UEASplits, describe_uea, load_uea
 
 PLACEHOLDER = DataInfo(num_classes=2, num_channels=1)  # `alignkit check` when the data is not local
-
-
-@dataclass
-class TeacherPretrainConfig(TrainConfig):
-    """``task.teacher_pretrain``: the training of a TimesNet teacher that has no weights yet.
-    Budget: ``epochs`` over the training split (``steps`` > 0 overrides it), stopped early when
-    ``patience`` evals in a row bring no better ``select_metric``."""
-
-    steps: int = checked(0, at_least(0))  # 0 = epochs x batches per epoch
-    epochs: int = checked(100, at_least(1))
-    patience: int = checked(10, at_least(0))  # evals without a better select_metric; 0 = never stop early
-    micro_batch_size: int = checked(32, at_least(1))
-    lr: float = checked(1e-3, above(0))
-    eval_every: int = checked(10, at_least(0))
-    select_metric: str = "val_accuracy"
 
 
 @dataclass
@@ -49,6 +34,16 @@ class TSTaskConfig(TaskConfig):
     uea: UEADataConfig = field(default_factory=UEADataConfig)
     teacher_pretrain: TeacherPretrainConfig = field(default_factory=TeacherPretrainConfig)
     teacher_datasets: list[str] = field(default_factory=list)  # [] = task.uea.datasets
+
+
+def teacher_training(cfg: TSTaskConfig) -> TeacherTraining:
+    """A teacher without weights trains on ``teacher_datasets`` (default ``uea.datasets``) with
+    ``teacher_pretrain``; the UEA settings but where the data is read from key its cache."""
+    datasets = list(cfg.teacher_datasets or cfg.uea.datasets)
+    task = replace(cfg, uea=replace(cfg.uea, datasets=datasets))
+    uea = {k: v for k, v in asdict(task.uea).items() if k not in ("extract_path", "download")}
+    label = "+".join(datasets) if len(datasets) <= 3 else f"{len(datasets)}datasets"
+    return TeacherTraining(task=task, train=cfg.teacher_pretrain, identity={"uea": uea}, label=label)
 
 
 class TSClassifyTask(TaskBase):
@@ -62,7 +57,8 @@ class TSClassifyTask(TaskBase):
     def build_data(self, teachers: Mapping[str, Any]) -> DataInfo:
         uea = self.cfg.task.uea
         self.splits: UEASplits = load_uea(uea)
-        self.stream = self.splits.train_batches(self.cfg.train.micro_batch_size, crop_min=uea.crop_min, jitter=uea.jitter)
+        self.stream: UEABatches | None = None  # made by train_batches, at the trainer's batch size
+        self._position: dict[str, Any] | None = None  # a resumed position, until the stream exists
         return self.splits.data_info()
 
     @property
@@ -84,13 +80,19 @@ class TSClassifyTask(TaskBase):
                         datasets=tuple(self.cfg.task.uea.datasets))
 
     def train_batches(self, micro_batch_size: int) -> Iterator[Batch]:
+        uea = self.cfg.task.uea
+        self.stream = self.splits.train_batches(micro_batch_size, crop_min=uea.crop_min, jitter=uea.jitter)
+        if self._position is not None:
+            self.stream.load_state_dict(self._position)
         return self.stream
 
     def state_dict(self) -> dict[str, Any]:
-        return self.stream.state_dict()
+        return self.stream.state_dict() if self.stream is not None else dict(self._position or {})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stream.load_state_dict(state)
+        self._position = state
+        if self.stream is not None:
+            self.stream.load_state_dict(state)
 
     def predict(self, student: nn.Module, split: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(predictions, labels, mean loss) over a whole split."""
