@@ -76,9 +76,9 @@ class TimmVisionOptions:
     align_layer: Optional[int] = None  # the layer LET aligns by default; None = a quarter of the layers
 
 
-def layer_width(widths: dict[int, int], num_layers: int, layer: int) -> int:
-    """The width of ``layer`` (any index of the layer convention) from the probed ``widths``."""
-    return widths[resolve_layer(layer, num_layers)]
+def layer_width(probed: dict[int, int], num_layers: int, layer: int) -> int:
+    """The value ``probed`` holds for ``layer`` (any index of the layer convention)."""
+    return probed[resolve_layer(layer, num_layers)]
 
 
 class TimmVisionModel(nn.Module):
@@ -104,25 +104,30 @@ class TimmVisionModel(nn.Module):
         self.channels_last = str(getattr(model, "output_fmt", "NCHW")).endswith("NHWC")
         align = options.align_layer if options.align_layer is not None else max(1, round(self.num_layers / 4))
         self.align_layer = resolve_layer(align, self.num_layers, "options.align_layer")
-        self.widths = self._probe()
+        self.widths, self.position_counts = self._probe()
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _probe(self) -> dict[int, int]:
-        """The width of every layer, from one forward of a blank image in eval mode (nothing
-        learns, no random number is drawn); on the meta device it costs nothing."""
+    def _probe(self) -> tuple[dict[int, int], dict[int, int]]:
+        """The width and the number of positions of every layer, from one forward of a blank
+        image in eval mode (nothing learns, no random number is drawn); free on the meta device."""
         training = self.training
         self.eval()
         blank = torch.zeros(1, self.options.in_chans, self.options.img_size, self.options.img_size, device=self.device)
         with torch.no_grad():
             _, features = self.encode(blank, [*range(self.num_layers + 1), -1], head=False)
         self.train(training)
-        return {layer: t.shape[-1] for layer, t in features.items()}
+        return ({layer: t.shape[-1] for layer, t in features.items()},
+                {layer: t.shape[1] for layer, t in features.items()})
 
     def width(self, layer: int) -> int:
         return layer_width(self.widths, self.num_layers, layer)
+
+    def positions(self, layer: int) -> int:
+        """How many positions the features of ``layer`` have (per image)."""
+        return layer_width(self.position_counts, self.num_layers, layer)
 
     def pixels(self, batch: Batch) -> Tensor:
         """The batch's images on this model's device and dtype, at its input size."""

@@ -60,6 +60,12 @@ def import_torchvision(needed_by: str) -> ModuleType:
     return importlib.import_module("torchvision")
 
 
+def import_transforms_v2(needed_by: str) -> ModuleType:
+    """``torchvision.transforms.v2`` (a subpackage ``import torchvision`` leaves unloaded)."""
+    import_torchvision(needed_by)
+    return importlib.import_module("torchvision.transforms.v2")
+
+
 def import_timm(needed_by: str) -> ModuleType:
     """``timm`` (which imports torchvision: through :func:`import_torchvision` first)."""
     import_torchvision(needed_by)

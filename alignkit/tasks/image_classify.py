@@ -59,6 +59,14 @@ class ImageClassifyTask(TSClassifyTask):
         return DataInfo(num_classes=len(classes), num_channels=FOLDER_CHANNELS, class_names=tuple(classes),
                         datasets=(data.source,))
 
+    def check_student(self, student: nn.Module, data: DataInfo) -> None:
+        """Size the training batches' ``attention_mask`` to the positions of the student's
+        features at its align layer: the trainer counts a batch by its ``attention_mask``, or
+        else by ``input_ids``, which images have not (core/trainer.py); every position is real."""
+        stream = getattr(self, "stream", None)  # `alignkit check` builds no stream
+        if stream is not None and hasattr(student, "positions"):
+            stream.mask_positions = student.positions(getattr(student, "align_layer", -1))
+
     def export(self, student: nn.Module, directory: Path) -> None:
         """The student's own format where it has one (``save_pretrained``), else time series'
         (``model.safetensors``); ``task.json`` says what it was trained on."""

@@ -14,7 +14,9 @@ the same images; validation is then carved from the training part, stratified by
 ``seed``; the test split is used for nothing but the final test. Per-channel mean and std are
 fitted on the training part left after the carve-out and applied to every split.
 
-Batches: ``{"pixel_values": [B, C, S, S] float32, "labels": [B] long}``. Training batches are
+Batches: ``{"pixel_values": [B, C, S, S] float32, "labels": [B] long}``; training batches also
+carry an all-ones ``attention_mask`` [B, P] over the student's feature positions (see
+:meth:`~alignkit.tasks.image_classify.ImageClassifyTask.check_student`). Training batches are
 an endless shuffled stream (:class:`ImageBatches`) augmented with ``torchvision.transforms.v2``
 (random rotation and translation, image by image); validation and test batches are not augmented.
 """
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alignkit.adapters.vision_imports import import_torchvision
+from alignkit.adapters.vision_imports import import_torchvision, import_transforms_v2
 from alignkit.core.adapter import DataInfo
 from alignkit.core.config import at_least, between, checked, one_of
 from alignkit.core.errors import DataError, MissingFile
@@ -119,6 +121,7 @@ class ImageBatches:
         indices = TSSplit(x=torch.arange(n)[:, None, None], mask=torch.ones(n, 1, dtype=torch.bool),
                           y=splits.train.labels, dataset=torch.zeros(n, dtype=torch.long))
         self.splits, self.order = splits, UEABatches(indices, batch_size, seed=splits.seed)
+        self.mask_positions = 1  # see ImageClassifyTask.check_student
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         return self
@@ -131,7 +134,8 @@ class ImageBatches:
             with torch.random.fork_rng(devices=[]):  # transforms.v2 draws from the global generator
                 torch.manual_seed(position)
                 images = torch.stack([self.splits.augment(image) for image in images])
-        return {"pixel_values": self.splits.normalize(images), "labels": drawn["labels"]}
+        mask = torch.ones(len(images), self.mask_positions, dtype=torch.long)
+        return {"pixel_values": self.splits.normalize(images), "labels": drawn["labels"], "attention_mask": mask}
 
     def state_dict(self) -> dict[str, int]:
         return self.order.state_dict()
@@ -165,10 +169,10 @@ def _digits() -> tuple[ImageSet, ImageSet | None, list[str]]:
 
 
 def _image_folder(root: Path, size: int) -> tuple[ImageSet, list[str]]:
-    torchvision = import_torchvision("task.data.source=folder")
-    v2 = torchvision.transforms.v2
+    v2 = import_transforms_v2("task.data.source=folder")
+    datasets = import_torchvision("task.data.source=folder").datasets
     to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Resize((size, size))])
-    dataset = torchvision.datasets.ImageFolder(str(root), transform=to_tensor)
+    dataset = datasets.ImageFolder(str(root), transform=to_tensor)
     if not len(dataset):
         raise DataError(f"task.data.path: no images under {root}/<class>/")
     images = torch.stack([image for image, _ in dataset])
@@ -198,7 +202,7 @@ def folder_classes(cfg: ImageDataConfig) -> list[str]:
 
 def load_images(cfg: ImageDataConfig) -> ImageSplits:
     """Load, split, fit the normalisation and set up the augmentation (module docstring)."""
-    v2 = import_torchvision("task.name=image_classify").transforms.v2
+    v2 = import_transforms_v2("task.name=image_classify")
     train, test, classes = _digits() if cfg.source == "digits" else _folder(cfg)
     if test is None:
         kept, carved = stratified_split(train.labels, cfg.test_fraction, TEST_SEED, "test_fraction")
