@@ -76,7 +76,7 @@ class TimmVisionOptions:
     align_layer: Optional[int] = None  # the layer LET aligns by default; None = a quarter of the layers
 
 
-def layer_width(probed: dict[int, int], num_layers: int, layer: int) -> int:
+def probed_at(probed: dict[int, int], num_layers: int, layer: int) -> int:
     """The value ``probed`` holds for ``layer`` (any index of the layer convention)."""
     return probed[resolve_layer(layer, num_layers)]
 
@@ -123,11 +123,11 @@ class TimmVisionModel(nn.Module):
                 {layer: t.shape[1] for layer, t in features.items()})
 
     def width(self, layer: int) -> int:
-        return layer_width(self.widths, self.num_layers, layer)
+        return probed_at(self.widths, self.num_layers, layer)
 
     def positions(self, layer: int) -> int:
         """How many positions the features of ``layer`` have (per image)."""
-        return layer_width(self.position_counts, self.num_layers, layer)
+        return probed_at(self.position_counts, self.num_layers, layer)
 
     def pixels(self, batch: Batch) -> Tensor:
         """The batch's images on this model's device and dtype, at its input size."""
@@ -204,7 +204,7 @@ class TimmVisionTeacher(FrozenTeacher):
         self.num_layers, self.widths = model.num_layers, dict(model.widths)
 
     def width(self, layer: int) -> int:
-        return layer_width(self.widths, self.num_layers, layer)
+        return probed_at(self.widths, self.num_layers, layer)
 
     def _forward(self, model: nn.Module, batch: Batch, layers: list[int], logits: bool) -> tuple[dict[int, Tensor], Tensor | None]:
         out, features = model.encode(model.pixels(batch), layers, head=logits)

@@ -8,9 +8,10 @@ compiled ``_C`` extension cannot load, and torchvision then runs without its com
 (detection ops; image classification and ``transforms.v2`` do not use them). But its
 ``_meta_registrations`` registers fake kernels for ``torchvision::nms`` and ``::qnms``
 unconditionally, and torch refuses a fake kernel for an operator that does not exist, so
-``import torchvision`` fails. Where the extension cannot load, :func:`import_torchvision`
-defines those two operators' schemas (no kernels: calling them still fails) before importing;
-where it loads (a CUDA torch, or torchvision's own CPU wheel), nothing is defined.
+``import torchvision`` fails -- in transformers too, which imports it for some model configs.
+Where the extension cannot load, importing this module defines those two operators' schemas (no
+kernels: calling them still fails); where it loads (a CUDA torch, or torchvision's own CPU
+wheel), or torchvision is not installed, nothing is defined.
 """
 from __future__ import annotations
 
@@ -46,17 +47,25 @@ def _extension_loads(package_dir: Path) -> bool:
     return False
 
 
+def _let_torchvision_import_without_its_ops() -> None:
+    """Define the operators torchvision's meta registrations need where its extension cannot
+    load (see the module docstring). Run when this module is first imported (registering the
+    adapters imports it), so every later ``import torchvision`` succeeds, transformers' own too."""
+    if "torchvision" in sys.modules:
+        return
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    if not _extension_loads(Path(list(spec.submodule_search_locations)[0])):
+        library = torch.library.Library("torchvision", "DEF")
+        for schema in _MISSING_OPS:
+            library.define(schema)
+        _schemas.append(library)
+
+
 def import_torchvision(needed_by: str) -> ModuleType:
-    """``torchvision``, importable also where its compiled ops are not (see the module
-    docstring); ``needed_by`` names what asked (the config key) in the install hint."""
+    """``torchvision``; ``needed_by`` names what asked (the config key) in the install hint."""
     _require("torchvision", needed_by)
-    if not _schemas and "torchvision" not in sys.modules:
-        spec = importlib.util.find_spec("torchvision")
-        if not _extension_loads(Path(list(spec.submodule_search_locations)[0])):
-            library = torch.library.Library("torchvision", "DEF")
-            for schema in _MISSING_OPS:
-                library.define(schema)
-            _schemas.append(library)
     return importlib.import_module("torchvision")
 
 
@@ -71,3 +80,6 @@ def import_timm(needed_by: str) -> ModuleType:
     import_torchvision(needed_by)
     _require("timm", needed_by)
     return importlib.import_module("timm")
+
+
+_let_torchvision_import_without_its_ops()
