@@ -25,6 +25,7 @@ from alignkit.core.registry import build_student, build_teacher  # noqa: E402
 from alignkit.tasks.image_data import ImageDataConfig, load_images, stratified_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "configs" / "vision" / "digits.yaml")
 DATA = DataInfo(num_classes=3, num_channels=1)
 VIT = {"model_name": "vit_tiny_patch16_224", "img_size": 16,
        "model_kwargs": {"patch_size": 2, "embed_dim": 16, "depth": 2, "num_heads": 2}}  # 8 x 8 patches
@@ -158,14 +159,14 @@ TINY = ["student.options.model_kwargs.embed_dim=16", "student.options.model_kwar
         "train.eval_every=2", "--no-progress"]
 
 
-def test_digits_teacher_then_let_student_end_to_end(tmp_path):
-    teacher_run = ["train", str(REPO / "configs/vision/digits_teacher.yaml"), f"output_dir={tmp_path}",
-                   "train.steps=4", "train.micro_batch_size=16", "train.eval_every=2", "--no-progress"]
-    assert main(teacher_run) == 0
-    final = tmp_path / "digits_teacher" / "final"
-    assert (final / "model.safetensors").is_file()
-    assert main(["train", str(REPO / "configs/vision/digits.yaml"), f"output_dir={tmp_path}", "run_name=let",
-                 f"teacher.name_or_path={final}", "align.stop_step=2", *TINY]) == 0
+def test_digits_teacher_pretrained_by_the_stage_then_let_end_to_end(tmp_path):
+    teacher_budget = ["task.teacher_pretrain.steps=4", "task.teacher_pretrain.micro_batch_size=16",
+                      "task.teacher_pretrain.eval_every=2"]
+    assert main(["train", RECIPE, f"output_dir={tmp_path}", "run_name=let", "align.stop_step=2", *teacher_budget,
+                 *TINY]) == 0
+    cached = list((tmp_path / "teachers").glob("timm_vision-digits-*"))
+    assert len(cached) == 1 and (cached[0] / "final" / "model.safetensors").is_file()
+    assert "test_accuracy" in json.loads((cached[0] / "results.json").read_text())
     run = tmp_path / "let"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("align_loss" in r for r in records) and any("val_accuracy" in r for r in records)
@@ -176,10 +177,11 @@ def test_digits_teacher_then_let_student_end_to_end(tmp_path):
     assert (run / "confusion_matrix.png").is_file() and (run / "final" / "timm_vision.json").is_file()
 
 
-def test_check_digits_recipe_offline_without_the_teacher_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # runs/digits_teacher does not exist here
-    assert main(["check", str(REPO / "configs/vision/digits.yaml")]) == 0
-    report = json.loads(capsys.readouterr().out.split("\nmemory:")[0])
+def test_check_digits_recipe_offline_before_the_teacher_is_trained(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no teacher cache here: check builds the untrained teacher on meta
+    assert main(["check", RECIPE, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["student_layers"] == 6 and report["student_width"] == 96
     assert report["teachers"]["default"] == {"layers": 5, "width": 64}
     assert report["data"]["num_classes"] == 10 and report["data"]["num_channels"] == 1
+    assert report["memory"] == "not estimated for timm_vision students"

@@ -28,9 +28,10 @@ Features are per position, [B, P, D]:
 
 Weights: ``source: config`` = timm's initialisation (or its hub weights with ``pretrained: true``,
 which needs the network); ``source: checkpoint`` + ``name_or_path`` = a folder written by
-:meth:`TimmVisionModel.save_pretrained` (the ``final/`` of an ``image_classify`` run). On the meta
-device (``alignkit check``) no weights are read: the model is built from its options, so a
-teacher's layers and widths are known before it is trained.
+:meth:`TimmVisionModel.save_pretrained` (the ``final/`` of an ``image_classify`` run). A teacher
+without ``name_or_path`` has no weights (capability ``teacher_from_student``): the task's teacher
+stage pre-trains it first (:mod:`alignkit.teacher_stage`). On the meta device (``alignkit check``)
+no weights are read: the model is built from its options.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alignkit.adapters.hf_causal import resolve_path
+from alignkit.adapters.common import resolve_path, weight_files
 from alignkit.adapters.vision_imports import import_timm
 from alignkit.core.adapter import Batch, DataInfo, StudentOutput, resolve_layer
 from alignkit.core.config import at_least, checked, one_of
@@ -248,8 +249,8 @@ def _load_weights(model: TimmVisionModel, folder: str, key: str) -> None:
 
     path = Path(resolve_path(folder, f"{key}.name_or_path")) / WEIGHTS_NAME
     if not path.is_file():
-        raise MissingFile(f"{key}.name_or_path={folder}: no {WEIGHTS_NAME} there; train the model first (an "
-                          "image_classify run writes <run>/final, e.g. alignkit train configs/vision/digits_teacher.yaml)")
+        raise MissingFile(f"{key}.name_or_path={folder}: no {WEIGHTS_NAME} there; give the final/ folder of an "
+                          f"image_classify run, or drop {key}.name_or_path to have the teacher pre-trained")
     try:
         model.model.load_state_dict(load_file(str(path)))
     except RuntimeError as err:
@@ -283,4 +284,4 @@ def build_timm_vision_teacher(cfg: Any, *, device: str | torch.device = "cpu", d
 
 
 register_adapter("timm_vision", student=build_timm_vision_student, teacher=build_timm_vision_teacher,
-                 options=TimmVisionOptions)
+                 options=TimmVisionOptions, weight_files=weight_files, teacher_from_student=TimmVisionTeacher)

@@ -90,8 +90,8 @@ class ImageSplits:
     def num_channels(self) -> int:
         return int(self.train.images.shape[1])
 
-    def train_batches(self, batch_size: int) -> "ImageBatches":
-        return ImageBatches(self, batch_size)
+    def train_batches(self, batch_size: int, mask_positions: int = 1) -> "ImageBatches":
+        return ImageBatches(self, batch_size, mask_positions)
 
     def eval_batches(self, split: str = "val", batch_size: int = 64) -> Iterator[dict[str, Tensor]]:
         """The ``val`` or ``test`` split in order, once, not augmented."""
@@ -114,14 +114,15 @@ class ImageBatches:
     """Endless shuffled, augmented micro-batches of the training images, resumable exactly: order
     and position are those of a :class:`~alignkit.tasks.uea.UEABatches` over the sample indices
     (epoch ``e`` visits ``randperm(N)`` seeded ``seed + e``), and a batch's augmentation is drawn
-    from a seed that is a function of that position."""
+    from a seed that is a function of that position. ``attention_mask`` [B, ``mask_positions``]
+    is all ones (the positions of the student's features; see the module docstring)."""
 
-    def __init__(self, splits: ImageSplits, batch_size: int) -> None:
+    def __init__(self, splits: ImageSplits, batch_size: int, mask_positions: int = 1) -> None:
         n = len(splits.train)
         indices = TSSplit(x=torch.arange(n)[:, None, None], mask=torch.ones(n, 1, dtype=torch.bool),
                           y=splits.train.labels, dataset=torch.zeros(n, dtype=torch.long))
         self.splits, self.order = splits, UEABatches(indices, batch_size, seed=splits.seed)
-        self.mask_positions = 1  # see ImageClassifyTask.check_student
+        self.mask_positions = mask_positions
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         return self
