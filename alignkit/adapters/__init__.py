@@ -22,3 +22,4 @@ def _register(module: str) -> None:
 _register("hf_causal")  # kind: hf_causal (transformers)
 _register("timesnet")  # kind: timesnet (TimesNet student for teacher pretraining, and teacher)
 _register("hf_ts")  # kind: hf_ts_classifier (HF decoder as a time-series classifier student)
+_register("timm_vision")  # kind: timm_vision (any timm image model: ViT, ResNet, ConvNeXt, ...; needs the [vision] extra)

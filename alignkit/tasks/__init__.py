@@ -14,11 +14,14 @@ import torch
 from alignkit.core.distributed import DistInfo
 from alignkit.core.registry import TASKS
 from alignkit.tasks.base import TaskBase, TaskConfig, TaskSpec
+from alignkit.tasks import image_classify
 from alignkit.tasks.text_pretrain import TextPretrainTask, TextTaskConfig
 from alignkit.tasks.ts_classify import TSClassifyTask, TSTaskConfig, teacher_training
 
 TASKS.register("text_pretrain", TaskSpec(TextTaskConfig, TextPretrainTask, ("eval_loss", "eval_ppl")))
 TASKS.register("ts_classify", TaskSpec(TSTaskConfig, TSClassifyTask, ("val_accuracy", "val_loss"), teacher_training))
+TASKS.register("image_classify", TaskSpec(image_classify.ImageTaskConfig, image_classify.ImageClassifyTask,
+                                          ("val_accuracy", "val_loss"), image_classify.teacher_training))
 
 
 def build_task(cfg: Any, *, dist: DistInfo, device: torch.device) -> TaskBase:
