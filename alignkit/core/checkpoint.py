@@ -216,6 +216,7 @@ def export_staged(export: Callable[[Path], None], final: Path) -> None:
     staging = final.with_name(f".tmp_{final.name}")
     shutil.rmtree(staging, ignore_errors=True)  # left by an earlier, killed export
     try:
+        staging.mkdir(parents=True)  # an export that writes nothing still publishes a folder
         export(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

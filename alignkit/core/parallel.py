@@ -94,6 +94,12 @@ def wrap_forward(block: nn.Module, checkpointed: bool, compiled: bool) -> None:
     if checkpointed:
         forward = partial(checkpoint, forward, use_reentrant=False)
     if compiled:
+        if checkpointed:
+            # transformers' hub-kernel wrapper (package `kernels`) sets and resets a global in
+            # each attention forward; dynamo refuses that side effect inside a checkpoint (a graph
+            # break per block) unless told not to replay it in backward, which is harmless for a
+            # value restored before the forward returns
+            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         forward = torch.compile(forward)
     block.forward = forward
 
