@@ -72,7 +72,7 @@ def main() -> None:
         "wall_seconds": round(time.time() - started), "rows": rows, "summary": summary,
     })
     plot_curves(RESULTS / f"{args.out}.png", curves, f"digits: ViT student, baseline vs LET ({args.steps} steps)",
-                ylabel="validation loss", vline=stop)
+                ylabel="validation loss", vlines={"LET: teacher dropped": stop})
 
 
 if __name__ == "__main__":
