@@ -76,3 +76,8 @@ def run_all(spec: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     run_all(json.loads(Path(sys.argv[1]).read_text()))
+    # the results are on disk: skip the interpreter's teardown, where a c10d thread was seen to
+    # abort a rank under heavy load ("terminate called without an active exception")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
