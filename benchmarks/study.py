@@ -49,7 +49,7 @@ from typing import Any
 
 import yaml
 
-from common import RESULTS, SMALL_TEACHER_ARCH, wikitext_overrides, write_json
+from common import PATH_ALIASES, REPO, RESULTS, SMALL_TEACHER_ARCH, wikitext_overrides, write_json
 from study_analysis import TIME_SOURCE, VERDICT_RULE, best_verdict, larger_verdict, summarize, verdict
 
 from alignkit.compare import paired, read_records, run_numbers
@@ -344,6 +344,7 @@ def data_overrides(args: argparse.Namespace, out: Path) -> tuple[list[str], str]
         source = Path(args.corpus[0]) if args.corpus else Path(args.data) / "valid.txt"
         if not source.is_file():
             raise SystemExit(f"--holdout: train file not found: {source}")
+        PATH_ALIASES[str(source.resolve().parent)] = "CORPUS_DIR" if args.corpus else "WIKITEXT2_DIR"
         train, heldout = split_holdout(source.resolve(), args.holdout, out / "holdout")
         return ["task.text.source=files", f"task.text.train_path={train}", f"task.text.eval_path={heldout}"], "-holdout"
     if args.corpus:
@@ -412,6 +413,9 @@ def main() -> None:
     corpus = (args.corpus_name if args.corpus else "wikitext2") + ("-holdout" if args.holdout else "")
     out = Path(args.out or RESULTS / "study" / (corpus + small)).resolve()  # shared by every grid: baselines run once
     data, suffix = data_overrides(args, out)
+    checkout = next((p for p in out.parents if (p / "benchmarks" / "grids").is_dir()), None)
+    if checkout is not None and checkout != REPO:  # results written into another checkout (run from a worktree)
+        PATH_ALIASES[str(checkout)] = "."
     tag = small + suffix
     base = Path(args.base).resolve()
     if not base.is_file():
