@@ -102,5 +102,5 @@ def build_models(student_cfg: ModelConfig, align: AlignConfig, train: TrainConfi
 
 def shards_weights(model: ModelConfig) -> bool:
     """Whether a teacher asks for its frozen weights to be sharded over the processes like the
-    student (``options.shard`` of a family that offers it, e.g. hf_causal)."""
+    student (``options.shard``, for adapters whose options have it)."""
     return bool(getattr(model.options, "shard", False))

@@ -20,6 +20,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from alignkit.compare import spread  # noqa: E402
 from alignkit.core import checkpoint_integrity as integrity  # noqa: E402
 from alignkit.core.checkpoint import rng_snapshot  # noqa: E402
 from alignkit.core.distributed import DistInfo, resolve_device  # noqa: E402
@@ -28,13 +29,17 @@ from alignkit.experiment import load_experiment  # noqa: E402
 from alignkit.train import build_trainer  # noqa: E402
 
 
-def timed(action: Callable[[], Any], repeats: int) -> float:
-    """Median seconds of ``repeats`` calls."""
+SPREADS: dict[str, dict[str, Any]] = {}  # each timing's repeats: mean, std, min, max, values
+
+
+def timed(name: str, action: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of ``repeats`` calls; their spread is kept in SPREADS[name]."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         action()
         times.append(time.perf_counter() - start)
+    SPREADS[name] = spread(times)
     return statistics.median(times)
 
 
@@ -49,17 +54,19 @@ def main() -> None:
         info = DistInfo()
         trainer = build_trainer(cfg, Path(tmp) / "cost", info, resolve_device(cfg.train.device, info), progress=False)
         trainer.step = 1
-        save_s = timed(lambda: trainer.save(trainer.task.state_dict(), rng_snapshot()), args.repeats)
+        save_s = timed("save_s", lambda: trainer.save(trainer.task.state_dict(), rng_snapshot()), args.repeats)
         folder = trainer.checkpointer.path(1)
-        hash_s = timed(lambda: integrity.digests(folder), args.repeats)
-        verify_s = timed(lambda: integrity.verify(folder), args.repeats)
-        load_s = timed(lambda: trainer.checkpointer.load(folder), args.repeats)  # verification included
+        hash_s = timed("save_hash_s", lambda: integrity.digests(folder), args.repeats)
+        verify_s = timed("verify_s", lambda: integrity.verify(folder), args.repeats)
+        load_s = timed("load_s", lambda: trainer.checkpointer.load(folder), args.repeats)  # verification included
         size = sum(entry[0] for entry in integrity.digests(folder).values())
     result = {
         "config": Path(args.config).name, "overrides": args.overrides, "checkpoint_bytes": size,
         "save_s": save_s, "save_hash_s": hash_s, "save_hash_share": hash_s / save_s,
         "load_s": load_s, "load_verify_s": verify_s, "load_verify_share": verify_s / load_s,
         "verify_vs_save": verify_s / save_s, "hash_mb_per_s": size / hash_s / 1e6,
+        # one run's checkpoint, timed `repeats` times: the seed fixes the weights; the spread is over repeats
+        "seeds": [cfg.train.seed], "repeats": args.repeats, "spread_s": SPREADS,
     }
     out = REPO / "benchmarks" / "results" / "checkpoint_checksum_cost.json"
     out.write_text(json.dumps(result, indent=2))

@@ -211,7 +211,9 @@ def main() -> None:
     if args.checksum_cost:
         PATH_ALIASES[str(Path(args.data).resolve())] = "WIKITEXT2_DIR"
         results = checksum_cost(corpus, work, args.repeats, args.steps)
-        write_json(RESULTS / "checksum_cost.json", {**results, "repeat": args.repeat, "chars": chars})
+        write_json(RESULTS / "checksum_cost.json", {**results, "repeat": args.repeat, "chars": chars,
+                   # the training runs use the debug recipe's seed; each figure's spread is over the rounds
+                   "seeds": [0], "spread_over": f"{args.repeats} interleaved rounds (figures: mean, std, min, max, values)"})
         print(json.dumps(results["ratios"], indent=2))
         shutil.rmtree(work)
         return
