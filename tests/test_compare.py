@@ -109,6 +109,7 @@ train: {steps: 6, micro_batch_size: 2, lr: 3.0e-3, eval_every: 2, save_every: 6}
 """
 
 
+@pytest.mark.slow
 def test_demo_trains_a_teacher_once_then_baseline_and_let_side_by_side_and_compares(tmp_path, capsys):
     (tmp_path / "teacher.yaml").write_text(TEACHER)
     (tmp_path / "let.yaml").write_text(LET)

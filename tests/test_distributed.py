@@ -82,6 +82,7 @@ def test_interrupted_eval_under_fsdp_resumes_exactly(tmp_path):
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
 
 
+@pytest.mark.dist
 def test_a_damaged_newest_fsdp_checkpoint_is_skipped_for_the_previous(tmp_path):
     """A truncated shard of the newest checkpoint fails its checksum on the rank that checks
     it; both ranks skip that checkpoint (naming the file) and resume from the one before."""

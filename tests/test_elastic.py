@@ -120,6 +120,7 @@ def train_rows(run: Path) -> list[tuple]:
     return [(r["step"], r.get("tokens")) for r in rows]
 
 
+@pytest.mark.dist
 def test_resumes_on_another_process_count_match_the_uninterrupted_runs(tmp_path):
     # global batch 4 throughout: 2 x 2 micro-batches on one process, 2 x 1 on each of two
     parallels = {"ddp": "auto", "fsdp": "fsdp"}  # auto: none on one process, ddp on two

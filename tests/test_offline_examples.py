@@ -32,6 +32,7 @@ def alignkit(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_add_your_own_teacher_runs_offline_as_written(tmp_path):
     for text in (MY_TEACHER, MY_RUN):
         path = tmp_path / text.splitlines()[0].removeprefix("# ")
@@ -59,6 +60,7 @@ def assert_one_line_no_retries(done: subprocess.CompletedProcess, *needles: str)
     assert "Retrying" not in done.stderr
 
 
+@pytest.mark.slow
 def test_hub_model_fails_fast_with_one_line(tmp_path):
     recipe = tmp_path / "hub-teacher.yaml"
     recipe.write_text(textwrap.dedent("""\
@@ -72,6 +74,7 @@ def test_hub_model_fails_fast_with_one_line(tmp_path):
     assert_one_line_no_retries(done, "name_or_path='EleutherAI/pythia-70m'", "local folder")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="needs the datasets package (the hub extra)")
 def test_hub_dataset_fails_fast_and_leaves_no_run_folder(tmp_path):
     done = alignkit(["train", str(ROOT / "configs" / "debug.yaml"), "task.preset=wikitext2", f"output_dir={tmp_path / 'runs'}",

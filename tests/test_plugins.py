@@ -173,6 +173,7 @@ def console_script(folder: Path) -> list[str]:
     return [sys.executable, str(script)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["module name from the working directory", "--plugin path/to/file.py"])
 def test_readme_plugin_command_runs_from_the_plugin_folder_without_pythonpath(tmp_path, form):
     (tmp_path / "my_alignkit_plugin.py").write_text(readme_plugin())
