@@ -112,13 +112,13 @@ class TSClassifyTask(TaskBase):
         return {"val_accuracy": float((predicted == labels).float().mean()), "val_loss": loss}
 
     def export(self, student: nn.Module, directory: Path) -> None:
+        """The student's own format where it has one (``save_pretrained``, e.g. TimesNet's),
+        else ``model.safetensors`` with ``task.json`` (what it was trained on)."""
         from safetensors.torch import save_model
 
-        from alignkit.adapters.timesnet import TimesNetClassifier, save_timesnet
-
         directory.mkdir(parents=True, exist_ok=True)
-        if isinstance(student, TimesNetClassifier):
-            save_timesnet(student, directory)
+        if hasattr(student, "save_pretrained"):
+            student.save_pretrained(directory)
             return
         save_model(student, str(directory / "model.safetensors"))
         (directory / "task.json").write_text(json.dumps(self.splits.info(), indent=2))
