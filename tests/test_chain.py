@@ -61,6 +61,30 @@ def test_each_task_types_its_own_config_section():
         load_experiment(TS, ["task.teacher_pretrain.select_metric=eval_loss"])
 
 
+def test_check_loads_a_tokenizer_only_where_its_family_says_it_is_local(monkeypatch):
+    """The ``hub_tokenizer`` capability: hf_causal names the hub id (not loaded offline, a note);
+    a family that does not declare it is not loaded offline either, with a note saying why."""
+    from dataclasses import replace
+
+    from alignkit.adapters.hf_causal import hub_tokenizer
+    from alignkit.core.distributed import DistInfo
+    from alignkit.core.registry import ADAPTERS
+    from alignkit.tasks import build_task
+
+    paper = load_experiment(REPO / "configs" / "paper" / "llama-1.4b_smollm2-135m.yaml")
+    assert hub_tokenizer(paper.teacher) == "HuggingFaceTB/SmolLM2-135M"
+    assert hub_tokenizer(load_experiment(DEBUG).student) == ""  # pkg:...gguf
+    assert hub_tokenizer(load_experiment(REPO / "configs" / "quickstart.yaml").teacher) == ""  # source=gguf
+    monkeypatch.setattr(ADAPTERS, "_items", dict(ADAPTERS._items))
+    ADAPTERS.register("hf_undeclared", replace(ADAPTERS.get("hf_causal", "kind"), hub_tokenizer=None))
+    cfg = load_experiment(DEBUG)
+    student = replace(cfg.student, kind="hf_undeclared")
+    task = build_task(replace(cfg, student=student), dist=DistInfo(), device=torch.device("meta"))
+    assert task.describe_data({}).vocab_size is None
+    assert task.notes == ["student tokenizer: student.kind='hf_undeclared' does not say whether it loads offline: "
+                          "not loaded (vocabulary and tokenizer match unchecked)"]
+
+
 # --- check: the chain on meta ----------------------------------------------------------------------
 
 

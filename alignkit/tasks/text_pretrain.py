@@ -8,7 +8,6 @@ teachers need a shared tokenizer, which is decided here, before any text is toke
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -35,45 +34,37 @@ class TextTaskConfig(TaskConfig):
     text: TextDataConfig = field(default_factory=TextDataConfig)
 
 
-def _tokenizer_is_local(model: Any) -> bool:
-    """True when ``model``'s tokenizer loads without the network (a package, a path, a GGUF)."""
-    from alignkit.adapters.hf_causal import hf_options
-
-    tokenizer = hf_options(model).tokenizer
-    spec = tokenizer or ("" if model.source == "config" else model.name_or_path)
-    if model.source == "gguf" and not tokenizer:
-        return True
-    return not spec or spec.startswith("pkg:") or os.path.exists(os.path.expanduser(spec))
-
-
-def _tokenizer(model: Any, key: str) -> Any:
-    """``model``'s tokenizer, as its adapter reads it (the ``tokenizer`` capability)."""
-    read = adapter_spec(model, key).tokenizer
-    if read is None:
+def _tokenizer(model: Any, key: str, notes: list[str] | None = None) -> Any:
+    """``model``'s tokenizer, as its adapter reads it (the ``tokenizer`` capability). With
+    ``notes`` (offline: `alignkit check` never goes online), a tokenizer that only the hub has,
+    or of a family that does not say (no ``hub_tokenizer`` capability), is not loaded: None,
+    and a note says why."""
+    spec = adapter_spec(model, key)
+    if spec.tokenizer is None:
         raise ConfigError(f"{key}.kind={model.kind!r} reads no text (its adapter declares no tokenizer): "
                           "pick a text model for task.name=text_pretrain")
-    return read(model)
+    if notes is not None:
+        hub_id = spec.hub_tokenizer(model) if spec.hub_tokenizer is not None else None
+        if hub_id is None:
+            notes.append(f"{key} tokenizer: {key}.kind={model.kind!r} does not say whether it loads offline: "
+                         "not loaded (vocabulary and tokenizer match unchecked)")
+            return None
+        if hub_id:
+            notes.append(f"{key} tokenizer {hub_id!r} is on the hub: not loaded offline "
+                         "(vocabulary and tokenizer match unchecked)")
+            return None
+    return spec.tokenizer(model)
 
 
 class TextPretrainTask(TaskBase):
     loss_name = "nll"
 
     def _tokenizers(self, teachers: Mapping[str, Any], offline: bool) -> tuple[Any, Any]:
-        """(student tokenizer, main teacher tokenizer or None); ``offline``: a tokenizer that
-        only the hub has is not loaded (None, with a note) -- `alignkit check` never goes online."""
-        from alignkit.adapters.hf_causal import hf_options
-
-        loaded = []
-        for key, model in (("student", self.cfg.student), ("teacher", teachers.get("default"))):
-            if model is None:
-                loaded.append(None)
-            elif offline and not _tokenizer_is_local(model):
-                self.notes.append(f"{key} tokenizer {hf_options(model).tokenizer or model.name_or_path!r} is on the hub: "
-                                  "not loaded offline (vocabulary and tokenizer match unchecked)")
-                loaded.append(None)
-            else:
-                loaded.append(_tokenizer(model, key))
-        return loaded[0], loaded[1]
+        """(student tokenizer, main teacher tokenizer or None); ``offline``: see :func:`_tokenizer`."""
+        notes = self.notes if offline else None
+        teacher = teachers.get("default")
+        return (_tokenizer(self.cfg.student, "student", notes),
+                None if teacher is None else _tokenizer(teacher, "teacher", notes))
 
     def _refuse_mismatch(self, student_tokenizer: Any, teacher_tokenizer: Any) -> bool:
         """Whether the tokenizers differ (LET-dagger), refusing what needs them equal."""
