@@ -2,7 +2,8 @@
 (:mod:`alignkit.check`, the same steps on the meta device) and the teacher pre-training stage
 (:mod:`alignkit.teacher_stage`):
 
-  data (the task reports a DataInfo) -> student(cfg.student, DataInfo) -> teachers -> engine
+  task(cfg.task, task_context(cfg)) -> data (the task reports a DataInfo)
+       -> student(cfg.student, DataInfo) -> teachers -> engine
 
 A teacher without weights (its adapter declares ``teacher_from_student`` and it has no
 ``name_or_path``) is trained by the teacher pre-training stage before the chain runs; on the
@@ -26,6 +27,16 @@ from alignkit.core.config import AlignConfig, ConfigError, ModelConfig, TrainCon
 from alignkit.core.engine import AlignmentEngine, build_engine
 from alignkit.core.registry import adapter_spec, build_student, build_teacher, typed_options
 from alignkit.core.teacher_cache import CachedTeacher, open_cached_teacher
+from alignkit.core.terms import logit_kd_terms
+from alignkit.tasks.base import TaskContext
+
+
+def task_context(cfg: Any) -> TaskContext:
+    """What the task of the experiment ``cfg`` may read outside its own section (the only
+    place that picks those values out of a whole experiment)."""
+    return TaskContext(student=cfg.student, extra_teachers=tuple(cfg.teachers),
+                       logit_kd_origins=tuple(term.origin for term in logit_kd_terms(cfg.align)),
+                       eval_batch_size=cfg.train.micro_batch_size)
 
 
 def teacher_configs(cfg: Any) -> dict[str, ModelConfig]:

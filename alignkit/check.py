@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from alignkit.chain import build_models, teacher_configs
+from alignkit.chain import build_models, task_context, teacher_configs
 from alignkit.core.adapter import ModelShape
 from alignkit.core.config import ConfigError, ModelConfig, resolve_grad_accum
 from alignkit.core.distributed import DistInfo
@@ -83,7 +83,7 @@ def _term_summary(term: Term) -> dict[str, Any]:
 
 def check_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
     """The chain of ``train`` on the meta device, then the run's arithmetic and memory."""
-    task = build_task(cfg, dist=DistInfo(), device=META)
+    task = build_task(cfg.task, task_context(cfg), dist=DistInfo(), device=META)
     teacher_cfgs = teacher_configs(cfg)
     data = task.describe_data(teacher_cfgs)
     student, teachers, _ = build_models(cfg.student, cfg.align, cfg.train, task, data, teacher_cfgs, META)

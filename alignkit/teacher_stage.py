@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from alignkit.chain import build_models, needs_pretraining, teacher_configs
+from alignkit.chain import build_models, needs_pretraining, task_context, teacher_configs
 from alignkit.core.checkpoint import kept_rng, seed_everything
 from alignkit.core.config import AlignConfig, ConfigError, ModelConfig
 from alignkit.core.distributed import DistInfo, resolve_device
@@ -127,7 +127,7 @@ def _train(sub: Any, run_dir: Path, device: torch.device, progress: bool) -> Non
     seed_everything(sub.train.seed)
     if sub.train.device != "auto":
         device = resolve_device(sub.train.device, DistInfo())
-    task = build_task(sub, dist=DistInfo(), device=device)
+    task = build_task(sub.task, task_context(sub), dist=DistInfo(), device=device)
     data = task.build_data({})
     train = budget(sub.train, task.num_train_examples)
     student, _, engine = build_models(sub.student, sub.align, train, task, data, {}, device)

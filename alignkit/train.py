@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from alignkit.chain import build_models, shards_weights
+from alignkit.chain import build_models, shards_weights, task_context
 from alignkit.core.checkpoint import checkpoint_dirs, seed_everything
 from alignkit.core.config import resolve_grad_accum
 from alignkit.core.distributed import DistInfo, cleanup, init_distributed, max_over_ranks, resolve_device
@@ -101,7 +101,7 @@ def _open_folder(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> dict[str
 def build_trainer(cfg: ExperimentConfig, run_dir: Path, info: DistInfo, device: torch.device, progress: bool = True) -> Trainer:
     """The build chain, wired into a trainer (benchmarks call this too)."""
     seed_everything(cfg.train.seed)  # same on every rank: randomly built models must agree
-    task = build_task(cfg, dist=info, device=device)
+    task = build_task(cfg.task, task_context(cfg), dist=info, device=device)
     try:
         teacher_cfgs = with_pretrained_teachers(cfg, device=device, progress=progress)
     except Interrupted as err:  # the teacher pre-training stage was stopped: it resumes with this run

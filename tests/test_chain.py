@@ -61,6 +61,58 @@ def test_each_task_types_its_own_config_section():
         load_experiment(TS, ["task.teacher_pretrain.select_metric=eval_loss"])
 
 
+def test_a_task_reads_its_own_section_and_its_context_not_the_experiment(tmp_path):
+    """The text task is built from its typed section and a TaskContext alone: the refusals
+    across tokenizers come from the context's extra teachers and logit-KD origins."""
+    from dataclasses import replace
+
+    from alignkit.chain import task_context
+    from alignkit.core.distributed import DistInfo
+    from alignkit.tasks import TaskContext, build_task
+
+    cfg = load_experiment(DEBUG, ["align.method=rkd"])
+    assert task_context(cfg) == TaskContext(student=cfg.student, extra_teachers=(),
+                                            logit_kd_origins=("align.method='rkd'",), eval_batch_size=4)
+    other = replace(cfg.teacher, options=replace(cfg.teacher.options, tokenizer=str(_other_tokenizer(tmp_path / "tok"))))
+
+    def describe(**context) -> list[str]:
+        task = build_task(cfg.task, TaskContext(student=cfg.student, **context), dist=DistInfo(),
+                          device=torch.device("meta"))
+        assert not hasattr(task, "cfg") and task.section is cfg.task
+        task.describe_data({"default": other})
+        return task.notes
+
+    assert describe() == []  # a teacher tokenizer of its own is LET-dagger, allowed
+    with pytest.raises(ConfigError, match=r"^align\.terms\.3 \(logit KD\) needs teacher and student to share"):
+        describe(logit_kd_origins=("align.terms.3",))
+    with pytest.raises(ConfigError, match=r"^teachers: extra teachers need the student's tokenizer"):
+        describe(extra_teachers=("aux",))
+
+
+def test_check_loads_a_tokenizer_only_where_its_family_says_it_is_local(monkeypatch):
+    """The ``hub_tokenizer`` capability: hf_causal names the hub id (not loaded offline, a note);
+    a family that does not declare it is not loaded offline either, with a note saying why."""
+    from dataclasses import replace
+
+    from alignkit.adapters.hf_causal import hub_tokenizer
+    from alignkit.core.distributed import DistInfo
+    from alignkit.core.registry import ADAPTERS
+    from alignkit.tasks import TaskContext, build_task
+
+    paper = load_experiment(REPO / "configs" / "paper" / "llama-1.4b_smollm2-135m.yaml")
+    assert hub_tokenizer(paper.teacher) == "HuggingFaceTB/SmolLM2-135M"
+    assert hub_tokenizer(load_experiment(DEBUG).student) == ""  # pkg:...gguf
+    assert hub_tokenizer(load_experiment(REPO / "configs" / "quickstart.yaml").teacher) == ""  # source=gguf
+    monkeypatch.setattr(ADAPTERS, "_items", dict(ADAPTERS._items))
+    ADAPTERS.register("hf_undeclared", replace(ADAPTERS.get("hf_causal", "kind"), hub_tokenizer=None))
+    cfg = load_experiment(DEBUG)
+    student = replace(cfg.student, kind="hf_undeclared")
+    task = build_task(cfg.task, TaskContext(student=student), dist=DistInfo(), device=torch.device("meta"))
+    assert task.describe_data({}).vocab_size is None
+    assert task.notes == ["student tokenizer: student.kind='hf_undeclared' does not say whether it loads offline: "
+                          "not loaded (vocabulary and tokenizer match unchecked)"]
+
+
 # --- check: the chain on meta ----------------------------------------------------------------------
 
 

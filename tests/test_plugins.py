@@ -42,12 +42,12 @@ class RepeatTask(TaskBase):
     loss_name = "nll"
 
     def _batch(self, generator, size):
-        half = torch.randint(0, self.cfg.task.vocab, (size, self.cfg.task.seq_len // 2), generator=generator)
+        half = torch.randint(0, self.section.vocab, (size, self.section.seq_len // 2), generator=generator)
         ids = torch.cat([half, half], 1)
         return {"input_ids": ids, "labels": ids}
 
     def describe_data(self, teachers):
-        return DataInfo(vocab_size=self.cfg.task.vocab, seq_len=self.cfg.task.seq_len)
+        return DataInfo(vocab_size=self.section.vocab, seq_len=self.section.seq_len)
 
     def build_data(self, teachers):
         self.position = 0
@@ -67,7 +67,7 @@ class RepeatTask(TaskBase):
 
     def evaluate(self, student, device):
         generator = torch.Generator().manual_seed(10**6)
-        losses = [float(student(self._batch(generator, 4), []).loss) for _ in range(self.cfg.task.eval_batches)]
+        losses = [float(student(self._batch(generator, 4), []).loss) for _ in range(self.section.eval_batches)]
         return {"eval_loss": sum(losses) / len(losses)}
 
     def export(self, student, directory):
@@ -123,6 +123,26 @@ def test_readme_plugin_teacher_and_objective_compute_what_they_say(plugin_dir, m
     assert float(OBJECTIVES.get("cosine", "objective")(s, s + 5.0)) > -0.9  # the plain cosine sees it
     assert plugin.LayerAverageOptions().average_last == 4
     del sys.modules["my_alignkit_plugin"]
+
+
+def test_a_plugin_task_is_built_from_its_section_and_a_context(plugin_dir, monkeypatch):
+    """A task sees its typed section and a TaskContext, never the whole experiment."""
+    from alignkit.core import registry
+    from alignkit.core.distributed import DistInfo
+    from alignkit.tasks import TaskContext, build_task
+
+    monkeypatch.setattr(registry.TASKS, "_items", dict(registry.TASKS._items))  # "repeat" leaves with this test
+    monkeypatch.syspath_prepend(str(plugin_dir))
+    monkeypatch.delitem(sys.modules, "repeat_task", raising=False)
+    import repeat_task
+
+    section = repeat_task.RepeatConfig(name="repeat", vocab=8, seq_len=6)
+    task = build_task(section, TaskContext(eval_batch_size=2), dist=DistInfo(), device=torch.device("cpu"))
+    assert task.section is section and not hasattr(task, "cfg")
+    assert task.build_data({}).vocab_size == 8
+    batch = next(iter(task.train_batches(3)))
+    assert batch["input_ids"].shape == (3, 6) and int(batch["input_ids"].max()) < 8
+    del sys.modules["repeat_task"]
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from alignkit.core import hub
 from alignkit.adapters.common import Blocks, Layered, resolve_path, weight_files
-from alignkit.adapters.hf_causal_checks import check_arch, memory_shape
+from alignkit.adapters.hf_causal_checks import check_arch, hub_tokenizer, memory_shape
 from alignkit.core.config import ModelConfig, structured
 from alignkit.core.errors import ConfigError, MissingFile, ModelLoadError
 from alignkit.core.adapter import Batch, DataInfo, StudentOutput
@@ -58,6 +58,7 @@ __all__ = [
     "build_hf_teacher",
     "check_final_layer",
     "find_blocks",
+    "hub_tokenizer",
     "load_hf_causal_lm",
     "load_tokenizer",
     "resolve_path",
@@ -519,4 +520,5 @@ def build_hf_teacher(cfg: ModelConfig, *, device: str | torch.device = "cpu", da
 
 
 register_adapter("hf_causal", student=build_hf_student, teacher=build_hf_teacher, options=HFCausalOptions,
-                 check_options=check_arch, weight_files=weight_files, tokenizer=load_tokenizer, memory_shape=memory_shape)
+                 check_options=check_arch, weight_files=weight_files, tokenizer=load_tokenizer,
+                 hub_tokenizer=hub_tokenizer, memory_shape=memory_shape)

@@ -1,12 +1,14 @@
 """What ``alignkit check`` needs of a Hugging Face causal LM, registered as capabilities of the
 ``hf_causal`` family: its :class:`~alignkit.core.adapter.ModelShape` for the memory estimate
-(works on the meta device), and the check that every key under ``options.arch`` is a field of
-the model type's HF config class (HF keeps an unknown key as a silent extra attribute).
+(works on the meta device), whether its tokenizer loads offline (:func:`hub_tokenizer`), and the
+check that every key under ``options.arch`` is a field of the model type's HF config class (HF
+keeps an unknown key as a silent extra attribute).
 """
 from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from typing import Any
 
 from torch import nn
@@ -14,7 +16,7 @@ from torch import nn
 from alignkit.core.adapter import ModelShape
 from alignkit.core.errors import ConfigError
 
-__all__ = ["check_arch", "memory_shape", "transformer_shape"]
+__all__ = ["check_arch", "hub_tokenizer", "memory_shape", "transformer_shape"]
 
 
 def transformer_shape(model: nn.Module, blocks: nn.ModuleList) -> ModelShape:
@@ -39,6 +41,20 @@ def memory_shape(adapter: Any) -> ModelShape:
     from alignkit.adapters.hf_causal import find_blocks
 
     return transformer_shape(adapter.model, find_blocks(adapter.model).blocks)
+
+
+def hub_tokenizer(cfg: Any) -> str:
+    """The hub id :func:`~alignkit.adapters.hf_causal.load_tokenizer` would download ``cfg``'s
+    tokenizer from; "" when it loads without the network (a package, a local path, a GGUF file,
+    or none at all: source=config without ``options.tokenizer`` is refused by the loader)."""
+    from alignkit.adapters.hf_causal import hf_options
+
+    tokenizer = hf_options(cfg).tokenizer
+    if cfg.source == "gguf" and not tokenizer:
+        return ""
+    spec = tokenizer or ("" if cfg.source == "config" else cfg.name_or_path)
+    local = not spec or spec.startswith("pkg:") or os.path.exists(os.path.expanduser(spec))
+    return "" if local else spec
 
 
 def check_arch(options: Any, key: str) -> None:

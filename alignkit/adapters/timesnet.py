@@ -208,6 +208,11 @@ class TimesNetClassifier(nn.Module):
         resolve_layer(layer, self.num_layers)
         return self.d_model
 
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """:func:`save_timesnet` as a method, so a task exports the model in its own format
+        without knowing the family (``ts_classify``'s ``final/``)."""
+        return save_timesnet(self, directory)
+
     @property
     def device(self) -> torch.device:
         return self.head.weight.device

@@ -75,6 +75,9 @@ class AdapterSpec:
     * ``weight_files(cfg)``: the local files a model's weights come from (the teacher cache's
       key); None: the cache keys on the config only.
     * ``tokenizer(cfg)``: the model's tokenizer (text tasks); None: the family reads no text.
+    * ``hub_tokenizer(cfg)``: the hub id ``tokenizer(cfg)`` would download from, "" when it loads
+      without the network; ``alignkit check`` (offline) loads only the latter. None: unknown, so
+      ``check`` loads none of the family's tokenizers and says so in a note (it never goes online).
     * ``teacher_from_student(student)``: the family's student wrapped as a frozen teacher; it
       says that a teacher of this kind without ``name_or_path`` has no weights: the task's teacher
       stage pre-trains it (:mod:`alignkit.teacher_stage`), and ``check`` builds it untrained.
@@ -89,6 +92,7 @@ class AdapterSpec:
     check_options: Callable[[Any, str], None] | None = None
     weight_files: Callable[[Any], list[Path]] | None = None
     tokenizer: Callable[[Any], Any] | None = None
+    hub_tokenizer: Callable[[Any], str] | None = None
     teacher_from_student: Callable[[Any], Any] | None = None
     memory_shape: Callable[[Any], ModelShape] | None = None
 

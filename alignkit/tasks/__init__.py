@@ -7,13 +7,11 @@ loaded, so registering both costs nothing and a text run never imports aeon.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from alignkit.core.distributed import DistInfo
 from alignkit.core.registry import TASKS
-from alignkit.tasks.base import TaskBase, TaskConfig, TaskSpec
+from alignkit.tasks.base import TaskBase, TaskConfig, TaskContext, TaskSpec
 from alignkit.tasks import image_classify
 from alignkit.tasks.text_pretrain import TextPretrainTask, TextTaskConfig
 from alignkit.tasks.ts_classify import TSClassifyTask, TSTaskConfig, teacher_training
@@ -24,10 +22,11 @@ TASKS.register("image_classify", TaskSpec(image_classify.ImageTaskConfig, image_
                                           ("val_accuracy", "val_loss"), image_classify.teacher_training))
 
 
-def build_task(cfg: Any, *, dist: DistInfo, device: torch.device) -> TaskBase:
-    """The task ``cfg.task.name`` names, for the experiment ``cfg``."""
-    spec: TaskSpec = TASKS.get(cfg.task.name, "task.name")
-    return spec.build(cfg, dist=dist, device=device)
+def build_task(section: TaskConfig, context: TaskContext, *, dist: DistInfo, device: torch.device) -> TaskBase:
+    """The task ``section.name`` names, given its typed ``task`` section and the
+    :class:`TaskContext` it needs from the rest of the recipe (:func:`alignkit.chain.task_context`)."""
+    spec: TaskSpec = TASKS.get(section.name, "task.name")
+    return spec.build(section, context=context, dist=dist, device=device)
 
 
-__all__ = ["TaskBase", "TaskConfig", "TaskSpec", "build_task"]
+__all__ = ["TaskBase", "TaskConfig", "TaskContext", "TaskSpec", "build_task"]

@@ -4,6 +4,10 @@ evaluation and export it provides to the build chain (:mod:`alignkit.train`) and
 A task never builds models or trains: the chain asks it for its data
 (:meth:`TaskBase.build_data`, which reports a :class:`~alignkit.core.adapter.DataInfo`),
 builds the student and teachers from that, and hands the task to the one trainer loop.
+
+A task sees its own ``task`` section and a :class:`TaskContext` (the few values it needs from
+the rest of the recipe), never the whole experiment: :func:`alignkit.chain.task_context` makes
+the context, :func:`alignkit.tasks.build_task` the task.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch
 from torch import nn
 
 from alignkit.core.adapter import Batch, DataInfo
-from alignkit.core.config import TrainConfig, above, at_least, checked
+from alignkit.core.config import ModelConfig, TrainConfig, above, at_least, checked
 from alignkit.core.distributed import DistInfo
 from alignkit.core.errors import DataError
 
@@ -56,9 +60,29 @@ class TeacherTraining:
 
 
 @dataclass(frozen=True)
+class TaskContext:
+    """What a task reads outside its own ``task`` section, and why:
+
+    * ``student``: the student's model config -- a text task loads its tokenizer; a
+      classification task sizes the student from its options when ``check`` cannot read the data.
+    * ``extra_teachers``: the names under ``teachers`` -- a text task refuses them when the main
+      teacher's tokenizer differs from the student's (only the main teacher may differ).
+    * ``logit_kd_origins``: where each logit-KD term on the main teacher was written (e.g.
+      ``align.terms.1``) -- a text task refuses them across tokenizers, naming the term.
+    * ``eval_batch_size``: sequences per evaluation batch (the run's ``train.micro_batch_size``).
+    """
+
+    student: ModelConfig = field(default_factory=ModelConfig)
+    extra_teachers: tuple[str, ...] = ()
+    logit_kd_origins: tuple[str, ...] = ()
+    eval_batch_size: int = 1
+
+
+@dataclass(frozen=True)
 class TaskSpec:
-    """A task in the registry: ``config`` types the recipe's ``task`` section, ``build(cfg, *,
-    dist, device)`` makes the task, ``metrics`` are the eval metrics it reports (what
+    """A task in the registry: ``config`` types the recipe's ``task`` section, ``build(section, *,
+    context, dist, device)`` makes the task (``section``: that typed section; ``context``: a
+    :class:`TaskContext`), ``metrics`` are the eval metrics it reports (what
     ``train.select_metric`` may name). ``teacher_training(task_section)`` says how the task
     pre-trains a teacher without weights (None: it does not; such a teacher needs weights)."""
 
@@ -73,8 +97,8 @@ class TaskBase:
 
     loss_name = "task_loss"
 
-    def __init__(self, cfg: Any, *, dist: DistInfo, device: torch.device) -> None:
-        self.cfg, self.dist, self.device = cfg, dist, device
+    def __init__(self, section: Any, *, context: TaskContext, dist: DistInfo, device: torch.device) -> None:
+        self.section, self.context, self.dist, self.device = section, context, dist, device
         self.notes: list[str] = []  # what describe_data could not check (printed by `alignkit check`)
 
     # --- the build chain -------------------------------------------------------------------
@@ -111,7 +135,7 @@ class TaskBase:
     def resharded_state(self, states: list[dict[str, Any]]) -> dict[str, Any]:
         """The data position for a rank of a new process count, from every saved rank's state
         (``states[r]`` is rank r's); a task whose position cannot be mapped refuses."""
-        raise DataError(f"task.name={self.cfg.task.name}: its data position is kept per process: resume on the "
+        raise DataError(f"task.name={self.section.name}: its data position is kept per process: resume on the "
                         f"run's {len(states)} processes")
 
     def evaluate(self, student: nn.Module, device: torch.device) -> dict[str, float]:

@@ -23,7 +23,7 @@ from torch import nn
 from alignkit.core.adapter import Batch, DataInfo
 from alignkit.core.distributed import DistInfo
 from alignkit.core.errors import ConfigError
-from alignkit.tasks.base import TaskConfig, TeacherPretrainConfig, TeacherTraining
+from alignkit.tasks.base import TaskConfig, TaskContext, TeacherPretrainConfig, TeacherTraining
 from alignkit.tasks.image_data import FOLDER_CHANNELS, ImageDataConfig, ImageSplits, folder_classes, load_images
 from alignkit.tasks.ts_classify import TSClassifyTask
 
@@ -48,21 +48,21 @@ def teacher_training(cfg: ImageTaskConfig) -> TeacherTraining:
 class ImageClassifyTask(TSClassifyTask):
     """Images in, class logits out; batches ``{"pixel_values": [B, C, S, S], "labels": [B]}``."""
 
-    def __init__(self, cfg: Any, *, dist: DistInfo, device: torch.device) -> None:
+    def __init__(self, section: Any, *, context: TaskContext, dist: DistInfo, device: torch.device) -> None:
         if dist.world_size > 1:
             raise ConfigError("task.name=image_classify runs in one process (the data sets are small); drop torchrun")
-        super().__init__(cfg, dist=dist, device=device)
+        super().__init__(section, context=context, dist=dist, device=device)
         self.mask_positions = 1  # see check_student
 
     def build_data(self, teachers: Mapping[str, Any]) -> DataInfo:
-        self.splits: ImageSplits = load_images(self.cfg.task.data)
+        self.splits: ImageSplits = load_images(self.section.data)
         self.stream = None  # made by train_batches, at the trainer's batch size
         self._position: dict[str, Any] | None = None  # a resumed position, until the stream exists
         return self.splits.data_info()
 
     def describe_data(self, teachers: Mapping[str, Any]) -> DataInfo:
         """Digits: known without loading; a folder: its class folder names (images read as RGB)."""
-        data = self.cfg.task.data
+        data = self.section.data
         if data.source == "digits":
             return DIGITS
         classes = folder_classes(data)

@@ -8,7 +8,6 @@ teachers need a shared tokenizer, which is decided here, before any text is toke
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -19,7 +18,6 @@ from torch import nn
 from alignkit.core.adapter import Batch, DataInfo
 from alignkit.core.config import ConfigError, at_least, checked
 from alignkit.core.registry import adapter_spec
-from alignkit.core.terms import logit_kd_terms
 from alignkit.core.trainer import to_device
 from alignkit.tasks.base import TaskBase, TaskConfig
 from alignkit.tasks.text_batches import TextData
@@ -35,61 +33,53 @@ class TextTaskConfig(TaskConfig):
     text: TextDataConfig = field(default_factory=TextDataConfig)
 
 
-def _tokenizer_is_local(model: Any) -> bool:
-    """True when ``model``'s tokenizer loads without the network (a package, a path, a GGUF)."""
-    from alignkit.adapters.hf_causal import hf_options
-
-    tokenizer = hf_options(model).tokenizer
-    spec = tokenizer or ("" if model.source == "config" else model.name_or_path)
-    if model.source == "gguf" and not tokenizer:
-        return True
-    return not spec or spec.startswith("pkg:") or os.path.exists(os.path.expanduser(spec))
-
-
-def _tokenizer(model: Any, key: str) -> Any:
-    """``model``'s tokenizer, as its adapter reads it (the ``tokenizer`` capability)."""
-    read = adapter_spec(model, key).tokenizer
-    if read is None:
+def _tokenizer(model: Any, key: str, notes: list[str] | None = None) -> Any:
+    """``model``'s tokenizer, as its adapter reads it (the ``tokenizer`` capability). With
+    ``notes`` (offline: `alignkit check` never goes online), a tokenizer that only the hub has,
+    or of a family that does not say (no ``hub_tokenizer`` capability), is not loaded: None,
+    and a note says why."""
+    spec = adapter_spec(model, key)
+    if spec.tokenizer is None:
         raise ConfigError(f"{key}.kind={model.kind!r} reads no text (its adapter declares no tokenizer): "
                           "pick a text model for task.name=text_pretrain")
-    return read(model)
+    if notes is not None:
+        hub_id = spec.hub_tokenizer(model) if spec.hub_tokenizer is not None else None
+        if hub_id is None:
+            notes.append(f"{key} tokenizer: {key}.kind={model.kind!r} does not say whether it loads offline: "
+                         "not loaded (vocabulary and tokenizer match unchecked)")
+            return None
+        if hub_id:
+            notes.append(f"{key} tokenizer {hub_id!r} is on the hub: not loaded offline "
+                         "(vocabulary and tokenizer match unchecked)")
+            return None
+    return spec.tokenizer(model)
 
 
 class TextPretrainTask(TaskBase):
     loss_name = "nll"
 
     def _tokenizers(self, teachers: Mapping[str, Any], offline: bool) -> tuple[Any, Any]:
-        """(student tokenizer, main teacher tokenizer or None); ``offline``: a tokenizer that
-        only the hub has is not loaded (None, with a note) -- `alignkit check` never goes online."""
-        from alignkit.adapters.hf_causal import hf_options
-
-        loaded = []
-        for key, model in (("student", self.cfg.student), ("teacher", teachers.get("default"))):
-            if model is None:
-                loaded.append(None)
-            elif offline and not _tokenizer_is_local(model):
-                self.notes.append(f"{key} tokenizer {hf_options(model).tokenizer or model.name_or_path!r} is on the hub: "
-                                  "not loaded offline (vocabulary and tokenizer match unchecked)")
-                loaded.append(None)
-            else:
-                loaded.append(_tokenizer(model, key))
-        return loaded[0], loaded[1]
+        """(student tokenizer, main teacher tokenizer or None); ``offline``: see :func:`_tokenizer`."""
+        notes = self.notes if offline else None
+        teacher = teachers.get("default")
+        return (_tokenizer(self.context.student, "student", notes),
+                None if teacher is None else _tokenizer(teacher, "teacher", notes))
 
     def _refuse_mismatch(self, student_tokenizer: Any, teacher_tokenizer: Any) -> bool:
         """Whether the tokenizers differ (LET-dagger), refusing what needs them equal."""
         if student_tokenizer is None or teacher_tokenizer is None:
             return False
         differ = teacher_encoder(Encoder(student_tokenizer, "student tokenizer"), teacher_tokenizer) is not None
-        if differ and self.cfg.teachers:
+        if differ and self.context.extra_teachers:
             raise ConfigError("teachers: extra teachers need the student's tokenizer (only `teacher` may differ)")
-        kd_terms = logit_kd_terms(self.cfg.align)
-        if differ and kd_terms:
-            raise ConfigError(f"{kd_terms[0].origin} (logit KD) needs teacher and student to share a tokenizer")
+        kd_origins = self.context.logit_kd_origins
+        if differ and kd_origins:
+            raise ConfigError(f"{kd_origins[0]} (logit KD) needs teacher and student to share a tokenizer")
         return differ
 
     def _info(self, tokenizer: Any) -> DataInfo:
         return DataInfo(tokenizer=tokenizer, vocab_size=len(tokenizer) if tokenizer is not None else None,
-                        seq_len=self.cfg.task.seq_len)
+                        seq_len=self.section.seq_len)
 
     def describe_data(self, teachers: Mapping[str, Any]) -> DataInfo:
         tokenizer, teacher_tokenizer = self._tokenizers(teachers, offline=True)
@@ -100,7 +90,7 @@ class TextPretrainTask(TaskBase):
         self.tokenizer, teacher_tokenizer = self._tokenizers(teachers, offline=False)
         differ = self._refuse_mismatch(self.tokenizer, teacher_tokenizer)
         self.data: TextData = build_text_data(
-            self.cfg.task.text, self.tokenizer, self.cfg.task.seq_len, rank=self.dist.rank,
+            self.section.text, self.tokenizer, self.section.seq_len, rank=self.dist.rank,
             world_size=self.dist.world_size, teacher_tokenizer=teacher_tokenizer if differ else None,
         )
         return self._info(self.tokenizer)
@@ -112,8 +102,8 @@ class TextPretrainTask(TaskBase):
             raise ConfigError(f"student.options.arch.vocab_size={embeddings.num_embeddings} is smaller than the "
                               f"tokenizer's {data.vocab_size} tokens")
         positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        if positions is not None and positions < self.cfg.task.seq_len:
-            raise ConfigError(f"task.seq_len={self.cfg.task.seq_len} exceeds the student's "
+        if positions is not None and positions < self.section.seq_len:
+            raise ConfigError(f"task.seq_len={self.section.seq_len} exceeds the student's "
                               f"max_position_embeddings={positions}")
 
     def train_batches(self, micro_batch_size: int) -> Iterator[Batch]:
@@ -134,7 +124,7 @@ class TextPretrainTask(TaskBase):
     def evaluate(self, student: nn.Module, device: torch.device) -> dict[str, float]:
         """Token-weighted mean NLL over the held-out split (sharded over ranks, then summed)."""
         sums = torch.zeros(2, dtype=torch.float64, device=device)
-        for batch in self.data.eval_batches(self.cfg.train.micro_batch_size):
+        for batch in self.data.eval_batches(self.context.eval_batch_size):
             batch = to_device(batch, device)
             tokens = (batch["labels"][:, 1:] != -100).sum()
             loss = student(batch, []).loss.double()  # NaN for a padding batch (no labels): counted as 0

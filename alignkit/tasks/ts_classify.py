@@ -21,7 +21,7 @@ from alignkit.core.adapter import Batch, DataInfo
 from alignkit.core.config import ConfigError
 from alignkit.core.distributed import DistInfo
 from alignkit.core.trainer import to_device
-from alignkit.tasks.base import TaskBase, TaskConfig, TeacherPretrainConfig, TeacherTraining
+from alignkit.tasks.base import TaskBase, TaskConfig, TaskContext, TeacherPretrainConfig, TeacherTraining
 from alignkit.tasks.uea import UEABatches, UEADataConfig, UEASplits, describe_uea, load_uea
 
 PLACEHOLDER = DataInfo(num_classes=2, num_channels=1)  # `alignkit check` when the data is not local
@@ -49,13 +49,13 @@ def teacher_training(cfg: TSTaskConfig) -> TeacherTraining:
 class TSClassifyTask(TaskBase):
     loss_name = "ce"
 
-    def __init__(self, cfg: Any, *, dist: DistInfo, device: torch.device) -> None:
-        super().__init__(cfg, dist=dist, device=device)
+    def __init__(self, section: Any, *, context: TaskContext, dist: DistInfo, device: torch.device) -> None:
+        super().__init__(section, context=context, dist=dist, device=device)
         if dist.world_size > 1:
             raise ConfigError("task.name=ts_classify runs in one process (the UEA sets are small); drop torchrun")
 
     def build_data(self, teachers: Mapping[str, Any]) -> DataInfo:
-        uea = self.cfg.task.uea
+        uea = self.section.uea
         self.splits: UEASplits = load_uea(uea)
         self.stream: UEABatches | None = None  # made by train_batches, at the trainer's batch size
         self._position: dict[str, Any] | None = None  # a resumed position, until the stream exists
@@ -68,19 +68,19 @@ class TSClassifyTask(TaskBase):
     def describe_data(self, teachers: Mapping[str, Any]) -> DataInfo:
         """From the headers of the local ``.ts`` files; a dataset that is not local gives the
         sizes the student's options set, else :data:`PLACEHOLDER` (said in ``notes``)."""
-        info, notes = describe_uea(self.cfg.task.uea)
+        info, notes = describe_uea(self.section.uea)
         self.notes += notes
         if info is not None:
             return info
-        options = self.cfg.student.options
+        options = self.context.student.options
         self.notes.append("the student is sized from student.options.num_classes / num_channels where set, "
                           f"else the placeholder {PLACEHOLDER.num_classes} classes, {PLACEHOLDER.num_channels} channel")
         return DataInfo(num_classes=getattr(options, "num_classes", 0) or PLACEHOLDER.num_classes,
                         num_channels=getattr(options, "num_channels", 0) or PLACEHOLDER.num_channels,
-                        datasets=tuple(self.cfg.task.uea.datasets))
+                        datasets=tuple(self.section.uea.datasets))
 
     def train_batches(self, micro_batch_size: int) -> Iterator[Batch]:
-        uea = self.cfg.task.uea
+        uea = self.section.uea
         self.stream = self.splits.train_batches(micro_batch_size, crop_min=uea.crop_min, jitter=uea.jitter)
         if self._position is not None:
             self.stream.load_state_dict(self._position)
@@ -112,13 +112,13 @@ class TSClassifyTask(TaskBase):
         return {"val_accuracy": float((predicted == labels).float().mean()), "val_loss": loss}
 
     def export(self, student: nn.Module, directory: Path) -> None:
+        """The student's own format where it has one (``save_pretrained``, e.g. TimesNet's),
+        else ``model.safetensors`` with ``task.json`` (what it was trained on)."""
         from safetensors.torch import save_model
 
-        from alignkit.adapters.timesnet import TimesNetClassifier, save_timesnet
-
         directory.mkdir(parents=True, exist_ok=True)
-        if isinstance(student, TimesNetClassifier):
-            save_timesnet(student, directory)
+        if hasattr(student, "save_pretrained"):
+            student.save_pretrained(directory)
             return
         save_model(student, str(directory / "model.safetensors"))
         (directory / "task.json").write_text(json.dumps(self.splits.info(), indent=2))
