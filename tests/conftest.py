@@ -18,7 +18,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 
-FAST_LOOP_LIMIT_S = 8.0
+FAST_LOOP_LIMIT_S = 10.0
 _unmarked_slow: list[tuple[str, float]] = []
 
 

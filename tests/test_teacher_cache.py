@@ -76,6 +76,7 @@ def test_changed_batches_miss_and_run_the_teacher(recorded, monkeypatch, capsys)
     # what a miss returns is the teacher's own output: the recording run in `recorded` equals the live one
 
 
+@pytest.mark.slow
 def test_an_interrupted_recording_is_used_and_resume_replays(recorded, monkeypatch, capsys):
     """The teacher dies at step 3 (after the step-2 checkpoint): the two batches it recorded are
     replayed by the next run (a damaged shard is skipped), which records the rest; the resumed
@@ -100,6 +101,7 @@ def test_an_interrupted_recording_is_used_and_resume_replays(recorded, monkeypat
     assert metrics(recorded / "after-cut") == live and metrics(recorded / "cut") == live
 
 
+@pytest.mark.slow
 def test_bf16_replay_of_a_teacher_from_files_never_builds_it(recorded, monkeypatch, capsys):
     """A teacher with weight files is keyed on their identity: the replay neither reads nor
     builds it. bf16 features move the losses by less than 1e-3 (relative) on this run."""
