@@ -62,7 +62,7 @@ def run(cfg: ExperimentConfig, config_path: str | None = None, resume: str | Non
                   f"alignkit train --resume {run_dir} train.steps=N", file=sys.stderr)
             return json.loads((run_dir / "results.json").read_text())
         if resume:  # the run's global batch on this many processes (every rank reads the same files)
-            cfg.train.grad_accum = resumed_grad_accum(cfg, run_dir, info.world_size)
+            cfg = replace(cfg, train=replace(cfg.train, grad_accum=resumed_grad_accum(cfg, run_dir, info.world_size)))
         lock = FolderLock(run_dir)
         failure: AlignkitError | None = None
         record = None
