@@ -18,6 +18,7 @@ def one_line_error(capsys) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_resume_checks_and_records_config_changes(tmp_path, capsys):
     run = tmp_path / "run"
     assert train(tmp_path, "run", "train.steps=4", "train.save_every=2") == 0
