@@ -8,7 +8,8 @@ out and the teacher's forward is counted), the teacher's cost per step measured 
 meet the same machine load), and the mean cosine to the teacher while it is active. Against a
 reference run: steps and training seconds to reach the reference's final value (linear
 interpolation between evals; a run that never reaches it is bounded by its last step), the
-speedups and the paired difference of final values (meaningful when both share a seed).
+speedups and the paired difference of final values (meaningful when both share a seed); over
+seeds, the pooled time speedup with a teacher's pre-training counted once.
 """
 from __future__ import annotations
 
@@ -132,6 +133,12 @@ def run_numbers(records: Records, metric: str = "eval_loss", mode: str = "min") 
             "last_step": curve[-1][0] if curve else None, "tokens": tokens, "train_seconds": seconds,
             "tokens_per_s": tokens / seconds if seconds else None, "cosine_aligned": aligned_cosine(records),
             "teacher_step_cost": cost, "teacher_fraction": fraction, "teacher_dropped": teacher_dropped(records)}
+
+
+def pooled_speedup(baseline_seconds: list[float], seconds: list[float], teacher_seconds: float = 0.0) -> float:
+    """Training seconds summed over seeds, the baseline's over the run's plus a teacher's
+    pre-training counted once (one pre-trained teacher serves every seed; 0: a reused one)."""
+    return sum(baseline_seconds) / (sum(seconds) + teacher_seconds)
 
 
 def paired(run: dict[str, Any], baseline: dict[str, Any], run_records: Records | None = None,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from common import RESULTS, spread, write_json
 
-from alignkit.compare import plot_curves
+from alignkit.compare import plot_curves, pooled_speedup
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,8 +64,8 @@ def main() -> None:
     reached = [s for s in per_seed.values() if s["reached"]]
     teacher_s = max(s["teacher_train_seconds"] for s in per_seed.values())  # one teacher serves every seed
     if reached:  # training seconds over the seeds, the one teacher's pre-training counted once
-        figures["time_speedup_teacher_counted_once"] = (sum(s["baseline_seconds"] for s in reached)
-                                                         / (sum(s["let_seconds"] for s in reached) + teacher_s))
+        figures["time_speedup_teacher_counted_once"] = pooled_speedup(
+            [s["baseline_seconds"] for s in reached], [s["let_seconds"] for s in reached], teacher_s)
     payload = {"kind": "alignkit-demo-seeds", "seeds": seeds, "per_seed": per_seed, "summary": figures,
                "reached": len(reached), "teacher_train_seconds": teacher_s}
     write_json(RESULTS / f"{args.out}.json", payload)
