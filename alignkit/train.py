@@ -128,5 +128,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, resume: bool, record: dict[str,
     if info.is_main:
         results.update(trainer.task.report(trainer.student, run_dir))
         results["run_dir"] = str(run_dir)
+        # the student's size, for studies that relate a result to it (a sharded parameter counts whole)
+        results["student_params"] = sum(p.numel() for p in trainer.student.parameters())
         (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return results
