@@ -6,6 +6,8 @@ differences and verdicts.
   python benchmarks/study.py stop_step objective layer --data WIKITEXT2_DIR --jobs 3  # one queue, one JSON each
   python benchmarks/study.py budget --data WIKITEXT2_DIR --seeds 0,1,2 --resume
   python benchmarks/study.py lambda0 --data WIKITEXT2_DIR --teacher small      # a pre-trained 5x smaller teacher
+  python benchmarks/study.py teacher_reuse --data WIKITEXT2_DIR --teacher small --teacher-corpus KJV_DIR/train.txt --teacher-corpus-name kjv
+  python benchmarks/study.py teacher_reuse --data WIKITEXT2_DIR --teacher small --teacher-steps 100  # an under-trained teacher
   python benchmarks/study.py lambda0 --corpus TRAIN.txt EVAL.txt --only lam0.1 # confirm on another corpus
   python benchmarks/study.py peers_tune --data WIKITEXT2_DIR --holdout 0.1 --seeds 0   # tune on held-out train text
   python benchmarks/study.py stop_step --base configs/debug.yaml --steps 8 --dry-run
@@ -18,7 +20,16 @@ configuration's baseline is the base recipe with ``align.method=none`` plus the
 configuration's keys outside align.* and teacher.* (run length, student), so configurations
 that change those get their own baseline. All grids of one corpus and teacher share a run folder
 (benchmarks/results/study/CORPUS[-small-teacher]), so a baseline runs once for all of them, and a
-configuration that repeats another's exact settings (a grid's default) reuses that run.
+configuration that repeats another's exact settings (a grid's default) reuses that run, also one
+finished in a sibling study folder (baselines never use the teacher, so studies that differ only in
+it share them).
+
+``--teacher small`` first pre-trains a 5.2M teacher (run OUT/small_teacher-s0) on the student's
+train file; ``--teacher-corpus FILE [FILE ...] --teacher-corpus-name NAME`` pre-trains it on other
+text instead (several files: read together and shuffled into one stream) and ``--teacher-steps N``
+for other than 300 steps; both then name the folder and the run (CORPUS-small-teacher-from-NAME-Nsteps,
+small_teacher-NAME-Nsteps-s0), so different teachers never share one. The report prices that
+pre-training: the time speedup over seeds with it counted once, and as zero (a reused teacher).
 
 Runs are ordered seed by seed, each baseline next to its configurations, the order reversed on
 every other seed, so machine load drifts into neither side. A run folder holding results.json
@@ -50,7 +61,7 @@ from typing import Any
 import yaml
 
 from common import PATH_ALIASES, REPO, RESULTS, SMALL_TEACHER_ARCH, wikitext_overrides, write_json
-from study_analysis import TIME_SOURCE, VERDICT_RULE, best_verdict, larger_verdict, summarize, verdict
+from study_analysis import TIME_SOURCE, VERDICT_RULE, best_verdict, larger_verdict, summarize, teacher_priced, verdict
 
 from alignkit.compare import paired, read_records, run_numbers
 from study_report import plot_study, write_report
@@ -58,6 +69,7 @@ from study_report import plot_study, write_report
 HERE = Path(__file__).resolve().parent
 BASELINE_ONLY_PREFIXES = ("align.", "teacher.", "teachers.")  # keys a baseline does not take over
 RUN_RECORD = "study_run.json"
+DEFAULT_TEACHER_STEPS = 300  # the small teacher's pre-training steps that its folder names leave unsaid
 
 
 @dataclass
@@ -174,10 +186,13 @@ class Runner:
 
     def same_run(self, run: Run) -> Path | None:
         """A finished folder of another name with this run's exact settings (a configuration that
-        repeats another, e.g. a grid's default that another grid already ran)."""
+        repeats another, e.g. a grid's default that another grid already ran), in this study folder
+        or, failing that, in a sibling one (e.g. the baselines of a study that differs only in its
+        teacher, which baselines never use)."""
         key = self.settings(self.record(run))
-        for saved in sorted(self.out.glob(f"*/{RUN_RECORD}")):
-            if saved.parent.name != run.name and not saved.parent.is_symlink() and (saved.parent / "results.json").is_file() \
+        here = sorted(self.out.glob(f"*/{RUN_RECORD}"))
+        for saved in here + sorted(set(self.out.parent.glob(f"*/*/{RUN_RECORD}")) - set(here)):
+            if saved.parent != self.out / run.name and not saved.parent.is_symlink() and (saved.parent / "results.json").is_file() \
                     and self.settings(json.loads(saved.read_text())) == key:
                 return saved.parent
         return None
@@ -207,8 +222,9 @@ class Runner:
             return True
         same = self.same_run(run) if state == "new" else None
         if same is not None:
-            folder.symlink_to(same.name)  # relative: the study folder can move
-            self.say(f"reuse  {run.name} (the same run as {same.name})")
+            link = os.path.relpath(same, self.out)  # relative: the results folder can move
+            folder.symlink_to(link)
+            self.say(f"reuse  {run.name} (the same run as {link})")
             return True
         if state == "unfinished" and not self.resume:
             raise SystemExit(f"{folder} is unfinished: pass --resume to continue it, or delete it")
@@ -253,9 +269,23 @@ def run_queue(runner: Runner, queue: list[Run], jobs: int) -> dict[str, bool]:
     return done
 
 
-def analyse(runs: list[Run], baseline_of: dict[str, str], out: Path) -> dict[str, Any]:
-    """Per-run numbers, per-seed paired figures and the summary of every configuration."""
-    numbers = {r.name: run_numbers(read_records(out / r.name)) for r in runs if (out / r.name / "results.json").is_file()}
+def run_facts(folder: Path) -> dict[str, Any]:
+    """What a finished run's results.json records beside its metrics: the student's parameter count
+    (None for runs from before alignkit recorded it)."""
+    return {"student_params": json.loads((folder / "results.json").read_text()).get("student_params")}
+
+
+def analyse(runs: list[Run], baseline_of: dict[str, str], out: Path, pretrain: Run | None = None) -> dict[str, Any]:
+    """Per-run numbers, per-seed paired figures and the summary of every configuration; with the
+    small teacher's finished pre-training run, its cost and size, and each configuration's time
+    speedup with that cost counted once and as zero."""
+    finished = [r for r in runs if (out / r.name / "results.json").is_file()]
+    records = {r.name: read_records(out / r.name) for r in finished}
+    numbers = {r.name: run_numbers(records[r.name]) | run_facts(out / r.name) for r in finished}
+    teacher = None
+    if pretrain is not None and (out / pretrain.name / "results.json").is_file():
+        teacher = {"run": pretrain.name, "overrides": pretrain.overrides, **run_facts(out / pretrain.name),
+                   "train_seconds": run_numbers(read_records(out / pretrain.name))["train_seconds"]}
     by_config: dict[str, dict[int, dict[str, Any]]] = {}
     for r in runs:
         if r.name in numbers:
@@ -263,12 +293,15 @@ def analyse(runs: list[Run], baseline_of: dict[str, str], out: Path) -> dict[str
     configs = {}
     for name, baseline in baseline_of.items():
         seeds = sorted(set(by_config.get(name, {})) & set(by_config.get(baseline, {})))
-        pairs = {s: paired(by_config[name][s], by_config[baseline][s]) for s in seeds}
+        pairs = {s: paired(by_config[name][s], by_config[baseline][s], records[f"{name}-s{s}"], records[f"{baseline}-s{s}"])
+                 for s in seeds}
         summary = summarize(pairs, {s: by_config[name][s] for s in seeds})
         configs[name] = {"baseline": baseline, "per_seed": pairs, "summary": summary, "verdict": verdict(summary)}
+        if teacher is not None:
+            configs[name]["teacher_priced"] = teacher_priced(pairs, teacher["train_seconds"])
     baselines = {b: {s: by_config[b][s]["final_eval_loss"] for s in sorted(by_config.get(b, {}))}
                  for b in sorted(set(baseline_of.values()))}
-    return {"runs": numbers, "configs": configs, "baseline_final_eval_loss": baselines}
+    return {"runs": numbers, "configs": configs, "baseline_final_eval_loss": baselines, "teacher_pretrain": teacher}
 
 
 def claims(grid: dict[str, Any], configs: dict[str, Any]) -> list[dict[str, Any]]:
@@ -302,7 +335,13 @@ def parse_args() -> argparse.Namespace:
                              "FRACTION (the eval file is never read), so settings are chosen without the test set")
     parser.add_argument("--teacher", default="base", choices=("base", "small"),
                         help="base: the recipe's teacher; small: pre-train text_let's 5x smaller teacher first (once per --out)")
-    parser.add_argument("--teacher-steps", type=int, default=300, help="steps to pre-train the small teacher")
+    parser.add_argument("--teacher-steps", type=int, default=DEFAULT_TEACHER_STEPS, help="steps to pre-train the small teacher")
+    parser.add_argument("--teacher-corpus", nargs="+", metavar="TRAIN",
+                        help="text files the small teacher pre-trains on instead of the student's train file; several "
+                             "are mixed (read together, their packed sequences shuffled into one stream, so each weighs "
+                             "by its size); needs --teacher-corpus-name")
+    parser.add_argument("--teacher-corpus-name", metavar="NAME",
+                        help="tag for --teacher-corpus in the folder and study names (e.g. kjv, or kjv+wikitext2 for a mix)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=300, help="train.steps (a configuration may set its own)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run (repeatable)")
@@ -310,7 +349,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores / jobs threads)")
     parser.add_argument("--resume", action="store_true", help="continue unfinished run folders")
     parser.add_argument("--keep-weights", action="store_true", help="keep checkpoints and final weights of finished runs")
-    parser.add_argument("--out", help="run folders and one GRID.json per grid (default benchmarks/results/study/CORPUS[-small-teacher])")
+    parser.add_argument("--out", help="run folders and one GRID.json per grid (default benchmarks/results/study/"
+                                      "CORPUS[-small-teacher[-from-NAME][-Nsteps]], see teacher_names)")
     parser.add_argument("--report", default=str(RESULTS / "study.md"), help="markdown report, rebuilt from every study JSON next to --out")
     parser.add_argument("--analyse", action="store_true", help="rebuild the JSONs, plots and report from the runs finished so far; start none")
     parser.add_argument("--dry-run", action="store_true", help="print the run list, check each run's config, and stop")
@@ -377,9 +417,51 @@ def check_configs(base: Path, runs: list[Run]) -> None:
         raise SystemExit(f"{bad} run(s) have config errors")
 
 
-def small_teacher(out: Path, shared: list[str], steps: int) -> tuple[Run, list[str]]:
-    """The small teacher's pre-training run (OUT/small_teacher-s0) and the overrides that use it."""
-    teacher = _run("small_teacher", 0, steps, shared, SMALL_TEACHER_ARCH + ["align.method=none"])
+def teacher_names(args: argparse.Namespace) -> tuple[str, str]:
+    """The small teacher's part of the study's folder and JSON names, and its pre-training run's
+    configuration name: ``-small-teacher`` and ``small_teacher`` for the default one (the student's
+    train file, DEFAULT_TEACHER_STEPS steps: the names studies had before --teacher-corpus), else
+    what sets it apart, e.g. ``-small-teacher-from-kjv-100steps`` and ``small_teacher-kjv-100steps``,
+    so differently trained teachers never share a folder or a run; empty for the recipe's teacher."""
+    if args.teacher_corpus_name and not args.teacher_corpus:
+        raise SystemExit("--teacher-corpus-name names a --teacher-corpus: pass the files too")
+    if args.teacher != "small":
+        if args.teacher_corpus:
+            raise SystemExit("--teacher-corpus is for the small teacher: add --teacher small")
+        return "", ""
+    if args.teacher_corpus and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*", args.teacher_corpus_name or ""):
+        raise SystemExit("--teacher-corpus needs --teacher-corpus-name NAME (letters, digits, '.', '+', '_', '-'), e.g. kjv")
+    corpus = f"-{args.teacher_corpus_name}" if args.teacher_corpus else ""
+    steps = f"-{args.teacher_steps}steps" if args.teacher_steps != DEFAULT_TEACHER_STEPS else ""
+    return f"-small-teacher{corpus.replace('-', '-from-', 1)}{steps}", f"small_teacher{corpus}{steps}"
+
+
+def teacher_corpus(files: list[str], name: str, out: Path) -> str:
+    """The small teacher's ``task.text.train_path``: the file, or for several the folder
+    OUT/teacher_corpus-NAME of links to them (the files source reads a folder's files together)."""
+    paths = [Path(f).resolve() for f in files]
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"--teacher-corpus: file not found: {path}")
+        PATH_ALIASES.setdefault(str(path.parent), "TEACHER_CORPUS_DIR")  # saved JSONs name it portably
+    if len(paths) == 1:
+        return str(paths[0])
+    folder, links = out / f"teacher_corpus-{name}", {f"{i}-{p.name}": p for i, p in enumerate(paths)}
+    if folder.exists() and {link.name: link.resolve() for link in folder.iterdir()} != links:
+        raise SystemExit(f"{folder} links other files than --teacher-corpus: delete it or choose another --teacher-corpus-name")
+    folder.mkdir(parents=True, exist_ok=True)
+    for link, path in links.items():
+        if not (folder / link).is_symlink():
+            (folder / link).symlink_to(path)
+    return str(folder)
+
+
+def small_teacher(out: Path, shared: list[str], steps: int, name: str = "small_teacher",
+                  corpus: str | None = None) -> tuple[Run, list[str]]:
+    """The small teacher's pre-training run (OUT/NAME-s0), on ``corpus`` (a train_path) instead of
+    the student's train file when given, and the overrides that use it."""
+    own = ["task.text.source=files", f"task.text.train_path={corpus}"] if corpus else []
+    teacher = _run(name, 0, steps, shared, SMALL_TEACHER_ARCH + ["align.method=none"] + own)
     return teacher, ["teacher.preset=''", "teacher.kind=hf_causal", "teacher.source=checkpoint",
                      f"teacher.name_or_path={out / teacher.name / 'final'}"]
 
@@ -409,7 +491,7 @@ def plan_grids(args: argparse.Namespace, seeds: list[int], shared: list[str],
 def main() -> None:
     args = parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    small = "-small-teacher" if args.teacher == "small" else ""
+    small, teacher_run = teacher_names(args)
     corpus = (args.corpus_name if args.corpus else "wikitext2") + ("-holdout" if args.holdout else "")
     out = Path(args.out or RESULTS / "study" / (corpus + small)).resolve()  # shared by every grid: baselines run once
     data, suffix = data_overrides(args, out)
@@ -422,15 +504,19 @@ def main() -> None:
         raise SystemExit(f"--base: file not found: {base}")
     runner = Runner(base, out, args.resume, args.keep_weights, max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
     shared = data + list(args.set)
-    pretrain, teacher = small_teacher(out, shared, args.teacher_steps) if args.teacher == "small" else (None, [])
+    pretrain, teacher = None, []
+    if args.teacher == "small":
+        own = teacher_corpus(args.teacher_corpus, args.teacher_corpus_name, out) if args.teacher_corpus else None
+        pretrain, teacher = small_teacher(out, shared, args.teacher_steps, teacher_run, own)
     planned = plan_grids(args, seeds, shared, teacher)
     queue = list({run.name: run for _, _, runs, _ in planned for run in runs}.values())  # grid order, each run once
     if args.dry_run:
+        print(f"study folder: {out}")
         check_configs(base, ([pretrain] if pretrain else []) + queue)
         return
     if args.analyse:  # e.g. while another study.py works through the queue
         done = {r.name: True for r in queue if (out / r.name / "results.json").is_file()}  # the rest: pending
-        return finish(planned, tag, out, args, base, shared, seeds, time.time(), done)
+        return finish(planned, tag, out, args, base, shared, seeds, time.time(), done, pretrain)
     unfinished = [r.name for r in queue if runner.state(r) == "unfinished"]  # also stops on foreign folders
     if unfinished and not args.resume:
         raise SystemExit(f"unfinished run folders in {out}: {', '.join(unfinished)} (pass --resume to continue them, or delete them)")
@@ -438,24 +524,24 @@ def main() -> None:
     if pretrain and not runner(pretrain, keep_weights=True):
         raise SystemExit("the small teacher's pre-training failed (see its study.log)")
     done = run_queue(runner, queue, args.jobs)
-    finish(planned, tag, out, args, base, shared, seeds, started, done)
+    finish(planned, tag, out, args, base, shared, seeds, started, done, pretrain)
     failed = [name for name, good in done.items() if not good]
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}")
 
 
 def finish(planned: list[tuple[str, dict, list[Run], dict]], tag: str, out: Path, args: argparse.Namespace, base: Path,
-           shared: list[str], seeds: list[int], started: float, done: dict[str, bool]) -> None:
+           shared: list[str], seeds: list[int], started: float, done: dict[str, bool], pretrain: Run | None) -> None:
     for grid_name, grid, runs, baseline_of in planned:
-        report(grid_name + tag, grid_name, grid, runs, baseline_of, out, args, base, shared, seeds, started, done)
+        report(grid_name + tag, grid_name, grid, runs, baseline_of, out, args, base, shared, seeds, started, done, pretrain)
     write_report(Path(args.report), out.parent)
 
 
 def report(name: str, grid_name: str, grid: dict[str, Any], runs: list[Run], baseline_of: dict[str, str], out: Path,
            args: argparse.Namespace, base: Path, shared: list[str], seeds: list[int], started: float,
-           done: dict[str, bool]) -> None:
+           done: dict[str, bool], pretrain: Run | None) -> None:
     """One grid's JSON and plot, and its summary lines."""
-    result = analyse(runs, baseline_of, out)
+    result = analyse(runs, baseline_of, out, pretrain)
     settings = {k: v for k, v in vars(args).items() if k != "grids"} | {"grid": grid_name, "base": str(base),
                                                                        "shared_overrides": shared}
     payload = {"kind": "alignkit-study", "name": name, "grid": grid_name, "description": grid.get("description", ""),
@@ -469,8 +555,10 @@ def report(name: str, grid_name: str, grid: dict[str, Any], runs: list[Run], bas
     for config, entry in payload["configs"].items():
         s = entry["summary"]
         fmt = lambda f: "-" if not s.get(f) else f"{s[f]['mean']:.3f} +- {s[f]['std']:.3f}"  # noqa: E731
+        priced = entry.get("teacher_priced")
+        cost = f"  time with the teacher's pre-training {priced['counted_once']:.2f}x, reused {priced['reused']:.2f}x" if priced else ""
         print(f"{name}: {config:16s} speedup {fmt('speedup')} (reached {s['reached']}/{len(s['seeds'])})  "
-              f"wall {fmt('wall_speedup')}  loss diff {fmt('loss_diff')}  -> {entry['verdict']}")
+              f"wall {fmt('wall_speedup')}  loss diff {fmt('loss_diff')}{cost}  -> {entry['verdict']}")
 
 
 if __name__ == "__main__":

@@ -4,13 +4,14 @@ Per run and per configuration and seed against the baseline of the same seed, th
 from :mod:`alignkit.compare` (``run_numbers``, ``paired``: final eval loss, eval curve, training
 throughput, teacher cost per step measured inside the run, cosine while aligned; steps to the
 baseline's final eval loss, speedups in steps and wall-clock, the paired loss difference). Here:
-mean +- std over seeds and a verdict (rule below).
+mean +- std over seeds and a verdict (rule below); with a small teacher pre-trained by the study,
+the time speedup pooled over seeds with its pre-training counted once and as zero (reused).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from alignkit.compare import spread
+from alignkit.compare import pooled_speedup, spread
 
 # Verdict on a configuration's speedup in steps over seeds (VERDICT_RULE says it in words).
 HOLDS_MEAN, HOLDS_WEAKER_MEAN = 1.3, 1.05
@@ -67,3 +68,17 @@ def larger_verdict(summary: dict[str, Any], other: dict[str, Any]) -> str:
     if a["mean"] - b["mean"] > max(a["std"], b["std"]):
         return "holds"
     return "holds weaker" if a["mean"] > b["mean"] else "does not hold"
+
+
+def teacher_priced(pairs: dict[int, dict[str, Any]], teacher_seconds: float) -> dict[str, Any] | None:
+    """Training seconds to the baseline's final eval loss summed over seeds, the baseline's over the
+    configuration's, with the small teacher's pre-training counted once (the study trained it for these
+    seeds) and as zero (a teacher reused from elsewhere). A seed that never got there counts its whole
+    run, so the figures are then upper bounds."""
+    seeds = [s for s in sorted(pairs) if pairs[s].get("baseline_seconds") and pairs[s].get("seconds_bound")]
+    if not seeds:
+        return None
+    base, own = [pairs[s]["baseline_seconds"] for s in seeds], [pairs[s]["seconds_bound"] for s in seeds]
+    return {"seeds": seeds, "teacher_seconds": teacher_seconds, "counted_once": pooled_speedup(base, own, teacher_seconds),
+            "reused": pooled_speedup(base, own), "upper_bound": not all(pairs[s]["reached"] for s in seeds)}
+

@@ -1,6 +1,7 @@
 """What the study writes for people: one PNG per grid (eval-loss curves, mean over seeds with
-a min-max band; speedups in steps and wall-clock with per-seed dots) and the markdown report
-(a table per grid and the paper's claims against our measurement), rebuilt from the JSONs.
+a min-max band; speedups in steps and wall-clock with per-seed dots) and the markdown report (a
+table per grid, the small teacher's pre-training priced in, and the paper's claims against our
+measurement), rebuilt from the JSONs.
 """
 from __future__ import annotations
 
@@ -70,6 +71,33 @@ def plot_study(path: Path, payload: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
+def teacher_words(settings: dict[str, Any]) -> str:
+    """Which teacher a study used; for the small one, what it was pre-trained on and how long."""
+    if settings["teacher"] != "small":
+        return settings["teacher"]
+    corpus = settings.get("teacher_corpus_name") or "the student's train file"
+    return f"small, pre-trained {settings['teacher_steps']} steps on {corpus}"
+
+
+def teacher_cost_lines(payload: dict[str, Any]) -> list[str]:
+    """The small teacher's pre-training priced into each configuration's time speedup."""
+    teacher = payload.get("teacher_pretrain")
+    if not teacher:
+        return []
+    params = f", {teacher['student_params'] / 1e6:.1f}M parameters" if teacher.get("student_params") else ""
+    lines = [f"The small teacher's pre-training ({teacher['run']}{params}) took {teacher['train_seconds']:.0f} s of "
+             "training steps. Training time to the baseline's final eval loss, summed over seeds, baseline / configuration "
+             "(a seed that never got there counts its whole run: an upper bound):", "",
+             "| configuration | teacher reused (its pre-training counted as zero) | teacher trained for this study (counted once) |",
+             "|---|---|---|"]
+    for name, entry in payload["configs"].items():
+        priced = entry.get("teacher_priced")
+        if priced:
+            bound = " (upper bound)" if priced["upper_bound"] else ""
+            lines.append(f"| {name} | {priced['reused']:.2f}x{bound} | {priced['counted_once']:.2f}x{bound} |")
+    return lines + [""]
+
+
 def _figure(summary: dict[str, Any], key: str, digits: int = 3) -> str:
     value = summary.get(key)
     if not value:
@@ -96,7 +124,7 @@ def grid_table(payload: dict[str, Any]) -> list[str]:
     settings = payload["settings"]
     lines = [f"## {payload['name']}", "", payload.get("description", ""), "",
              f"Grid `{payload['grid']}`, seeds {payload['seeds']}, {settings['steps']} steps unless the configuration sets "
-             f"its own, base `{Path(settings['base']).name}`, teacher: {settings['teacher']}, "
+             f"its own, base `{Path(settings['base']).name}`, teacher: {teacher_words(settings)}, "
              f"{len(payload['runs'])} runs, {sum(r['train_seconds'] for r in payload['runs'].values()) / 60:.1f} min of training steps"
              + (f"; **failed: {', '.join(payload['runs_failed'])}**" if payload["runs_failed"] else "")
              + (f"; not run yet: {', '.join(payload['runs_pending'])}" if payload.get("runs_pending") else "") + "."
@@ -114,7 +142,7 @@ def grid_table(payload: dict[str, Any]) -> list[str]:
                      f"{_figure(s, 'teacher_step_cost', 2)} | {_figure(s, 'wall_speedup_in_run', 2)} | "
                      f"{_figure(s, 'final_eval_loss')} | {_per_seed(pairs, 'loss_diff', '+.3f')} | "
                      f"{_figure(s, 'cosine_aligned')} | {entry['verdict']} |")
-    return lines + [""]
+    return lines + [""] + teacher_cost_lines(payload)
 
 
 TS_RESULTS = ("ts_uea_random_init.json", "ts_uea_random_init_ucr.json")  # benchmarks/ts_uea.py, issue 12 section 3

@@ -1,6 +1,7 @@
 """The study's analysis math (alignkit/compare.py, benchmarks/study_analysis.py) on synthetic metric records:
 steps-to-target interpolation, speedups, throughput from log intervals, paired differences,
-summaries over seeds and the verdict rule. No training, no timing."""
+summaries over seeds, the verdict rule and the teacher's pre-training priced in. No training, no
+timing."""
 from __future__ import annotations
 
 import sys
@@ -10,9 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from study_analysis import best_verdict, larger_verdict, summarize, verdict  # noqa: E402
+from study_analysis import best_verdict, larger_verdict, summarize, teacher_priced, verdict  # noqa: E402
 
-from alignkit.compare import aligned_cosine, paired, run_numbers, teacher_step_cost, train_time  # noqa: E402
+from alignkit.compare import aligned_cosine, paired, pooled_speedup, run_numbers, teacher_step_cost, train_time  # noqa: E402
 
 
 def records(evals: list[tuple[int, float]], tokens_per_s: float, tokens_per_step: int = 100,
@@ -127,3 +128,16 @@ def test_teacher_step_cost_is_measured_inside_one_run() -> None:
     pair = paired(run, run_numbers(records(BASE, 100.0)))  # same curve: speedup 1, only the teacher's cost
     assert pair["speedup"] == pytest.approx(1.0)
     assert pair["wall_speedup_in_run"] == pytest.approx(1 / (1 + 0.25 / 3))
+
+
+def test_teacher_pretraining_counted_once_over_seeds_and_as_zero() -> None:
+    assert pooled_speedup([30.0, 30.0], [15.0, 15.0]) == pytest.approx(2.0)
+    assert pooled_speedup([30.0, 30.0], [15.0, 15.0], teacher_seconds=30.0) == pytest.approx(1.0)
+    base = run_numbers(records(BASE, 100.0))  # 1 s a step: 30 s to its final loss
+    faster = records([(10, 4.0), (20, 2.0), (30, 1.5)], 100.0)  # there at step 15: 15 s
+    pairs = {s: paired(run_numbers(faster), base, faster, records(BASE, 100.0)) for s in (0, 1, 2)}
+    priced = teacher_priced(pairs, teacher_seconds=45.0)
+    assert priced["reused"] == pytest.approx(2.0) and priced["counted_once"] == pytest.approx(90 / (45 + 45))
+    assert not priced["upper_bound"] and priced["seeds"] == [0, 1, 2]
+    assert teacher_priced({0: paired(run_numbers(faster), base)}, 45.0) is None  # no records, no seconds
+

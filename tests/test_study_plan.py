@@ -167,3 +167,64 @@ def test_saved_json_names_data_folders_by_placeholder_and_repo_paths_relatively(
     monkeypatch.setitem(PATH_ALIASES, str(tmp_path / "wt2"), "WIKITEXT2_DIR")
     text = portable(f'{{"a": "{tmp_path}/wt2/valid.txt", "b": "{REPO}/benchmarks/results/x", "c": "{REPO}"}}')
     assert json.loads(text) == {"a": "WIKITEXT2_DIR/valid.txt", "b": "benchmarks/results/x", "c": "."}
+
+
+def _teacher_args(**given: object) -> argparse.Namespace:
+    args = {"teacher": "small", "teacher_steps": 300, "teacher_corpus": None, "teacher_corpus_name": None} | given
+    return argparse.Namespace(**args)
+
+
+def test_the_small_teachers_names_say_what_it_was_trained_on_and_how_long() -> None:
+    from study import teacher_names
+
+    assert teacher_names(_teacher_args()) == ("-small-teacher", "small_teacher")  # the existing studies' names
+    assert teacher_names(_teacher_args(teacher="base")) == ("", "")
+    assert teacher_names(_teacher_args(teacher_corpus=["k.txt"], teacher_corpus_name="kjv")) == (
+        "-small-teacher-from-kjv", "small_teacher-kjv")
+    assert teacher_names(_teacher_args(teacher_steps=100)) == ("-small-teacher-100steps", "small_teacher-100steps")
+    assert teacher_names(_teacher_args(teacher_corpus=["k.txt", "w.txt"], teacher_corpus_name="kjv+wikitext2", teacher_steps=100)) == (
+        "-small-teacher-from-kjv+wikitext2-100steps", "small_teacher-kjv+wikitext2-100steps")
+    with pytest.raises(SystemExit, match="--teacher-corpus-name"):
+        teacher_names(_teacher_args(teacher_corpus=["k.txt"]))
+    with pytest.raises(SystemExit, match="--teacher small"):
+        teacher_names(_teacher_args(teacher="base", teacher_corpus=["k.txt"], teacher_corpus_name="kjv"))
+
+
+def test_the_small_teacher_pretrains_on_its_own_corpus_a_mix_through_a_folder_of_links(tmp_path: Path) -> None:
+    from study import small_teacher, teacher_corpus
+
+    kjv, wiki = tmp_path / "kjv" / "train.txt", tmp_path / "wt2" / "valid.txt"
+    for path in (kjv, wiki):
+        path.parent.mkdir()
+        path.write_text("text\n")
+    out = tmp_path / "study"
+    assert teacher_corpus([str(kjv)], "kjv", out) == str(kjv)
+    mixed = Path(teacher_corpus([str(kjv), str(wiki)], "mix", out))
+    assert sorted((p.name, p.resolve()) for p in mixed.iterdir()) == [("0-train.txt", kjv), ("1-valid.txt", wiki)]
+    assert teacher_corpus([str(kjv), str(wiki)], "mix", out) == str(mixed)  # the same files again: kept
+    with pytest.raises(SystemExit, match="links other files"):
+        teacher_corpus([str(wiki), str(kjv)], "mix", out)
+    run, use = small_teacher(out, ["task.text.train_path=student.txt", "task.text.eval_path=eval.txt"], 100, "small_teacher-kjv", str(kjv))
+    assert run.name == "small_teacher-kjv-s0" and "train.steps=100" in run.overrides
+    assert f"task.text.train_path={kjv}" in run.overrides and "task.text.train_path=student.txt" not in run.overrides
+    assert "task.text.eval_path=eval.txt" in run.overrides  # evaluated on the student's eval text
+    assert f"teacher.name_or_path={out / run.name / 'final'}" in use
+
+
+def test_a_finished_run_of_a_sibling_study_is_linked_not_trained(tmp_path: Path) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text("train: {steps: 10}\n")
+    results = tmp_path / "study"
+    other = Runner(base, results / "wikitext2-small-teacher", resume=False, keep_weights=False, threads=1)
+    baseline = Run("baseline-s0", "baseline", 0, ["align.method=none"])
+    folder = other.out / baseline.name
+    folder.mkdir(parents=True)
+    (folder / RUN_RECORD).write_text(json.dumps(other.record(baseline)))
+    (folder / "results.json").write_text("{}")
+    runner = Runner(base, results / "wikitext2-small-teacher-from-kjv", resume=False, keep_weights=False, threads=1)
+    runner.out.mkdir()
+    assert runner(baseline) is True  # no training process starts
+    link = runner.out / baseline.name
+    assert link.is_symlink() and str(link.readlink()) == "../wikitext2-small-teacher/baseline-s0"
+    assert runner.state(baseline) == "done"
+
