@@ -8,13 +8,14 @@ differences and verdicts.
   python benchmarks/study.py lambda0 --data WIKITEXT2_DIR --teacher small      # a pre-trained 5x smaller teacher
   python benchmarks/study.py teacher_reuse --data WIKITEXT2_DIR --teacher small --teacher-corpus KJV_DIR/train.txt --teacher-corpus-name kjv
   python benchmarks/study.py teacher_reuse --data WIKITEXT2_DIR --teacher small --teacher-steps 100  # an under-trained teacher
+  python benchmarks/study.py scale_trend --data WIKITEXT2_DIR --teacher small --steps 150 --only s7m,s26m
   python benchmarks/study.py lambda0 --corpus TRAIN.txt EVAL.txt --only lam0.1 # confirm on another corpus
   python benchmarks/study.py peers_tune --data WIKITEXT2_DIR --holdout 0.1 --seeds 0   # tune on held-out train text
   python benchmarks/study.py stop_step --base configs/debug.yaml --steps 8 --dry-run
 
 A grid (benchmarks/grids/NAME.yaml, or a path) declares ``configs`` (name: [key=value, ...]),
 ``common`` overrides for all of them (items may be lists, for YAML aliases), and the paper
-``claims`` it tests (kind speedup, best or larger_than: see study_analysis.VERDICT_RULE). Values may hold
+``claims`` it tests (kind speedup, best, larger_than or trend: see study_analysis.VERDICT_RULE). Values may hold
 ``{expr}`` in ``steps`` (the run's train.steps), e.g. ``align.stop_step={steps//3}``. Each
 configuration's baseline is the base recipe with ``align.method=none`` plus the
 configuration's keys outside align.* and teacher.* (run length, student), so configurations
@@ -61,10 +62,11 @@ from typing import Any
 import yaml
 
 from common import PATH_ALIASES, REPO, RESULTS, SMALL_TEACHER_ARCH, wikitext_overrides, write_json
-from study_analysis import TIME_SOURCE, VERDICT_RULE, best_verdict, larger_verdict, summarize, teacher_priced, verdict
+from study_analysis import (TIME_SOURCE, VERDICT_RULE, best_verdict, larger_verdict, summarize, teacher_priced, trend_fit,
+                            trend_verdict, verdict)
 
 from alignkit.compare import paired, read_records, run_numbers
-from study_report import plot_study, write_report
+from study_report import plot_study, trend_words, write_report
 
 HERE = Path(__file__).resolve().parent
 BASELINE_ONLY_PREFIXES = ("align.", "teacher.", "teachers.")  # keys a baseline does not take over
@@ -304,12 +306,36 @@ def analyse(runs: list[Run], baseline_of: dict[str, str], out: Path, pretrain: R
     return {"runs": numbers, "configs": configs, "baseline_final_eval_loss": baselines, "teacher_pretrain": teacher}
 
 
-def claims(grid: dict[str, Any], configs: dict[str, Any]) -> list[dict[str, Any]]:
-    """The grid's paper claims with a verdict computed from the summaries (VERDICT_RULE)."""
+def trend_points(names: list[str], result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each (configuration, seed) of ``names``: the student/teacher parameter ratio and the speedup in
+    steps, for runs that recorded their student's size, against the small teacher's pre-training run."""
+    teacher = (result.get("teacher_pretrain") or {}).get("student_params")
+    points = []
+    for name in names:
+        for seed, pair in result["configs"].get(name, {}).get("per_seed", {}).items():
+            params = result["runs"][f"{name}-s{seed}"]["student_params"]
+            if teacher and params:
+                points.append({"config": name, "seed": seed, "student_params": params, "ratio": params / teacher,
+                               "speedup": pair["speedup"], "reached": pair["reached"]})
+    return points
+
+
+def claims(grid: dict[str, Any], result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The grid's paper claims with a verdict computed from the summaries (VERDICT_RULE); a trend
+    claim fits its ``configs`` (default: all)."""
+    configs = result["configs"]
     summaries = {n: c["summary"] for n, c in configs.items()}
     out = []
     for claim in grid.get("claims", []):
-        name, kind = claim["config"], claim.get("kind", "speedup")
+        kind = claim.get("kind", "speedup")
+        if kind == "trend":
+            names = [n for n in claim.get("configs", list(grid["configs"])) if n in configs]
+            if names:
+                points = trend_points(names, result)
+                fit = trend_fit([(p["ratio"], p["speedup"]) for p in points])
+                out.append(claim | {"verdict": trend_verdict(fit), "fit": fit, "points": points})
+            continue
+        name = claim["config"]
         if name not in configs:
             continue
         if kind == "best":
@@ -549,7 +575,7 @@ def report(name: str, grid_name: str, grid: dict[str, Any], runs: list[Run], bas
                "wall_clock_s": time.time() - started, "time_source": TIME_SOURCE, "verdict_rule": VERDICT_RULE,
                "runs_failed": [r.name for r in runs if r.name in done and not done[r.name]],
                "runs_pending": [r.name for r in runs if r.name not in done],
-               "run_overrides": {r.name: r.overrides for r in runs}, **result, "claims": claims(grid, result["configs"])}
+               "run_overrides": {r.name: r.overrides for r in runs}, **result, "claims": claims(grid, result)}
     write_json(out / f"{name}.json", payload)
     plot_study(out / f"{name}.png", payload)
     for config, entry in payload["configs"].items():
@@ -559,6 +585,9 @@ def report(name: str, grid_name: str, grid: dict[str, Any], runs: list[Run], bas
         cost = f"  time with the teacher's pre-training {priced['counted_once']:.2f}x, reused {priced['reused']:.2f}x" if priced else ""
         print(f"{name}: {config:16s} speedup {fmt('speedup')} (reached {s['reached']}/{len(s['seeds'])})  "
               f"wall {fmt('wall_speedup')}  loss diff {fmt('loss_diff')}{cost}  -> {entry['verdict']}")
+    for claim in payload["claims"]:
+        if claim.get("kind") == "trend":
+            print(f"{name}: {trend_words(claim)}")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ from :mod:`alignkit.compare` (``run_numbers``, ``paired``: final eval loss, eval
 throughput, teacher cost per step measured inside the run, cosine while aligned; steps to the
 baseline's final eval loss, speedups in steps and wall-clock, the paired loss difference). Here:
 mean +- std over seeds and a verdict (rule below); with a small teacher pre-trained by the study,
-the time speedup pooled over seeds with its pre-training counted once and as zero (reused).
+the time speedup pooled over seeds with its pre-training counted once and as zero (reused); and
+the trend of the speedup with the student/teacher size ratio (a least-squares fit in log-log).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from alignkit.compare import pooled_speedup, spread
@@ -21,7 +23,10 @@ VERDICT_RULE = (f"holds: mean speedup >= {HOLDS_MEAN} and every seed > 1.0; hold
                 "configuration has the highest mean speedup, holds weaker when it is within one std of the best, "
                 "does not hold otherwise; a best configuration whose own speedup does not hold only holds weaker. "
                 "For 'A grows over B' claims: holds when A's mean exceeds B's by more than the larger of their stds, "
-                "holds weaker when it exceeds it at all.")
+                "holds weaker when it exceeds it at all. For 'trend' claims: least squares of log(speedup in steps) on "
+                "log(student parameters / teacher parameters) over every (configuration, seed) point, the counts read from "
+                "the runs' results.json; grows when the slope's 95% interval (slope +- t(0.975, points - 2) x its standard "
+                "error) lies above 0, shrinks when below, flat when it spans 0.")
 TIME_SOURCE = "sum over train log intervals of (tokens in the interval / tokens_per_s): training steps only, teacher included, eval and saves excluded"
 
 
@@ -82,3 +87,31 @@ def teacher_priced(pairs: dict[int, dict[str, Any]], teacher_seconds: float) -> 
     return {"seeds": seeds, "teacher_seconds": teacher_seconds, "counted_once": pooled_speedup(base, own, teacher_seconds),
             "reused": pooled_speedup(base, own), "upper_bound": not all(pairs[s]["reached"] for s in seeds)}
 
+
+def trend_fit(points: list[tuple[float, float]]) -> dict[str, Any] | None:
+    """Least squares of log(speedup) on log(size ratio) over (ratio, speedup) points: speedup ~
+    exp(intercept) x ratio^slope, the slope's standard error and 95% interval (Student t with
+    points - 2 degrees of freedom: each point is one seed of one configuration). None with fewer
+    than 3 points or a single ratio."""
+    xs, ys = [math.log(r) for r, _ in points], [math.log(s) for _, s in points]
+    n = len(points)
+    if n < 3 or len(set(xs)) < 2:
+        return None
+    from scipy.special import stdtrit  # Student t quantile; scipy comes with aeon, an alignkit dependency
+
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
+    intercept = mean_y - slope * mean_x
+    residual = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
+    se = math.sqrt(residual / (n - 2) / sxx)
+    half = float(stdtrit(n - 2, 0.975)) * se
+    return {"points": n, "slope": slope, "slope_se": se, "interval": [slope - half, slope + half], "intercept": intercept}
+
+
+def trend_verdict(fit: dict[str, Any] | None) -> str:
+    """grows / flat / shrinks by where the slope's 95% interval lies (VERDICT_RULE)."""
+    if fit is None:
+        return "no data"
+    low, high = fit["interval"]
+    return "grows" if low > 0 else "shrinks" if high < 0 else "flat"

@@ -1,7 +1,8 @@
 """What the study writes for people: one PNG per grid (eval-loss curves, mean over seeds with
-a min-max band; speedups in steps and wall-clock with per-seed dots) and the markdown report (a
-table per grid, the small teacher's pre-training priced in, and the paper's claims against our
-measurement), rebuilt from the JSONs.
+a min-max band; speedups in steps and wall-clock with per-seed dots; for a trend claim, speedup
+against the student/teacher size ratio with the fitted line) and the markdown report (a table per
+grid, the small teacher's pre-training priced in, the fitted trend, and the paper's claims
+against our measurement), rebuilt from the JSONs.
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ def plot_study(path: Path, payload: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    trend = next((c for c in payload.get("claims", []) if c.get("fit")), None)
+    fig, axes = plt.subplots(1, 3 if trend else 2, figsize=(19.5 if trend else 13, 4.8))
+    left, right = axes[:2]
     configs = payload["configs"]
     baselines = sorted({c["baseline"] for c in configs.values()})
     for name in baselines + list(configs):
@@ -64,11 +67,54 @@ def plot_study(path: Path, payload: dict[str, Any]) -> None:
     right.set_title("per seed: dots (hollow: never reached, upper bound)")
     right.grid(alpha=0.3, axis="y")
     right.legend(fontsize=8)
+    if trend:
+        plot_trend(axes[2], trend)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
+
+
+def plot_trend(ax: Any, claim: dict[str, Any]) -> None:
+    """A trend claim's points (per seed; hollow: never reached, upper bound) and fitted line, log-log."""
+    import math
+
+    from matplotlib.ticker import ScalarFormatter
+
+    fit, points = claim["fit"], claim["points"]
+    for name in dict.fromkeys(p["config"] for p in points):
+        mine = [p for p in points if p["config"] == name]
+        color = ax.scatter([p["ratio"] for p in mine], [p["speedup"] for p in mine], s=22, label=name).get_facecolor()[0]
+        for p in mine:
+            if not p["reached"]:
+                ax.scatter(p["ratio"], p["speedup"], s=22, facecolors="white", edgecolors=color, zorder=3)
+    low, high = min(p["ratio"] for p in points), max(p["ratio"] for p in points)
+    ratios = [low * (high / low) ** (i / 20) for i in range(21)]
+    ax.plot(ratios, [math.exp(fit["intercept"]) * r ** fit["slope"] for r in ratios], color="black", label="least squares")
+    ax.axhline(1.0, color="grey", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers on the log axes, not powers of ten
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
+    ax.set_xlabel("student / teacher parameters")
+    ax.set_ylabel("speedup in steps")
+    ax.set_title(f"slope {fit['slope']:.2f} ± {fit['slope_se']:.2f}: {claim['verdict']}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
+def trend_words(claim: dict[str, Any]) -> str:
+    """A trend claim's fit in one line."""
+    fit = claim.get("fit")
+    if not fit:
+        return f"trend: no data ({len(claim.get('points', []))} points with recorded sizes)"
+    low, high = fit["interval"]
+    bound = sum(not p["reached"] for p in claim["points"])
+    return (f"speedup ∝ (student/teacher params)^{fit['slope']:.2f} (slope ± standard error {fit['slope']:.2f} ± "
+            f"{fit['slope_se']:.2f}, 95% interval [{low:.2f}, {high:.2f}], {fit['points']} points"
+            + (f", {bound} of them upper bounds" if bound else "") + f"): {claim['verdict']}")
 
 
 def teacher_words(settings: dict[str, Any]) -> str:
@@ -142,7 +188,8 @@ def grid_table(payload: dict[str, Any]) -> list[str]:
                      f"{_figure(s, 'teacher_step_cost', 2)} | {_figure(s, 'wall_speedup_in_run', 2)} | "
                      f"{_figure(s, 'final_eval_loss')} | {_per_seed(pairs, 'loss_diff', '+.3f')} | "
                      f"{_figure(s, 'cosine_aligned')} | {entry['verdict']} |")
-    return lines + [""] + teacher_cost_lines(payload)
+    trends = [f"Trend ({claim['claim']}): {trend_words(claim)}." for claim in payload.get("claims", []) if claim.get("kind") == "trend"]
+    return lines + [""] + teacher_cost_lines(payload) + [line for trend in trends for line in (trend, "")]
 
 
 TS_RESULTS = ("ts_uea_random_init.json", "ts_uea_random_init_ucr.json")  # benchmarks/ts_uea.py, issue 12 section 3
@@ -175,8 +222,9 @@ def time_series_rows(results: Path) -> list[str]:
 
 
 def _seeds_run(payload: dict[str, Any], claim: dict[str, Any]) -> int:
-    """Seeds of the claim's configuration that ran (a grid may have some pending)."""
-    return len(payload["configs"][claim["config"]]["summary"]["seeds"])
+    """Seeds of the claim's configuration that ran (a grid may have some pending; a trend: its most)."""
+    names = [p["config"] for p in claim["points"]] if claim.get("kind") == "trend" else [claim["config"]]
+    return max((len(payload["configs"][n]["summary"]["seeds"]) for n in names), default=0)
 
 
 def _measured(payload: dict[str, Any], claim: dict[str, Any]) -> str:
@@ -184,6 +232,8 @@ def _measured(payload: dict[str, Any], claim: dict[str, Any]) -> str:
     if claim.get("kind") == "best":
         ranked = sorted(payload["configs"], key=lambda n: -((payload["configs"][n]["summary"].get("speedup") or {}).get("mean", 0)))
         return f"{claim['config']}: {speed(claim['config'])}x; best {ranked[0]}: {speed(ranked[0])}x"
+    if claim.get("kind") == "trend":
+        return trend_words(claim)
     if claim.get("kind") == "larger_than":
         return f"{claim['config']}: {speed(claim['config'])}x vs {claim['than']}: {speed(claim['than'])}x"
     summary = payload["configs"][claim["config"]]["summary"]

@@ -1,7 +1,7 @@
 """The study's analysis math (alignkit/compare.py, benchmarks/study_analysis.py) on synthetic metric records:
 steps-to-target interpolation, speedups, throughput from log intervals, paired differences,
-summaries over seeds, the verdict rule and the teacher's pre-training priced in. No training, no
-timing."""
+summaries over seeds, the verdict rule, the teacher's pre-training priced in and the size trend
+fit. No training, no timing."""
 from __future__ import annotations
 
 import sys
@@ -11,7 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from study_analysis import best_verdict, larger_verdict, summarize, teacher_priced, verdict  # noqa: E402
+from study_analysis import (best_verdict, larger_verdict, summarize, teacher_priced, trend_fit, trend_verdict,  # noqa: E402
+                            verdict)
 
 from alignkit.compare import aligned_cosine, paired, pooled_speedup, run_numbers, teacher_step_cost, train_time  # noqa: E402
 
@@ -141,3 +142,29 @@ def test_teacher_pretraining_counted_once_over_seeds_and_as_zero() -> None:
     assert not priced["upper_bound"] and priced["seeds"] == [0, 1, 2]
     assert teacher_priced({0: paired(run_numbers(faster), base)}, 45.0) is None  # no records, no seconds
 
+
+def _line(slope: float, noise: float) -> list[tuple[float, float]]:
+    """Three seeds at four size ratios: log speedup = 0.1 + slope x log ratio, +- noise by seed."""
+    import math
+
+    return [(ratio, math.exp(0.1 + slope * math.log(ratio) + noise * wiggle))
+            for ratio in (1.4, 5.0, 11.6, 21.5) for wiggle in (-1.0, 0.3, 0.7)]
+
+
+def test_trend_fit_recovers_a_known_slope() -> None:
+    fit = trend_fit(_line(0.25, 0.02))
+    assert fit["points"] == 12 and fit["slope"] == pytest.approx(0.25, abs=1e-9)  # the noise is the same at each ratio
+    assert fit["intercept"] == pytest.approx(0.1, abs=1e-9) and fit["slope_se"] < 0.02
+    assert fit["interval"][0] < 0.25 < fit["interval"][1]
+    assert trend_verdict(fit) == "grows"
+    assert trend_verdict(trend_fit(_line(-0.25, 0.02))) == "shrinks"
+
+
+def test_flat_or_noisy_data_gives_flat_and_too_little_gives_no_data() -> None:
+    assert trend_verdict(trend_fit(_line(0.0, 0.05))) == "flat"
+    noisy = [(r, s * (1.5 if i % 2 else 0.7)) for i, (r, s) in enumerate(_line(0.05, 0.0))]
+    fit = trend_fit(noisy)
+    assert fit["interval"][0] < 0 < fit["interval"][1] and trend_verdict(fit) == "flat"
+    assert trend_fit([(2.0, 1.5), (4.0, 1.6)]) is None  # fewer than 3 points
+    assert trend_fit([(2.0, 1.5), (2.0, 1.6), (2.0, 1.4)]) is None  # one ratio: no slope
+    assert trend_verdict(None) == "no data"

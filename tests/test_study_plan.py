@@ -228,3 +228,34 @@ def test_a_finished_run_of_a_sibling_study_is_linked_not_trained(tmp_path: Path)
     assert link.is_symlink() and str(link.readlink()) == "../wikitext2-small-teacher/baseline-s0"
     assert runner.state(baseline) == "done"
 
+
+def test_each_student_size_of_the_scale_grid_gets_its_own_baseline() -> None:
+    from study import load_grid
+
+    _, grid = load_grid("scale_trend")
+    runs, baseline_of = plan(grid, [0], 150, [], [], [])
+    assert baseline_of["s26m"] == "baseline"  # the base recipe's student: the other grids' baseline
+    assert len(set(baseline_of.values())) == len(baseline_of)  # every size and the long run: its own
+    by_name = {r.name: r.overrides for r in runs}
+    for config, baseline in baseline_of.items():
+        arch = sorted(o for o in by_name[f"{config}-s0"] if o.startswith("student."))
+        assert arch == sorted(o for o in by_name[f"{baseline}-s0"] if o.startswith("student."))
+    assert "train.steps=600" in by_name["baseline@long-s26m-s0"] and "align.stop_step=200" in by_name["long-s26m-s0"]
+
+
+def test_a_trend_claim_fits_the_sizes_the_runs_recorded() -> None:
+    from study import claims
+
+    sizes, speedups = {"small": 10_000_000, "large": 40_000_000}, {"small": (1.2, 1.3, 1.25), "large": (2.4, 2.6, 2.5)}
+    result = {"teacher_pretrain": {"student_params": 5_000_000}, "runs": {}, "configs": {}}
+    for name, params in sizes.items():
+        result["configs"][name] = {"summary": {}, "verdict": "holds", "per_seed": {
+            seed: {"speedup": s, "reached": True} for seed, s in enumerate(speedups[name])}}
+        result["runs"] |= {f"{name}-s{seed}": {"student_params": params} for seed in range(3)}
+    grid = {"configs": {"small": [], "large": []}, "claims": [{"claim": "grows", "kind": "trend"}]}
+    claim, = claims(grid, result)
+    assert claim["verdict"] == "grows" and claim["fit"]["slope"] == pytest.approx(0.5, abs=0.02)  # 2x speedup at 4x size
+    assert [p["ratio"] for p in claim["points"]] == [2.0] * 3 + [8.0] * 3
+    result["runs"]["large-s0"]["student_params"] = None  # a run from before the size was recorded: left out
+    assert claims(grid, result)[0]["fit"]["points"] == 5
+    assert claims(grid, result | {"teacher_pretrain": None})[0]["verdict"] == "no data"  # no small teacher run
