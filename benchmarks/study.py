@@ -3,7 +3,7 @@ seeds, each run an ``alignkit train`` process; then steps and wall-clock speedup
 differences and verdicts.
 
   python benchmarks/study.py lambda0 --data WIKITEXT2_DIR --jobs 2            # benchmarks/grids/lambda0.yaml
-  python benchmarks/study.py stop_step objective layer --data WIKITEXT2_DIR --jobs 3  # one queue, one JSON each
+  python benchmarks/study.py stop_step objective layer --data WIKITEXT2_DIR --jobs 2  # one queue, one JSON each
   python benchmarks/study.py budget --data WIKITEXT2_DIR --seeds 0,1,2 --resume
   python benchmarks/study.py lambda0 --data WIKITEXT2_DIR --teacher small      # a pre-trained 5x smaller teacher
   python benchmarks/study.py teacher_reuse --data WIKITEXT2_DIR --teacher small --teacher-corpus KJV_DIR/train.txt --teacher-corpus-name kjv
