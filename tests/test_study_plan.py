@@ -12,7 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from common import PATH_ALIASES, REPO, portable  # noqa: E402
-from study import RUN_RECORD, Run, Runner, expand, plan, plan_grids, split_holdout  # noqa: E402
+from study import expand, plan, plan_grids, split_holdout  # noqa: E402
+from study_runner import RUN_RECORD, Run, Runner  # noqa: E402
 
 
 def test_steps_expressions_expand_alone_and_inside_yaml_values() -> None:
@@ -113,7 +114,7 @@ def test_a_queued_copy_is_linked_as_soon_as_its_original_finishes(tmp_path: Path
     import threading
     import time
 
-    from study import run_queue
+    from study_runner import run_queue
 
     base = tmp_path / "base.yaml"
     base.write_text("train: {steps: 10}\n")
