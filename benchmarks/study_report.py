@@ -251,7 +251,7 @@ def write_report(path: Path, root: Path) -> None:
              "Written by `benchmarks/study.py` from the study JSONs (do not edit by hand). Speedup = steps the "
              "baseline of the same seed needs to reach its final eval loss / steps the configuration needs (linear "
              "interpolation between evals); wall-clock speedup = that x the throughput ratio (total tokens / total "
-             "training time, teacher included). Runs share the machine 3 at a time, so a ratio between two runs carries "
+             "training time, teacher included). Runs share the machine (2 or 3 at a time), so a ratio between two runs carries "
              "the load each one met; teacher cost per step (in-run) = time per token with the teacher active over time "
              "per token after it is dropped, minus 1, from the same run, and wall-clock at in-run cost = speedup / (1 + "
              "that cost x the fraction of the run with the teacher active). "
