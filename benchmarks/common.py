@@ -1,5 +1,5 @@
 """Shared helpers for the benchmark scripts: run one experiment from overrides, read its
-metrics back, compute steps-to-loss speedups, and plot curves.
+metrics back, drop its weights, compute steps-to-loss speedups, and plot curves.
 
 Benchmarks print and save what they measure (JSON + PNG under benchmarks/results/); they are
 scripts, never timed tests.
@@ -51,6 +51,13 @@ def run_experiment(name: str, work_dir: Path, overrides: list[str], config: str 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     results = json.loads((run_dir / "results.json").read_text())
     return {"results": results, "records": records, "run_dir": str(run_dir)}
+
+
+def drop_weights(run_dir: Path) -> None:
+    """Delete a finished run's checkpoints and exported weights (its results, config and metrics
+    stay): a benchmark of many runs would otherwise fill the disk."""
+    for weights in ("checkpoints", "final"):
+        shutil.rmtree(run_dir / weights, ignore_errors=True)
 
 
 def train_summary(records: list[dict[str, Any]], stop_step: int = 0) -> dict[str, float]:

@@ -86,12 +86,14 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0]
 
 
-def expand(override: str, steps: int) -> str:
+def expand(override: str, steps: int, **values: int) -> str:
     """``align.stop_step={steps//3}`` -> ``align.stop_step=100`` for a 300-step run (also inside a
-    YAML value: ``align.terms=[{..., stop_step: {steps//10}}]``)."""
+    YAML value: ``align.terms=[{..., stop_step: {steps//10}}]``); ``values`` names more numbers an
+    expression may use (ts_uea.py's ``{eighth}``)."""
     key, _, value = override.partition("=")
-    value = re.sub(r"\{([^{}]*\bsteps\b[^{}]*)\}",  # noqa: S307 below: a local grid file
-                   lambda m: str(int(eval(m.group(1), {"__builtins__": {}}, {"steps": steps}))), value)
+    names = {"steps": steps, **values}
+    value = re.sub(r"\{([^{}]*\b(?:%s)\b[^{}]*)\}" % "|".join(map(re.escape, names)),  # noqa: S307 below: a local grid file
+                   lambda m: str(int(eval(m.group(1), {"__builtins__": {}}, names))), value)
     return f"{key}={value}"
 
 

@@ -115,3 +115,24 @@ def trend_verdict(fit: dict[str, Any] | None) -> str:
         return "no data"
     low, high = fit["interval"]
     return "grows" if low > 0 else "shrinks" if high < 0 else "flat"
+
+
+GAIN_RULE = ("holds: the mean paired gain exceeds its std over seeds; holds weaker: the mean gain is above zero; "
+             "does not hold: otherwise")
+
+
+def gain_verdict(diff: dict[str, Any]) -> str:
+    """holds / holds weaker / does not hold, for a paired difference over seeds (``mean``, ``std``:
+    a method minus its baseline, higher better; see GAIN_RULE)."""
+    return "holds" if diff["mean"] > diff["std"] else "holds weaker" if diff["mean"] > 0 else "does not hold"
+
+
+def paired_gain(scores: list[float], baseline: list[float]) -> dict[str, Any]:
+    """Per-seed ``scores`` minus ``baseline`` (the same seeds, in the same order; higher better):
+    :func:`spread` of the differences (``values``) and how many seeds win, tie and lose. Paired
+    because the two runs of a seed share the data order, the initialisation and the teacher."""
+    if len(scores) != len(baseline):
+        raise ValueError(f"paired_gain: {len(scores)} scores against {len(baseline)} baseline scores")
+    diffs = [a - b for a, b in zip(scores, baseline)]
+    return {**spread(diffs), "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
+            "losses": sum(d < 0 for d in diffs)}

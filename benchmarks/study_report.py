@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from study_analysis import HOLDS_MEAN, VERDICT_RULE
+from study_analysis import HOLDS_MEAN, VERDICT_RULE, gain_verdict
 
 
 def _curves(payload: dict[str, Any], config: str) -> list[list[tuple[int, float]]]:
@@ -198,8 +198,7 @@ TS_INITS = {"llm_let": "pretrained", "rand_let": "random init"}
 
 def time_series_rows(results: Path) -> list[str]:
     """The time-series claim, from ts_uea.py's LET-minus-baseline test accuracies (see ts_study.md).
-    Verdict per dataset and student: holds when the mean gain exceeds its std over seeds, holds
-    weaker when it is above zero, does not hold otherwise; the row holds only if every cell does."""
+    Verdict per dataset and student by study_analysis.gain_verdict; the row holds only if every cell does."""
     cells, verdicts, seeds = [], [], set()
     for name in TS_RESULTS:
         path = results / name
@@ -211,7 +210,7 @@ def time_series_rows(results: Path) -> list[str]:
             for config, d in by_config.items():
                 init = next((label for prefix, label in TS_INITS.items() if config.startswith(prefix)), config)
                 cells.append(f"{dataset} {init}: {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} pts")
-                verdicts.append("holds" if d["mean"] > d["std"] else "holds weaker" if d["mean"] > 0 else "does not hold")
+                verdicts.append(gain_verdict(d))
     if not cells:
         return []
     overall = "holds" if all(v == "holds" for v in verdicts) else "does not hold" if all(

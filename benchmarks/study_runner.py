@@ -10,7 +10,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -19,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from common import drop_weights
 
 RUN_RECORD = "study_run.json"
 
@@ -123,8 +124,7 @@ class Runner:
             self.say(f"FAILED {run.name} (exit {code}; {folder / 'study.log'}):\n  " + "\n  ".join(tail))
             return False
         if not (self.keep_weights or keep_weights):
-            for weights in ("checkpoints", "final"):
-                shutil.rmtree(folder / weights, ignore_errors=True)
+            drop_weights(folder)
         self.say(f"done   {run.name} ({time.time() - started:.0f} s)")
         return True
 

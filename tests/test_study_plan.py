@@ -21,6 +21,9 @@ def test_steps_expressions_expand_alone_and_inside_yaml_values() -> None:
     terms = expand("align.terms=[{type: feature, stop_step: {steps//3}}, {type: logit_kd, stop_step: {steps//10}}]", 300)
     assert terms == "align.terms=[{type: feature, stop_step: 100}, {type: logit_kd, stop_step: 30}]"
     assert expand("train.lr=1e-3", 150) == "train.lr=1e-3"
+    # more named numbers (ts_uea.py's {eighth}); a name not given stays as written
+    assert expand("align.early_layer={eighth}", 150, eighth=2) == "align.early_layer=2"
+    assert expand("align.early_layer={eighth}", 150) == "align.early_layer={eighth}"
 
 
 def test_configurations_outside_align_get_their_own_baseline() -> None:
