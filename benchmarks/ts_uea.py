@@ -50,7 +50,15 @@ shared):
     --datasets JapaneseVowels,BasicMotions,GunPoint,ItalyPowerDemand,ArrowHead --seeds 0,1,2,3,4 \\
     --jobs 2 --reuse --work benchmarks/results/ts_levers_work --out ts_levers_pretrained
 
-Cost (measured 2026-12, one thread, 2 shared cores; docs/time-series.md): @@COST@@
+Cost of the levers grid at the default budget (8 of the 30 blocks, 9 epochs, teacher <= 600 steps),
+one thread on 2 cores shared with two other training jobs: one seed of GunPoint, its 7 runs, took
+17 min 9 s with --init random (its teacher included: 230 steps to early stopping, 68 s) and
+17 min 11 s with --init pretrained (teacher reused). One random-init baseline run per set:
+JapaneseVowels 145 s (122 steps), BasicMotions 76 s (18), GunPoint 139 s (22), ItalyPowerDemand
+51 s (30), ArrowHead 187 s (17): 10 min for the five sets, so 7 runs x 5 seeds ~ 5.8 h per init on
+one thread, ~11.6 h for both, plus the 25 teachers (at most ~1 h, paid once); --jobs 2 on two free
+cores about halves it. The four KD runs are 4/7 of it: one fixed KD setting would cut an init to
+~3.3 h.
 """
 from __future__ import annotations
 
