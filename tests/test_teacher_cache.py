@@ -105,7 +105,7 @@ def test_an_interrupted_recording_is_used_and_resume_replays(recorded, monkeypat
 def test_bf16_replay_of_a_teacher_from_files_never_builds_it(recorded, monkeypatch, capsys):
     """A teacher with weight files is keyed on their identity: the replay neither reads nor
     builds it. bf16 features move the losses by less than 1e-3 (relative) on this run."""
-    teacher = [f"teacher.source=checkpoint", f"teacher.name_or_path={recorded / 'live' / 'final'}",
+    teacher = ["teacher.source=checkpoint", f"teacher.name_or_path={recorded / 'live' / 'final'}",
                f"align.teacher_cache={recorded / 'bf16'}"]
     assert train(recorded, "files-live", *teacher) == 0
     built, build = [], chain.build_teacher
