@@ -91,6 +91,12 @@ def to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
     return moved
 
 
+def precision_context(precision: str, device: torch.device) -> Any:
+    """The autocast of ``train.precision`` on ``device`` (a no-op for float32): what training and
+    evaluation run under."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bfloat16" else nullcontext()
+
+
 def config_problems(cfg: TrainConfig, section: str = "train") -> list[str]:
     """The names in ``cfg`` that no registry knows (optimizer, LR schedule, loggers) and loggers
     that cannot work (a missing package), one message each: what a config check can report
@@ -137,9 +143,7 @@ class Trainer:
         self.step, self.tokens = 0, 0
         self.callbacks = self._builtin_callbacks(progress) + list(callbacks)
         self.loss_name = getattr(task, "loss_name", "task_loss")  # e.g. "nll" for text
-        self.autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bfloat16" else nullcontext()
-        )
+        self.autocast = precision_context(cfg.precision, device)
         self.optimizer.register_step_post_hook(lambda *_: setattr(self, "_phase", "applied"))
         self.signals = StopRequests()
         self.resume_hint = f"alignkit train --resume {self.run_dir}"  # printed when interrupted ("" = none)

@@ -122,6 +122,10 @@ class TaskBase:
     def check_student(self, student: nn.Module, data: DataInfo) -> None:
         """Refuse a student that cannot take this data (after it is built, before training)."""
 
+    def check_teacher_eval(self, teacher: ModelConfig) -> None:
+        """Refuse to score ``teacher`` on the students' data (:func:`alignkit.teacher_eval.evaluate_teacher`,
+        after :meth:`build_data`) when its score would not compare with theirs; default: it would."""
+
     # --- the trainer's Task protocol ------------------------------------------------------
     def train_batches(self, micro_batch_size: int) -> Iterator[Batch]:
         raise NotImplementedError

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from alignkit.core.adapter import Batch, DataInfo
-from alignkit.core.config import ConfigError, at_least, checked
+from alignkit.core.config import ConfigError, ModelConfig, at_least, checked
 from alignkit.core.registry import adapter_spec
 from alignkit.core.trainer import to_device
 from alignkit.tasks.base import TaskBase, TaskConfig
@@ -105,6 +105,12 @@ class TextPretrainTask(TaskBase):
         if positions is not None and positions < self.section.seq_len:
             raise ConfigError(f"task.seq_len={self.section.seq_len} exceeds the student's "
                               f"max_position_embeddings={positions}")
+
+    def check_teacher_eval(self, teacher: ModelConfig) -> None:
+        """A teacher with another tokenizer is refused: its NLL would be per token of other tokens."""
+        if teacher_encoder(Encoder(self.tokenizer, "student tokenizer"), _tokenizer(teacher, "teacher")) is not None:
+            raise ConfigError("the teacher's tokenizer differs from the student's: its eval loss would be a mean "
+                              "over other tokens than the student's, so the two do not compare")
 
     def train_batches(self, micro_batch_size: int) -> Iterator[Batch]:
         return self.data.train_batches(micro_batch_size)
