@@ -6,14 +6,16 @@ throughput, teacher cost per step measured inside the run, cosine while aligned;
 baseline's final eval loss, speedups in steps and wall-clock, the paired loss difference). Here:
 mean +- std over seeds and a verdict (rule below); with a small teacher pre-trained by the study,
 the time speedup pooled over seeds with its pre-training counted once and as zero (reused); and
-the trend of the speedup with the student/teacher size ratio (a least-squares fit in log-log).
+the trend of the speedup with the student/teacher size ratio (a least-squares fit in log-log); and
+against the frozen teacher's eval loss, when each student passes its teacher and what the
+configuration's lead over its baseline does after that (LEAD_RULE).
 """
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from alignkit.compare import pooled_speedup, spread
+from alignkit.compare import Curve, pooled_speedup, spread
 
 # Verdict on a configuration's speedup in steps over seeds (VERDICT_RULE says it in words).
 HOLDS_MEAN, HOLDS_WEAKER_MEAN = 1.3, 1.05
@@ -136,3 +138,57 @@ def paired_gain(scores: list[float], baseline: list[float]) -> dict[str, Any]:
     diffs = [a - b for a, b in zip(scores, baseline)]
     return {**spread(diffs), "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
             "losses": sum(d < 0 for d in diffs)}
+
+
+# The course of a configuration's lead over its baseline after its student passes the teacher.
+LEAD_STEADY = 0.2
+LEAD_RULE = ("crossing: the first eval step at which a student's eval loss is below its frozen teacher's (never: the gap, "
+             "student minus teacher, at the last eval); lead: the configuration's eval loss minus its same-seed baseline's "
+             "at the same eval (negative: ahead). After the crossing the lead grows when it ends more than "
+             f"{LEAD_STEADY:.0%} larger than at the crossing, shrinks when it ends more than {LEAD_STEADY:.0%} smaller but "
+             "still ahead, is lost when the configuration ends no better than its baseline, and persists otherwise; a "
+             "configuration not ahead at its crossing has none")
+
+
+def crossing(curve: Curve, teacher_loss: float) -> dict[str, Any]:
+    """When a student passes its frozen teacher: the first eval step with an eval loss below
+    ``teacher_loss`` (None: never), and the gap, student minus teacher, at the last eval."""
+    step = next((s for s, loss in curve if loss < teacher_loss), None)
+    return {"step": step, "last_step": curve[-1][0], "gap_at_end": curve[-1][1] - teacher_loss}
+
+
+def lead_after(curve: Curve, baseline: Curve, step: int) -> dict[str, Any] | None:
+    """A configuration's lead over its same-seed baseline from eval ``step`` on (each eval both
+    logged: its eval loss minus the baseline's, negative ahead): at ``step``, at the last eval, its
+    min and max in between and its course (LEAD_RULE). None when the baseline has no eval at ``step``."""
+    base = dict(baseline)
+    if step not in base:
+        return None
+    leads = [loss - base[s] for s, loss in curve if s >= step and s in base]
+    return {"at_crossing": leads[0], "at_end": leads[-1], "min": min(leads), "max": max(leads),
+            "course": lead_course(leads[0], leads[-1])}
+
+
+def lead_course(at_crossing: float, at_end: float) -> str:
+    """grows / persists / shrinks / lost / none at crossing (see LEAD_RULE)."""
+    if at_crossing >= 0:
+        return "none at crossing"
+    if at_end >= 0:
+        return "lost"
+    ratio = at_end / at_crossing
+    return "grows" if ratio > 1 + LEAD_STEADY else "shrinks" if ratio < 1 - LEAD_STEADY else "persists"
+
+
+def teacher_passing(curves: dict[int, Curve], teacher_loss: float,
+                    baselines: dict[int, Curve] | None = None) -> dict[int, dict[str, Any]]:
+    """Per seed with an eval: its :func:`crossing` and, given the same-seed baseline curves (a
+    configuration, not a baseline), its :func:`lead_after` that crossing (None: it never crossed)."""
+    out = {}
+    for seed, curve in sorted(curves.items()):
+        if not curve:
+            continue
+        entry = crossing(curve, teacher_loss)
+        if baselines is not None and seed in baselines:
+            entry["lead"] = lead_after(curve, baselines[seed], entry["step"]) if entry["step"] is not None else None
+        out[seed] = entry
+    return out

@@ -1,7 +1,7 @@
 """The study's analysis math (alignkit/compare.py, benchmarks/study_analysis.py) on synthetic metric records:
 steps-to-target interpolation, speedups, throughput from log intervals, paired differences,
 summaries over seeds, the verdict rule, the teacher's pre-training priced in and the size trend
-fit. No training, no timing."""
+fit, and when a student passes its frozen teacher and what its lead does after that. No training, no timing."""
 from __future__ import annotations
 
 import sys
@@ -11,8 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from study_analysis import (best_verdict, larger_verdict, summarize, teacher_priced, trend_fit, trend_verdict,  # noqa: E402
-                            verdict)
+from study_analysis import (best_verdict, crossing, larger_verdict, lead_after, lead_course, summarize,  # noqa: E402
+                            teacher_passing, teacher_priced, trend_fit, trend_verdict, verdict)
 
 from alignkit.compare import aligned_cosine, paired, pooled_speedup, run_numbers, teacher_step_cost, train_time  # noqa: E402
 
@@ -168,3 +168,40 @@ def test_flat_or_noisy_data_gives_flat_and_too_little_gives_no_data() -> None:
     assert trend_fit([(2.0, 1.5), (4.0, 1.6)]) is None  # fewer than 3 points
     assert trend_fit([(2.0, 1.5), (2.0, 1.6), (2.0, 1.4)]) is None  # one ratio: no slope
     assert trend_verdict(None) == "no data"
+
+
+TEACHER = 5.0
+BASELINE = [(10, 7.0), (20, 6.0), (30, 5.5), (40, 5.2), (50, 5.1)]
+
+
+def test_a_student_passes_its_teacher_at_the_first_eval_strictly_below() -> None:
+    assert crossing([(10, 6.0), (20, 5.0), (30, 4.9), (40, 5.1)], TEACHER) == {"step": 30, "last_step": 40, "gap_at_end": pytest.approx(0.1)}
+    never = crossing(BASELINE, TEACHER)  # 5.1 at the end: never below, 0.1 short
+    assert never["step"] is None and never["gap_at_end"] == pytest.approx(0.1)
+
+
+def test_the_lead_after_the_crossing_is_read_against_the_same_steps_of_the_baseline() -> None:
+    config = [(10, 6.5), (20, 5.4), (30, 4.9), (40, 4.7), (50, 4.95)]  # passes at 30, ahead by 0.6 then, 0.15 at the end
+    lead = lead_after(config, BASELINE, 30)
+    assert lead["at_crossing"] == pytest.approx(-0.6) and lead["at_end"] == pytest.approx(-0.15)
+    assert lead["min"] == pytest.approx(-0.6) and lead["max"] == pytest.approx(-0.15)  # steps before 30 do not count
+    assert lead["course"] == "shrinks"
+    assert lead_after(config, BASELINE[::2], 20) is None  # the baseline has no eval at the crossing
+
+
+def test_the_course_of_the_lead() -> None:
+    assert lead_course(-0.2, -0.3) == "grows"
+    assert lead_course(-0.2, -0.22) == lead_course(-0.2, -0.17) == "persists"  # within 20% either way
+    assert lead_course(-0.2, -0.1) == "shrinks"
+    assert lead_course(-0.2, 0.0) == lead_course(-0.2, 0.05) == "lost"
+    assert lead_course(0.0, -0.3) == lead_course(0.1, -0.3) == "none at crossing"
+
+
+def test_teacher_passing_per_seed_gives_a_lead_only_to_a_configuration_that_crossed() -> None:
+    config = {0: [(10, 6.0), (20, 4.9)], 1: [(10, 6.0), (20, 5.3)], 2: []}  # seed 2: no eval yet
+    baselines = {0: [(10, 6.5), (20, 5.2)], 1: [(10, 6.5), (20, 5.4)]}
+    passing = teacher_passing(config, TEACHER, baselines)
+    assert sorted(passing) == [0, 1]
+    assert passing[0]["step"] == 20 and passing[0]["lead"]["at_crossing"] == pytest.approx(-0.3)
+    assert passing[1]["step"] is None and passing[1]["lead"] is None
+    assert "lead" not in teacher_passing(baselines, TEACHER)[0]  # a baseline has no lead over itself
