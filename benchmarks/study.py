@@ -37,7 +37,8 @@ every other seed, so machine load drifts into neither side. A run folder holding
 and study_run.json with the same base recipe and overrides is reused; an unfinished one is
 continued with ``--resume`` (alignkit's exact resume). Weights are deleted after each finished
 run (``--keep-weights`` keeps them). Writes OUT/NAME.json per grid (settings, per-run numbers,
-paired figures per seed, summaries, verdicts), OUT/NAME.png, and regenerates the report
+paired figures per seed, summaries, verdicts, the frozen teacher's eval loss (study_teacher) and when
+each run passes it), OUT/NAME.png, and regenerates the report
 (benchmarks/results/study.md by default) from every study JSON next to OUT.
 """
 from __future__ import annotations
@@ -53,15 +54,18 @@ from typing import Any
 import yaml
 
 from common import PATH_ALIASES, REPO, RESULTS, SMALL_TEACHER_ARCH, wikitext_overrides, write_json
-from study_analysis import (TIME_SOURCE, VERDICT_RULE, best_verdict, larger_verdict, summarize, teacher_priced, trend_fit,
-                            trend_verdict, verdict)
+from study_analysis import (TIME_SOURCE, VERDICT_RULE, best_verdict, larger_verdict, summarize, teacher_passing, teacher_priced,
+                            trend_fit, trend_verdict, verdict)
 
 from alignkit.compare import paired, read_records, run_numbers
 from study_report import plot_study, trend_words, write_report
 from study_runner import Run, Runner, run_queue
+from study_teacher import measured, pretrained
 
 HERE = Path(__file__).resolve().parent
 BASELINE_ONLY_PREFIXES = ("align.", "teacher.", "teachers.")  # keys a baseline does not take over
+TEACHER_KEYS = ("teacher.", "teachers.")
+EVAL_KEYS = ("task.", "train.micro_batch_size", "train.precision")  # what sets the eval batches and how they are run
 DEFAULT_TEACHER_STEPS = 300  # the small teacher's pre-training steps that its folder names leave unsaid
 
 
@@ -145,10 +149,13 @@ def run_facts(folder: Path) -> dict[str, Any]:
     return {"student_params": json.loads((folder / "results.json").read_text()).get("student_params")}
 
 
-def analyse(runs: list[Run], baseline_of: dict[str, str], out: Path, pretrain: Run | None = None) -> dict[str, Any]:
+def analyse(runs: list[Run], baseline_of: dict[str, str], out: Path, pretrain: Run | None = None,
+            line: dict[str, Any] | None = None, reference: list[str] = ()) -> dict[str, Any]:
     """Per-run numbers, per-seed paired figures and the summary of every configuration; with the
     small teacher's finished pre-training run, its cost and size, and each configuration's time
-    speedup with that cost counted once and as zero."""
+    speedup with that cost counted once and as zero; with the teacher's eval loss (``line``, see
+    study_teacher; ``reference``: the overrides that set the study's teacher and eval batches), when
+    each run passes it and the lead after that (:func:`teacher_crossings`)."""
     finished = [r for r in runs if (out / r.name / "results.json").is_file()]
     records = {r.name: read_records(out / r.name) for r in finished}
     numbers = {r.name: run_numbers(records[r.name]) | run_facts(out / r.name) for r in finished}
@@ -171,7 +178,39 @@ def analyse(runs: list[Run], baseline_of: dict[str, str], out: Path, pretrain: R
             configs[name]["teacher_priced"] = teacher_priced(pairs, teacher["train_seconds"])
     baselines = {b: {s: by_config[b][s]["final_eval_loss"] for s in sorted(by_config.get(b, {}))}
                  for b in sorted(set(baseline_of.values()))}
-    return {"runs": numbers, "configs": configs, "baseline_final_eval_loss": baselines, "teacher_pretrain": teacher}
+    result = {"runs": numbers, "configs": configs, "baseline_final_eval_loss": baselines, "teacher_pretrain": teacher}
+    if line is not None:
+        result["teacher_eval_loss"] = line
+        if line["value"] is not None:
+            result["teacher_crossings"] = teacher_crossings(runs, baseline_of, numbers, line["value"], reference)
+    return result
+
+
+def on_teacher_line(overrides: list[str], reference: list[str], baseline: bool) -> bool:
+    """Whether the study's teacher eval loss applies to a run with ``overrides``: the same eval
+    batches as ``reference`` (the overrides that set the study's teacher and data), and the same
+    teacher unless the run is a baseline (it has none). A configuration of its own teacher (grid
+    ``teacher``'s untrained one) is left out."""
+    pick = lambda keys, items: {_key(o): o for o in items if _key(o).startswith(keys)}  # noqa: E731
+    same = lambda keys: pick(keys, overrides) == pick(keys, reference)  # noqa: E731
+    return same(EVAL_KEYS) and (baseline or same(TEACHER_KEYS))
+
+
+def teacher_crossings(runs: list[Run], baseline_of: dict[str, str], numbers: dict[str, dict[str, Any]], teacher_loss: float,
+                      reference: list[str]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Per baseline and configuration on the teacher's line (:func:`on_teacher_line`), per finished
+    seed: when its eval curve passes ``teacher_loss`` and, for a configuration, its lead over the
+    same-seed baseline after that (study_analysis.teacher_passing)."""
+    curves: dict[str, dict[int, Any]] = {}
+    for r in runs:
+        baseline = r.config not in baseline_of
+        if r.name in numbers and on_teacher_line(r.overrides, reference, baseline):
+            curves.setdefault(r.config, {})[r.seed] = numbers[r.name]["eval_loss_curve"]
+    out = {b: teacher_passing(curves[b], teacher_loss) for b in sorted(set(baseline_of.values())) if b in curves}
+    for name, baseline in baseline_of.items():
+        if name in curves:
+            out[name] = teacher_passing(curves[name], teacher_loss, curves.get(baseline, {}))
+    return out
 
 
 def trend_points(names: list[str], result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -410,7 +449,7 @@ def main() -> None:
         return
     if args.analyse:  # e.g. while another study.py works through the queue
         done = {r.name: True for r in queue if (out / r.name / "results.json").is_file()}  # the rest: pending
-        return finish(planned, tag, out, args, base, shared, seeds, time.time(), done, pretrain)
+        return finish(planned, tag, out, args, base, shared, teacher, seeds, time.time(), done, pretrain)
     unfinished = [r.name for r in queue if runner.state(r) == "unfinished"]  # also stops on foreign folders
     if unfinished and not args.resume:
         raise SystemExit(f"unfinished run folders in {out}: {', '.join(unfinished)} (pass --resume to continue them, or delete them)")
@@ -418,24 +457,29 @@ def main() -> None:
     if pretrain and not runner(pretrain, keep_weights=True):
         raise SystemExit("the small teacher's pre-training failed (see its study.log)")
     done = run_queue(runner, queue, args.jobs)
-    finish(planned, tag, out, args, base, shared, seeds, started, done, pretrain)
+    finish(planned, tag, out, args, base, shared, teacher, seeds, started, done, pretrain)
     failed = [name for name, good in done.items() if not good]
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}")
 
 
 def finish(planned: list[tuple[str, dict, list[Run], dict]], tag: str, out: Path, args: argparse.Namespace, base: Path,
-           shared: list[str], seeds: list[int], started: float, done: dict[str, bool], pretrain: Run | None) -> None:
+           shared: list[str], teacher: list[str], seeds: list[int], started: float, done: dict[str, bool],
+           pretrain: Run | None) -> None:
+    """Every grid's JSON and plot, then the report; ``teacher``: the overrides that set the
+    configurations' teacher (none for the recipe's), whose eval loss is measured once for all grids."""
+    line = pretrained(out, pretrain) if pretrain is not None else measured(base, shared + teacher, out)
     for grid_name, grid, runs, baseline_of in planned:
-        report(grid_name + tag, grid_name, grid, runs, baseline_of, out, args, base, shared, seeds, started, done, pretrain)
+        report(grid_name + tag, grid_name, grid, runs, baseline_of, out, args, base, shared, teacher, seeds, started, done,
+               pretrain, line)
     write_report(Path(args.report), out.parent)
 
 
 def report(name: str, grid_name: str, grid: dict[str, Any], runs: list[Run], baseline_of: dict[str, str], out: Path,
-           args: argparse.Namespace, base: Path, shared: list[str], seeds: list[int], started: float,
-           done: dict[str, bool], pretrain: Run | None) -> None:
+           args: argparse.Namespace, base: Path, shared: list[str], teacher: list[str], seeds: list[int], started: float,
+           done: dict[str, bool], pretrain: Run | None, line: dict[str, Any]) -> None:
     """One grid's JSON and plot, and its summary lines."""
-    result = analyse(runs, baseline_of, out, pretrain)
+    result = analyse(runs, baseline_of, out, pretrain, line, shared + teacher)
     settings = {k: v for k, v in vars(args).items() if k != "grids"} | {"grid": grid_name, "base": str(base),
                                                                        "shared_overrides": shared}
     payload = {"kind": "alignkit-study", "name": name, "grid": grid_name, "description": grid.get("description", ""),

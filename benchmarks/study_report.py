@@ -1,7 +1,8 @@
 """What the study writes for people: one PNG per grid (eval-loss curves, mean over seeds with
-a min-max band; speedups in steps and wall-clock with per-seed dots; for a trend claim, speedup
-against the student/teacher size ratio with the fitted line) and the markdown report (a table per
-grid, the small teacher's pre-training priced in, the fitted trend, and the paper's claims
+a min-max band, and the frozen teacher's eval loss as a line; speedups in steps and wall-clock with
+per-seed dots; for a trend claim, speedup against the student/teacher size ratio with the fitted
+line) and the markdown report (a table per grid, the small teacher's pre-training priced in, when
+each student passes its teacher and the lead after that, the fitted trend, and the paper's claims
 against our measurement), rebuilt from the JSONs.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from study_analysis import HOLDS_MEAN, VERDICT_RULE, gain_verdict
+from study_analysis import HOLDS_MEAN, LEAD_RULE, VERDICT_RULE, gain_verdict
 
 
 def _curves(payload: dict[str, Any], config: str) -> list[list[tuple[int, float]]]:
@@ -45,6 +46,9 @@ def plot_study(path: Path, payload: dict[str, Any]) -> None:
             style = {"color": "black", "linewidth": 2, "linestyle": BASELINE_DASHES[baselines.index(name) % len(BASELINE_DASHES)]}
         line, = left.plot(steps, mean, label=name, **style)
         left.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], alpha=0.15, color=line.get_color())
+    teacher = (payload.get("teacher_eval_loss") or {}).get("value")
+    if teacher is not None:  # frozen while the students train: one number
+        left.axhline(teacher, color="dimgrey", linestyle=":", linewidth=1.5, label=f"teacher (frozen): {teacher:.3f}")
     left.set_xlabel("step")
     left.set_ylabel("eval loss (mean over seeds, band min-max)")
     left.set_title(f"{payload['name']}: eval loss, seeds {payload['seeds']}")
@@ -189,7 +193,48 @@ def grid_table(payload: dict[str, Any]) -> list[str]:
                      f"{_figure(s, 'final_eval_loss')} | {_per_seed(pairs, 'loss_diff', '+.3f')} | "
                      f"{_figure(s, 'cosine_aligned')} | {entry['verdict']} |")
     trends = [f"Trend ({claim['claim']}): {trend_words(claim)}." for claim in payload.get("claims", []) if claim.get("kind") == "trend"]
-    return lines + [""] + teacher_cost_lines(payload) + [line for trend in trends for line in (trend, "")]
+    return (lines + [""] + teacher_cost_lines(payload) + teacher_line_lines(payload)
+            + [line for trend in trends for line in (trend, "")])
+
+
+def _seeds_of(seeds: list[int], passing: dict[str, dict[str, Any]], show: Any) -> str:
+    """One figure per seed of the study, ``show`` making it from the seed's entry ('-': the seed has
+    not run, or ``show`` gives None)."""
+    values = [show(passing[str(s)]) if str(s) in passing else None for s in seeds]
+    return " / ".join("-" if v is None else v for v in values)
+
+
+def _lead(key: str, fmt: str = "+.3f") -> Any:
+    """What :func:`_seeds_of` shows of a seed's lead after its crossing (None: it has none)."""
+    return lambda e: format(e["lead"][key], fmt) if e.get("lead") else None
+
+
+def teacher_line_lines(payload: dict[str, Any]) -> list[str]:
+    """The teacher's eval loss, and per run when its student passes it and what the lead over the
+    baseline does after that (study_analysis.LEAD_RULE), per seed."""
+    teacher = payload.get("teacher_eval_loss")
+    if not teacher:
+        return []
+    if teacher["value"] is None:
+        return [f"Teacher (frozen) eval loss: not available ({teacher['skipped']}).", ""]
+    crossings, seeds = payload.get("teacher_crossings", {}), payload["seeds"]
+    per_seed = lambda passing, show: _seeds_of(seeds, passing, show)  # noqa: E731
+    lines = [f"Teacher (frozen) eval loss: **{teacher['value']:.3f}** ({teacher['source']}). Per seed "
+             f"({' / '.join(f's{s}' for s in seeds)}; -: not run yet), when each student passes it and its lead over the "
+             "same-seed baseline (eval loss minus the baseline's, negative: ahead) from then on:", "",
+             "| run | passes the teacher at step (never: gap at the end) | lead at crossing | lead at end | "
+             "largest lead after crossing | after crossing |", "|---|---|---|---|---|---|"]
+    for name, passing in crossings.items():
+        steps = per_seed(passing, lambda e: str(e["step"]) if e["step"] is not None else f"never ({e['gap_at_end']:+.3f})")
+        if name in payload["configs"]:
+            lines.append(f"| {name} | {steps} | {per_seed(passing, _lead('at_crossing'))} | {per_seed(passing, _lead('at_end'))} | "
+                         f"{per_seed(passing, _lead('min'))} | {per_seed(passing, _lead('course', 's'))} |")
+        else:
+            lines.append(f"| {name} | {steps} | | | | |")
+    apart = [n for n in payload["configs"] if n not in crossings]
+    if apart:
+        lines += ["", f"Not compared with this teacher (a teacher or eval batches of their own, or no finished run): {', '.join(apart)}."]
+    return lines + [""]
 
 
 TS_RESULTS = ("ts_uea_random_init.json", "ts_uea_random_init_ucr.json")  # benchmarks/ts_uea.py, issue 12 section 3
@@ -254,7 +299,7 @@ def write_report(path: Path, root: Path) -> None:
              "the load each one met; teacher cost per step (in-run) = time per token with the teacher active over time "
              "per token after it is dropped, minus 1, from the same run, and wall-clock at in-run cost = speedup / (1 + "
              "that cost x the fraction of the run with the teacher active). "
-             f"Verdict rule: {VERDICT_RULE}", "",
+             f"Verdict rule: {VERDICT_RULE} Teacher line: {LEAD_RULE}.", "",
              "## The paper's claims against our measurement", "",
              "| claim | paper | study | our measurement (mean ± std over seeds) | seeds | verdict |", "|---|---|---|---|---|---|"]
     for payload in studies:

@@ -1,0 +1,87 @@
+"""The frozen teacher's eval loss in the speedup study (benchmarks/study_teacher.py, study.py's
+analysis, study_report.py's table): measured once per setting and cached, read from the small
+teacher's run, and each run's crossing of it from finished run folders. No training."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from study import analyse, plan  # noqa: E402
+from study_report import grid_table, plot_study  # noqa: E402
+from study_runner import Run  # noqa: E402
+from study_teacher import CACHE, measured, pretrained  # noqa: E402
+
+from alignkit.core.errors import ConfigError  # noqa: E402
+
+DEBUG = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
+
+
+def test_the_recipes_teacher_is_measured_once_per_setting_and_a_refusal_is_kept(tmp_path: Path, monkeypatch) -> None:
+    import alignkit.teacher_eval
+
+    calls = []
+
+    def fake(cfg):
+        calls.append(cfg)
+        if cfg.task.seq_len == 8:
+            raise ConfigError("the teacher's tokenizer differs")
+        return {"eval_loss": 4.0 + cfg.task.seq_len / 100}
+
+    monkeypatch.setattr(alignkit.teacher_eval, "evaluate_teacher", fake)
+    first = measured(DEBUG, [], tmp_path)
+    assert first["value"] == pytest.approx(4.32) and "alignkit.teacher_eval" in first["source"]
+    # the student's shape and the seed do not change the teacher's score: the cached entry answers
+    assert measured(DEBUG, ["student.options.arch.hidden_size=32", "train.seed=3"], tmp_path)["value"] == pytest.approx(4.32)
+    assert len(calls) == 1
+    assert measured(DEBUG, ["task.seq_len=16"], tmp_path)["value"] == pytest.approx(4.16)  # other eval batches: measured
+    skipped = measured(DEBUG, ["task.seq_len=8"], tmp_path)
+    assert skipped["value"] is None and "tokenizer differs" in skipped["skipped"]
+    assert measured(DEBUG, ["task.seq_len=8"], tmp_path) == skipped and len(calls) == 3
+    assert len(json.loads((tmp_path / CACHE).read_text())) == 3
+
+
+def _finish(folder: Path, curve: list[tuple[int, float]]) -> None:
+    """A finished run folder: train records every step (100 tokens/s) and the eval curve."""
+    folder.mkdir(parents=True)
+    rows = []
+    for step in range(1, curve[-1][0] + 1):
+        rows.append({"step": step, "tokens": 100 * step, "tokens_per_s": 100.0})
+        rows += [{"step": s, "eval_loss": v} for s, v in curve if s == step]
+    (folder / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    (folder / "results.json").write_text(json.dumps({"eval_loss": curve[-1][1]}))
+
+
+def test_crossings_of_the_small_teachers_loss_from_run_folders_and_their_table(tmp_path: Path) -> None:
+    teacher = ["teacher.source=checkpoint", "teacher.name_or_path=T"]
+    grid = {"configs": {"let": ["align.method=let"], "own": ["align.method=let", "teacher.preset=llama-small"],
+                        "other_eval": ["align.method=let", "task.seq_len=64"]}}
+    runs, baseline_of = plan(grid, [0, 1], 30, ["task.preset=wikitext2"], [], teacher)
+    pretrain = Run("small_teacher-s0", "small_teacher", 0, [])
+    curves = {"small_teacher-s0": [(10, 5.5), (20, 5.2), (30, 5.0)],
+              "baseline-s0": [(10, 6.0), (20, 5.4), (30, 5.1)], "baseline-s1": [(10, 6.0), (20, 5.5), (30, 4.9)],
+              "let-s0": [(10, 5.6), (20, 4.9), (30, 4.95)],  # passes at 20, 0.5 ahead then, 0.15 at the end
+              "own-s0": [(10, 4.0), (20, 3.9), (30, 3.8)], "other_eval-s0": [(10, 4.0), (20, 3.9), (30, 3.8)]}
+    for name, curve in curves.items():
+        _finish(tmp_path / name, curve)
+    line = pretrained(tmp_path, pretrain)
+    assert line["value"] == 5.0 and "small_teacher-s0/results.json" in line["source"]
+    result = analyse(runs, baseline_of, tmp_path, pretrain, line, ["task.preset=wikitext2"] + teacher)
+    crossings = result["teacher_crossings"]
+    assert set(crossings) == {"baseline", "let"}  # own teacher, or other eval batches: not on this teacher's line
+    assert crossings["baseline"][0]["step"] is None and crossings["baseline"][1]["step"] == 30
+    assert crossings["let"][0]["step"] == 20 and crossings["let"][0]["lead"]["course"] == "shrinks"
+    payload = json.loads(json.dumps({"name": "g", "grid": "g", "seeds": [0, 1], "runs_failed": [], "settings": {
+        "steps": 30, "base": "b.yaml", "teacher": "small", "teacher_steps": 300}, **result}))  # as saved: seeds as strings
+    table = "\n".join(grid_table(payload))
+    assert "Teacher (frozen) eval loss: **5.000**" in table
+    assert "| baseline | never (+0.100) / 30 |" in table
+    assert "| let | 20 / - | -0.500 / - | -0.150 / - | -0.500 / - | shrinks / - |" in table
+    assert "Not compared with this teacher (a teacher or eval batches of their own, or no finished run): own, other_eval." in table
+    plot_study(tmp_path / "g.png", payload)
+    assert (tmp_path / "g.png").stat().st_size > 0
+    assert pretrained(tmp_path, Run("late-s0", "late", 0, []))["value"] is None  # its pre-training has not finished
