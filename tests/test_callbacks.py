@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -143,9 +144,16 @@ def test_wandb_offline_run_holds_the_config_the_metrics_and_the_final_table(tmp_
     (run_dir / "config.yaml").write_text("run_name: marker-7f3a\ntrain: {steps: 4}\n")  # what a run folder holds
     results = make(run_dir, loggers=["jsonl", "wandb"], eval_every=2).fit()
     [offline_run] = (run_dir / "wandb").glob("offline-run-*")
-    log = next(offline_run.glob("run-*.wandb")).read_bytes()  # protobuf records: keys and values appear as text
-    assert all(key in log for key in (b"marker-7f3a", b"train/loss", b"train/lr", b"eval/eval_loss"))
-    [table] = (offline_run / "files" / "media" / "table").glob("final_results_*.table.json")
+    keys = (b"marker-7f3a", b"train/loss", b"train/lr", b"eval/eval_loss")  # protobuf records: keys appear as text
+    deadline = time.monotonic() + 30  # wandb >= 0.31 writes from its own process: finish() can return before the last flush
+    tables = offline_run / "files" / "media" / "table"
+    while time.monotonic() < deadline:
+        missing = [k for k in keys if k not in next(offline_run.glob("run-*.wandb")).read_bytes()]
+        if not missing and any(tables.glob("final_results_*.table.json")):
+            break
+        time.sleep(0.2)
+    assert not missing
+    [table] = tables.glob("final_results_*.table.json")
     rows = json.loads(table.read_text())["data"]
     assert {name: value for name, value in rows} == pytest.approx({k: v for k, v in results.items()})
 
