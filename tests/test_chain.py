@@ -17,7 +17,7 @@ from alignkit.experiment import load_experiment
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
 # recipes whose teacher another recipe trains first (checked in test_small_scale_recipes_run_as_a_pair)
-AFTER_A_TEACHER_RUN = {REPO / "configs" / "small_scale" / "let.yaml"}
+AFTER_A_TEACHER_RUN = {REPO / "configs" / "small_scale" / name for name in ("let.yaml", "let_kd.yaml")}
 # recipes of the [vision] extra where it is not installed (tests/test_vision.py checks them with it)
 WITHOUT_THEIR_EXTRA = set() if find_spec("timm") else set((REPO / "configs" / "vision").glob("*.yaml"))
 DEBUG = str(REPO / "configs" / "debug.yaml")
@@ -273,3 +273,7 @@ def test_small_scale_recipes_run_as_a_pair(tmp_path):
     assert main(["train", str(REPO / "configs" / "small_scale" / "let.yaml"), *let, "run_name=let", *small]) == 0
     rows = [json.loads(line) for line in (tmp_path / "let" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["teacher_active"] and rows[0]["lambda"] == 3.0 and "align_loss" in rows[0]
+    kd = ["align.terms.0.stop_step=2", *let[1:], "run_name=let_kd"]  # the KD term stays to the end
+    assert main(["train", str(REPO / "configs" / "small_scale" / "let_kd.yaml"), *kd, *small]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "let_kd" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["teacher_active"] and rows[0]["kd"] > 0 and rows[0]["align_loss"] > rows[0]["kd"] * 0.3
