@@ -31,7 +31,7 @@ NOT_OFFLINE = [
     (r"^alignkit prepare\b.*(/data/|\.\.\.)", "reads a corpus that is not shipped"),
     (r"^ALIGNKIT_PLUGINS=my_project", "needs the user's own package"),
     (r"^ALIGNKIT_PLUGINS=my_alignkit_plugin", "tests/test_plugins.py writes the plug-in out and runs it"),
-    (r"configs/small_scale/let\.yaml", "needs the teacher that configs/small_scale/teacher.yaml trains"),
+    (r"configs/small_scale/let(_kd)?\.yaml", "needs the teacher that configs/small_scale/teacher.yaml trains"),
 ]
 
 
