@@ -28,7 +28,7 @@ from alignkit.core.trainer import Trainer
 from toys import ToyStudent, ToyTask, ToyTeacher
 
 PHASES = ("data", "forward", "backward", "after_step", "eval", "save")
-TIMING = ("tokens_per_s", "peak_mem_mb")
+TIMING = ("tokens_per_s", "peak_mem_mb", "teacher_s")
 
 
 def make(run_dir: Path, rank: int = 0, world: int = 1, info=None, micro: int = 4) -> Trainer:

@@ -28,7 +28,7 @@ COMMON = ["train.steps=4", "train.eval_every=2", "train.save_every=2", "train.ke
 
 
 def rows(run_dir: Path) -> list[dict]:
-    drop = ("tokens_per_s", "peak_mem_mb")
+    drop = ("tokens_per_s", "peak_mem_mb", "teacher_s")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines]
 

@@ -20,7 +20,7 @@ from toys import ToyTeacher
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = str(REPO / "configs" / "debug.yaml")
-VOLATILE = ("tokens_per_s", "peak_mem_mb")
+VOLATILE = ("tokens_per_s", "peak_mem_mb", "teacher_s")
 SHORT = ["train.steps=4", "train.eval_every=0"]  # the teacher is active in all 4 steps (align.stop_step=4)
 
 

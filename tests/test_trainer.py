@@ -49,6 +49,20 @@ def test_loss_falls_and_teacher_is_released(tmp_path):
     assert (tmp_path / "checkpoints" / "step_000030" / "optimizer.pt").is_file()
 
 
+def test_teacher_seconds_are_logged_while_the_teacher_runs_and_zero_after(tmp_path):
+    trainer, _ = make(tmp_path / "let", steps=8, stop=4, grad_accum=2)
+    trainer.fit()
+    rows = [r for r in records(tmp_path / "let") if "tokens_per_s" in r]
+    tokens = [r["tokens"] for r in rows]
+    seconds = [(t - previous) / r["tokens_per_s"] for r, t, previous in zip(rows, tokens, [0] + tokens)]
+    assert all(0 < r["teacher_s"] < s for r, s in zip(rows[:4], seconds[:4]))  # a part of each step's time
+    assert all(r["teacher_s"] == 0.0 and not r["teacher_active"] for r in rows[4:])  # released after step 4
+    (tmp_path / "plain").mkdir()
+    Trainer(cfg=TrainConfig(steps=2, micro_batch_size=4), student=ToyStudent(), engine=None, task=ToyTask(),
+            run_dir=tmp_path / "plain", device=torch.device("cpu"), progress=False).fit()
+    assert not any("teacher_s" in r for r in records(tmp_path / "plain"))  # no teacher, nothing to time
+
+
 # "max" eval loss keeps the step-2 model: the selected weights differ from those at the resume point
 @pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9}, {"eval_every": 2, "select_metric": "eval_loss", "select_mode": "max"}])
 def test_resume_reproduces_uninterrupted_run_exactly(tmp_path, extra):

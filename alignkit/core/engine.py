@@ -9,7 +9,9 @@ At each step only the terms with a weight above zero run, and each teacher they 
 (features at every layer asked for, plus logits if a logit_kd term wants them). A teacher is
 released the step after the last term using it stops; a term's learned projection is dropped
 at its stop (:meth:`AlignmentEngine.retire`: the trainer takes it out of the optimizer), so from
-then on a run costs what a plain run costs.
+then on a run costs what a plain run costs. The time spent running teachers (a cached teacher's
+replay included) is summed in :attr:`AlignmentEngine.teacher_time`; the trainer logs it as
+``teacher_s``.
 
 Metrics: a feature term logs ``lambda``, ``align/<pair>`` and ``cos/<pair>``, a logit_kd term
 ``kd`` and ``kd_weight``; with more than one term of a type, those names get the prefix
@@ -30,6 +32,7 @@ from alignkit.core.pairing import DEFAULT_EARLY_LAYER, Pair, strategy_pairs, val
 from alignkit.core.projections import build_projection
 from alignkit.core.schedules import Schedule, build_weight_schedule
 from alignkit.core.terms import Term, check_terms, objective_of
+from alignkit.core.timing import SectionTimer
 
 __all__ = ["AlignmentEngine", "FeatureTerm", "LogitTerm", "build_engine", "check_align_config"]
 
@@ -107,6 +110,7 @@ class AlignmentEngine(nn.Module):
         super().__init__()
         self.teachers = dict(teachers)
         self.terms = nn.ModuleList(terms)
+        self.teacher_time = SectionTimer()  # every teacher call, until the trainer reads it at a log
         # the step from which each teacher is no longer needed (None: never); a teacher no
         # term uses is released after the first step
         self.teacher_stops: dict[str, int | None] = {name: 0 for name in teachers}
@@ -146,7 +150,8 @@ class AlignmentEngine(nn.Module):
             metrics["lambda"] = zero  # no feature alignment (logged as by the let preset after its stop)
         if not any(w > 0 for w in weights):
             return self._keep_used(zero, weights), metrics
-        features, logits = self._run_teachers(batch, step)
+        with self.teacher_time.measure(out.loss.device):
+            features, logits = self._run_teachers(batch, step)
         total = zero
         for term, weight in zip(self.terms, weights):
             if weight > 0:

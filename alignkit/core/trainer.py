@@ -360,6 +360,13 @@ class Trainer:
             values = self._reduce([sums[k] for k in keys] + [grad_norm])
             record = {"step": self.step, **dict(zip(keys, values[:-1])), "lr": lr, "grad_norm": values[-1],
                       "tokens": self.tokens, "teacher_active": teacher_active}
+            if self.engine is not None:
+                # seconds in the teachers over the steps whose time this record's tokens_per_s
+                # covers (Throughput), so compare.teacher_step_cost prices the teacher from those
+                # very steps; read after the sync above, so a CUDA timer waits on nothing. 0.0 once
+                # released: an aligned run's train lines keep one set of keys. Each rank times its
+                # own teachers; the log is rank 0's, as its tokens_per_s is rank 0's time.
+                record["teacher_s"] = self.engine.teacher_time.read()
         self._call("on_step_end", record)
 
     def _retire_parameters(self, step: int) -> None:
