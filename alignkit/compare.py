@@ -3,9 +3,12 @@
 
 Pure functions of a run's ``metrics.jsonl`` records: the eval curve of one metric, training
 time (each train log interval's tokens / tokens_per_s, so evals and checkpoint writes are left
-out and the teacher's forward is counted), the teacher's cost per step measured inside the run
-(time per token while it is active over time per token after it is dropped, minus 1: both halves
-meet the same machine load), and the mean cosine to the teacher while it is active. Against a
+out and the teacher's forward is counted), the teacher's cost per step as a fraction of a student
+step, and the mean cosine to the teacher while it is active. The teacher's cost is measured
+``in-step`` when the records carry ``teacher_s`` (the seconds the teachers ran inside the logged
+steps): teacher seconds over the rest of those steps' seconds, so load drift cancels and a teacher
+that never drops is priced too; runs logged before that get the ``on/off`` estimate (time per
+token while the teacher is active over time per token after it is dropped, minus 1). Against a
 reference run: steps and training seconds to reach the reference's final value (linear
 interpolation between evals; a run that never reaches it is bounded by its last step), the
 speedups and the paired difference of final values (meaningful when both share a seed); over
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from omegaconf import OmegaConf
 
@@ -65,47 +68,80 @@ def spread(values: list[float]) -> dict[str, Any]:
     return {"mean": mean, "std": std, "min": min(values), "max": max(values), "values": values}
 
 
-def _intervals(records: Records) -> Iterator[tuple[int, int, float, bool]]:
-    """(step, tokens, seconds, teacher active) of each train log interval."""
+class Interval(NamedTuple):
+    """One train log interval: the steps since the previous train record, up to ``step``."""
+
+    step: int
+    tokens: int
+    seconds: float
+    teacher_active: bool  # at the interval's last step
+    teacher_s: float | None  # seconds in the teachers (None: logged before alignkit timed them)
+
+
+def _intervals(records: Records) -> Iterator[Interval]:
+    """The run's train log intervals, in order (eval records carry no ``tokens_per_s``)."""
     previous = 0
     for record in records:
         if "tokens_per_s" not in record:
             continue
         tokens, previous = record["tokens"] - previous, record["tokens"]
         seconds = tokens / record["tokens_per_s"] if record["tokens_per_s"] > 0 else 0.0
-        yield record["step"], tokens, seconds, bool(record.get("teacher_active"))
+        yield Interval(record["step"], tokens, seconds, bool(record.get("teacher_active")), record.get("teacher_s"))
 
 
 def train_time(records: Records) -> tuple[int, float]:
     """(total tokens, training seconds) of a run from its train records."""
     tokens, seconds = 0, 0.0
-    for _, interval, spent, _ in _intervals(records):
-        tokens, seconds = tokens + interval, seconds + spent
+    for interval in _intervals(records):
+        tokens, seconds = tokens + interval.tokens, seconds + interval.seconds
     return tokens, seconds
 
 
 def seconds_at(records: Records, step: float) -> float | None:
     """Training seconds spent up to (fractional) ``step``, interpolated within a log interval."""
     done, last = 0.0, 0
-    for end, _, spent, _ in _intervals(records):
-        if step <= end:
-            return done + spent * (step - last) / max(end - last, 1)
-        done, last = done + spent, end
+    for interval in _intervals(records):
+        if step <= interval.step:
+            return done + interval.seconds * (step - last) / max(interval.step - last, 1)
+        done, last = done + interval.seconds, interval.step
     return None
 
 
-def teacher_step_cost(records: Records) -> tuple[float | None, float]:
+def teacher_step_cost(records: Records) -> tuple[float | None, float, str | None]:
     """(the teacher's extra time per step as a fraction of a student step, the fraction of tokens
-    trained with the teacher active), from one run (see the module docstring)."""
+    trained with the teacher active, how the cost was measured: ``in-step``, ``on/off`` or None
+    when it could not be), from one run (see the module docstring)."""
+    intervals = list(_intervals(records))
+    on_tokens = sum(i.tokens for i in intervals if i.teacher_active)
+    total = sum(i.tokens for i in intervals)
+    fraction = on_tokens / total if total else 0.0
+    for method, cost in (("in-step", _in_step_cost(intervals)), ("on/off", _on_off_cost(intervals))):
+        if cost is not None:
+            return cost, fraction, method
+    return None, fraction, None
+
+
+def _in_step_cost(intervals: list[Interval]) -> float | None:
+    """Teacher seconds over student seconds (the rest) in the intervals with the teacher active
+    that timed it: numerator and denominator come from the same steps. An interval whose teacher
+    drops part-way counts as inactive (its last step) and is left out, as its student steps are."""
+    timed = [i for i in intervals if i.teacher_active and i.teacher_s is not None]
+    teacher = sum(i.teacher_s or 0.0 for i in timed)
+    student = sum(i.seconds for i in timed) - teacher
+    return teacher / student if timed and student > 0 else None
+
+
+def _on_off_cost(intervals: list[Interval]) -> float | None:
+    """Time per token with the teacher active over time per token after it is dropped, minus 1
+    (needs both; the two halves may meet different machine load)."""
     side = {True: [0, 0.0], False: [0, 0.0]}  # teacher active -> [tokens, seconds]
-    for _, interval, spent, active in _intervals(records):
-        side[active][0] += interval
-        side[active][1] += spent
+    for interval in intervals:
+        side[interval.teacher_active][0] += interval.tokens
+        side[interval.teacher_active][1] += interval.seconds
     (on_tokens, on_s), (off_tokens, off_s) = side[True], side[False]
-    fraction = on_tokens / (on_tokens + off_tokens) if on_tokens + off_tokens else 0.0
     if not (on_tokens and off_tokens and off_s):
-        return None, fraction
-    return (on_s / on_tokens) / (off_s / off_tokens) - 1, fraction
+        return None
+    return (on_s / on_tokens) / (off_s / off_tokens) - 1
 
 
 def aligned_cosine(records: Records) -> float | None:
@@ -128,11 +164,12 @@ def run_numbers(records: Records, metric: str = "eval_loss", mode: str = "min") 
     eval metric compared (lower is better for ``mode`` min)."""
     curve = eval_curve(records, metric)
     tokens, seconds = train_time(records)
-    cost, fraction = teacher_step_cost(records)
+    cost, fraction, method = teacher_step_cost(records)
     return {"metric": metric, "mode": mode, f"{metric}_curve": curve, f"final_{metric}": curve[-1][1] if curve else None,
             "last_step": curve[-1][0] if curve else None, "tokens": tokens, "train_seconds": seconds,
             "tokens_per_s": tokens / seconds if seconds else None, "cosine_aligned": aligned_cosine(records),
-            "teacher_step_cost": cost, "teacher_fraction": fraction, "teacher_dropped": teacher_dropped(records)}
+            "teacher_step_cost": cost, "teacher_cost_method": method, "teacher_fraction": fraction,
+            "teacher_dropped": teacher_dropped(records)}
 
 
 def pooled_speedup(baseline_seconds: list[float], seconds: list[float], teacher_seconds: float = 0.0) -> float:
@@ -231,7 +268,7 @@ def table(result: dict[str, Any]) -> str:
         rows.append((run["name"], str(run["seed"]), _fmt(run[f"final_{metric}"], ".4f"), diff, steps,
                      bound + _fmt(pair.get("speedup"), ".2f", "x"), seconds,
                      _fmt(pair.get("seconds_speedup"), ".2f", "x") if pair.get("reached") else "-",
-                     _fmt(run["teacher_step_cost"], "+.2f"),
+                     _fmt(run["teacher_step_cost"], "+.2f", f" {run['teacher_cost_method']}"),
                      f"{'finished' if run['finished'] else 'running'} @ step {run['last_step']}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]

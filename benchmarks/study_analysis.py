@@ -2,13 +2,14 @@
 
 Per run and per configuration and seed against the baseline of the same seed, the figures come
 from :mod:`alignkit.compare` (``run_numbers``, ``paired``: final eval loss, eval curve, training
-throughput, teacher cost per step measured inside the run, cosine while aligned; steps to the
-baseline's final eval loss, speedups in steps and wall-clock, the paired loss difference). Here:
-mean +- std over seeds and a verdict (rule below); with a small teacher pre-trained by the study,
-the time speedup pooled over seeds with its pre-training counted once and as zero (reused); and
-the trend of the speedup with the student/teacher size ratio (a least-squares fit in log-log); and
-against the frozen teacher's eval loss, when each student passes its teacher and what the
-configuration's lead over its baseline does after that (LEAD_RULE).
+throughput, teacher cost per step measured inside the run (``in-step`` from the teachers' timed
+seconds, so a teacher that never drops is priced too; ``on/off`` for runs logged before that),
+cosine while aligned; steps to the baseline's final eval loss, speedups in steps and wall-clock,
+the paired loss difference). Here: mean +- std over seeds and a verdict (rule below); with a small
+teacher pre-trained by the study, the time speedup pooled over seeds with its pre-training counted
+once and as zero (reused); and the trend of the speedup with the student/teacher size ratio (a
+least-squares fit in log-log); and against the frozen teacher's eval loss, when each student
+passes its teacher and what the configuration's lead over its baseline does after that (LEAD_RULE).
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def summarize(pairs: dict[int, dict[str, Any]], runs: dict[int, dict[str, Any]])
             "wall_speedup": figure("wall_speedup", pairs), "wall_speedup_in_run": figure("wall_speedup_in_run", pairs),
             "throughput_ratio": figure("throughput_ratio", pairs),
             "loss_diff": figure("loss_diff", pairs), "final_eval_loss": figure("final_eval_loss", runs),
-            "cosine_aligned": figure("cosine_aligned", runs), "teacher_step_cost": figure("teacher_step_cost", runs)}
+            "cosine_aligned": figure("cosine_aligned", runs), "teacher_step_cost": figure("teacher_step_cost", runs),
+            "teacher_cost_method": ", ".join(sorted({runs[s]["teacher_cost_method"] for s in seeds} - {None})) or None}
 
 
 def verdict(summary: dict[str, Any]) -> str:

@@ -160,14 +160,22 @@ def _per_seed(pairs: dict[Any, dict[str, Any]], key: str, fmt: str) -> str:
     return " / ".join("-" if v is None else format(v, fmt) for v in values)
 
 
+def _cost_method(numbers: dict[str, Any]) -> str | None:
+    """How a run's (or a configuration's) teacher cost was measured: ``in-step``, ``on/off``. A
+    study JSON written before alignkit timed its teachers has no such key: its costs are on/off."""
+    return numbers.get("teacher_cost_method", "on/off")
+
+
 def _pooled_cost(payload: dict[str, Any]) -> str:
-    costs = [r["teacher_step_cost"] for r in payload["runs"].values() if r.get("teacher_step_cost") is not None]
-    if not costs:
+    runs = [r for r in payload["runs"].values() if r.get("teacher_step_cost") is not None]
+    if not runs:
         return ""
+    costs = [r["teacher_step_cost"] for r in runs]
     mean = sum(costs) / len(costs)
     std = (sum((c - mean) ** 2 for c in costs) / max(1, len(costs) - 1)) ** 0.5
-    return (f" Teacher cost per step measured inside each run, pooled over its {len(costs)} runs with a teacher: "
-            f"{mean:+.2f} ± {std:.2f} of a student step.")
+    methods = ", ".join(sorted({_cost_method(r) for r in runs}))
+    return (f" Teacher cost per step measured inside each run ({methods}), pooled over its {len(costs)} runs with a "
+            f"teacher: {mean:+.2f} ± {std:.2f} of a student step.")
 
 
 def grid_table(payload: dict[str, Any]) -> list[str]:
@@ -187,9 +195,10 @@ def grid_table(payload: dict[str, Any]) -> list[str]:
         s, pairs = entry["summary"], entry["per_seed"]
         bound = " (upper bound)" if s.get("speedup_is_upper_bound") else ""
         minimum = f" ({s['speedup']['min']:.2f})" if s.get("speedup") else ""
+        cost_method = f" ({_cost_method(s)})" if s.get("teacher_step_cost") else ""
         lines.append(f"| {name} | {_figure(s, 'speedup', 2)}{bound} | {_per_seed(pairs, 'speedup', '.2f')}{minimum} | "
                      f"{s['reached']}/{len(s['seeds'])} | {_figure(s, 'wall_speedup', 2)} | {_figure(s, 'throughput_ratio', 2)} | "
-                     f"{_figure(s, 'teacher_step_cost', 2)} | {_figure(s, 'wall_speedup_in_run', 2)} | "
+                     f"{_figure(s, 'teacher_step_cost', 2)}{cost_method} | {_figure(s, 'wall_speedup_in_run', 2)} | "
                      f"{_figure(s, 'final_eval_loss')} | {_per_seed(pairs, 'loss_diff', '+.3f')} | "
                      f"{_figure(s, 'cosine_aligned')} | {entry['verdict']} |")
     trends = [f"Trend ({claim['claim']}): {trend_words(claim)}." for claim in payload.get("claims", []) if claim.get("kind") == "trend"]
@@ -296,8 +305,10 @@ def write_report(path: Path, root: Path) -> None:
              "baseline of the same seed needs to reach its final eval loss / steps the configuration needs (linear "
              "interpolation between evals); wall-clock speedup = that x the throughput ratio (total tokens / total "
              "training time, teacher included). Runs share the machine (2 or 3 at a time), so a ratio between two runs carries "
-             "the load each one met; teacher cost per step (in-run) = time per token with the teacher active over time "
-             "per token after it is dropped, minus 1, from the same run, and wall-clock at in-run cost = speedup / (1 + "
+             "the load each one met; teacher cost per step (in-run) = the seconds the teacher ran inside the steps it "
+             "was active over the rest of those steps (in-step, timed by the trainer: a teacher that never drops is priced "
+             "too), or for runs logged before that, time per token with the teacher active over time per token after it "
+             "is dropped, minus 1, from the same run (on/off), and wall-clock at in-run cost = speedup / (1 + "
              "that cost x the fraction of the run with the teacher active). "
              f"Verdict rule: {VERDICT_RULE} Teacher line: {LEAD_RULE}.", "",
              "## The paper's claims against our measurement", "",

@@ -5,6 +5,7 @@ on synthetic run folders (finished and running, either metric direction), ``alig
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,12 @@ import torch
 import yaml
 
 from alignkit.cli import main
-from alignkit.compare import compare, seconds_at, steps_to_reach, table
-from alignkit.core.config import TrainConfig
+from alignkit.compare import compare, read_records, run_numbers, seconds_at, steps_to_reach, table
+from alignkit.core.config import AlignConfig, TrainConfig
+from alignkit.core.engine import build_engine
 from alignkit.core.trainer import Trainer
 from alignkit.demo import run_demo
-from toys import ToyStudent, ToyTask
+from toys import ToyStudent, ToyTask, ToyTeacher
 
 
 def write_run(folder: Path, evals: list[tuple[int, float]], seed: int = 0, finished: bool = True,
@@ -60,11 +62,12 @@ def test_compare_a_finished_baseline_with_a_running_let_run(tmp_path, capsys):
     assert pair["seconds"] == pytest.approx(20.0 + 5.0)  # 10 steps at 2 s, 5 at 1 s
     assert pair["baseline_seconds"] == pytest.approx(30.0)
     assert runs["let"]["teacher_step_cost"] == pytest.approx(1.0) and runs["let"]["teacher_dropped"] == 10
+    assert runs["let"]["teacher_cost_method"] == "on/off"  # records without teacher_s (an older run)
     assert pair["loss_diff"] == pytest.approx(-1.0) and pair["same_seed"]
     assert not runs["let"]["finished"] and runs["let"]["last_step"] == 20
     assert not runs["slow"]["vs_first"]["reached"] and not runs["slow"]["vs_first"]["same_seed"]
     text = table(result)
-    assert "not reached (>20)" in text and "(other seed)" in text and "running @ step 20" in text
+    assert "not reached (>20)" in text and "(other seed)" in text and "running @ step 20" in text and "+1.00 on/off" in text
 
     assert main(["compare", str(base), str(let), "--json", "--plot", str(tmp_path / "c.png")]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -72,6 +75,40 @@ def test_compare_a_finished_baseline_with_a_running_let_run(tmp_path, capsys):
     assert (tmp_path / "c.png").stat().st_size > 0
     assert main(["compare", str(base), str(let)]) == 0  # the table, and the plot next to the first run
     assert "x steps" in capsys.readouterr().out and (base / "compare.png").is_file()
+
+
+class SlowStudent(ToyStudent):
+    """100 ms a forward: a student step of known length (the toy's own compute is a few ms)."""
+
+    def forward(self, batch: dict, layers: list[int], logits: bool = False):
+        time.sleep(0.1)
+        return super().forward(batch, layers, logits)
+
+
+class SlowTeacher(ToyTeacher):
+    """50 ms a call: half a student step."""
+
+    def run(self, batch: dict, layers: list[int], logits: bool = False):
+        time.sleep(0.05)
+        return super().run(batch, layers, logits)
+
+
+@pytest.mark.parametrize("align, last_active", [
+    # LET, the teacher dropped after step 5 of 6: the last record (step 6) has it inactive, so its
+    # interval, which also holds the release (a gc pass of ~0.1 s here), is left out
+    (AlignConfig(stop_step=5, lambda0=0.5, early_layer=2), 4),
+    (AlignConfig(method="rkd", kd_weight=0.3), 6),  # logit KD all run (stop_step -1): no step without it
+])
+def test_a_slow_teachers_cost_is_measured_in_step(tmp_path, align, last_active):
+    student = SlowStudent()
+    engine = build_engine(align, student, {"default": SlowTeacher()})
+    cfg = TrainConfig(steps=6, micro_batch_size=4, grad_accum=2, log_every=2, eval_every=0, save_every=0)
+    Trainer(cfg=cfg, student=student, engine=engine, task=ToyTask(), run_dir=tmp_path, device=torch.device("cpu"),
+            progress=False).fit()
+    run = run_numbers(read_records(tmp_path))
+    assert run["teacher_cost_method"] == "in-step" and run["teacher_dropped"] == last_active
+    assert run["teacher_step_cost"] == pytest.approx(0.5, rel=0.3)  # 50 ms of teacher per 100 ms of student
+    assert run["teacher_fraction"] == pytest.approx(last_active / 6)
 
 
 def test_compare_a_time_series_metric_where_higher_is_better(tmp_path, capsys):

@@ -116,19 +116,40 @@ def test_grows_verdict() -> None:
     assert larger_verdict(entry(1.1, 0.1), {}) == "no data"
 
 
-def test_teacher_step_cost_is_measured_inside_one_run() -> None:
-    rows = records(BASE, 100.0, active_until=10)
+def test_teacher_step_cost_falls_back_to_on_off_for_records_without_teacher_s() -> None:
+    rows = records(BASE, 100.0, active_until=10)  # an older run: no teacher_s
     for row in rows:
         if row.get("teacher_active"):
             row["tokens_per_s"] = 80.0  # 1.25x the time per token while the teacher runs
-    cost, fraction = teacher_step_cost(rows)
-    assert cost == pytest.approx(0.25) and fraction == pytest.approx(1 / 3)
+    cost, fraction, method = teacher_step_cost(rows)
+    assert cost == pytest.approx(0.25) and fraction == pytest.approx(1 / 3) and method == "on/off"
     run = run_numbers(rows)
-    assert run["teacher_step_cost"] == pytest.approx(0.25)
-    assert teacher_step_cost(records(BASE, 100.0))[0] is None  # a baseline has no teacher
+    assert run["teacher_step_cost"] == pytest.approx(0.25) and run["teacher_cost_method"] == "on/off"
+    assert teacher_step_cost(records(BASE, 100.0)) == (None, 0.0, None)  # a baseline has no teacher
     pair = paired(run, run_numbers(records(BASE, 100.0)))  # same curve: speedup 1, only the teacher's cost
     assert pair["speedup"] == pytest.approx(1.0)
     assert pair["wall_speedup_in_run"] == pytest.approx(1 / (1 + 0.25 / 3))
+
+
+def test_teacher_step_cost_in_step_ignores_load_drift_and_prices_a_teacher_that_never_drops() -> None:
+    # the teacher runs all along (on/off has nothing to compare with); each step is 1 s of
+    # student and 0.1 s of teacher, all twice as slow from step 16 on (load)
+    rows = records(BASE, 100.0, active_until=30)
+    for row in rows:
+        if "tokens_per_s" in row:
+            load = 1.0 if row["step"] <= 15 else 2.0
+            row.update(tokens_per_s=100.0 / (1.1 * load), teacher_s=0.1 * load)
+    assert teacher_step_cost(rows) == (pytest.approx(0.1), pytest.approx(1.0), "in-step")
+    run = run_numbers(rows)
+    pair = paired(run, run_numbers(records(BASE, 100.0)))
+    assert pair["wall_speedup_in_run"] == pytest.approx(1 / 1.1)
+    summary = summarize({0: pair}, {0: run})
+    assert summary["teacher_cost_method"] == "in-step" and summary["wall_speedup_in_run"]["mean"] == pytest.approx(1 / 1.1)
+    # logged every 2 steps, the teacher dropped after step 3: the interval it drops in is left out
+    mixed = [{"step": 2, "tokens": 200, "tokens_per_s": 200 / 2.2, "teacher_active": True, "teacher_s": 0.2},
+             {"step": 4, "tokens": 400, "tokens_per_s": 200 / 2.1, "teacher_active": False, "teacher_s": 0.1},
+             {"step": 6, "tokens": 600, "tokens_per_s": 200 / 2.0, "teacher_active": False, "teacher_s": 0.0}]
+    assert teacher_step_cost(mixed) == (pytest.approx(0.1), pytest.approx(1 / 3), "in-step")
 
 
 def test_teacher_pretraining_counted_once_over_seeds_and_as_zero() -> None:
