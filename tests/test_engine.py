@@ -1,4 +1,4 @@
-"""The alignment engine: pairing, loss composition, teacher lifecycle, methods."""
+"""The alignment engine: pairing, loss composition, teacher lifecycle, methods, the teachers' timer."""
 import pytest
 import torch
 
@@ -7,6 +7,7 @@ from alignkit.core.engine import build_engine, check_align_config
 from alignkit.core.objectives import cosine, kd
 from alignkit.core.pairing import strategy_pairs
 from alignkit.core.projections import interpolate
+from alignkit.core.timing import SectionTimer
 from toys import ToyStudent, ToyTeacher
 
 
@@ -49,6 +50,41 @@ def test_teacher_is_not_called_after_stop_and_is_released():
     assert teacher.calls == 3
     assert teacher.released and teacher.net is None and engine.released
     assert engine.student_layers(5) == []
+
+
+def test_the_teachers_timer_on_cuda_reads_finished_events_only_and_waits_only_when_read(monkeypatch):
+    # a fake stream: ms of work queued and finished; reading an unfinished event fails, as on a GPU
+    gpu = {"queued": 0.0, "done": 0.0, "waits": 0}
+
+    class Event:
+        def __init__(self, enable_timing: bool) -> None:
+            assert enable_timing
+
+        def record(self, stream) -> None:
+            self.at = gpu["queued"]
+
+        def query(self) -> bool:
+            return self.at <= gpu["done"]
+
+        def synchronize(self) -> None:
+            gpu["waits"] += 1
+            gpu["done"] = max(gpu["done"], self.at)
+
+        def elapsed_time(self, end: "Event") -> float:
+            assert self.query() and end.query(), "read before the GPU got there"
+            return end.at - self.at
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: None)
+    timer = SectionTimer()
+    for _ in range(4):  # micro-batches
+        with timer.measure(torch.device("cuda")):
+            gpu["queued"] += 40.0  # the teacher's kernels
+        gpu["queued"] += 100.0  # the student's
+        gpu["done"] = 150.0  # the GPU lags: only the first section has finished
+    assert gpu["waits"] == 0  # the step never waits on the timer
+    assert timer.read() == pytest.approx(0.16) and gpu["waits"] == 1  # 4 x 40 ms
+    assert timer.read() == 0.0
 
 
 def test_layer_out_of_range_names_the_key():
