@@ -307,7 +307,8 @@ def write_report(path: Path, root: Path) -> None:
              "training time, teacher included). Runs share the machine (2 or 3 at a time), so a ratio between two runs carries "
              "the load each one met; teacher cost per step (in-run) = the seconds the teacher ran inside the steps it "
              "was active over the rest of those steps (in-step, timed by the trainer: a teacher that never drops is priced "
-             "too), or for runs logged before that, time per token with the teacher active over time per token after it "
+             "too; the teacher's forward only, a logit-KD term's student-side logits and loss show in the throughput ratio), "
+             "or for runs logged before that, time per token with the teacher active over time per token after it "
              "is dropped, minus 1, from the same run (on/off), and wall-clock at in-run cost = speedup / (1 + "
              "that cost x the fraction of the run with the teacher active). "
              f"Verdict rule: {VERDICT_RULE} Teacher line: {LEAD_RULE}.", "",
