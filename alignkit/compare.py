@@ -78,7 +78,7 @@ class Interval(NamedTuple):
     teacher_s: float | None  # seconds in the teachers (None: logged before alignkit timed them)
 
 
-def _intervals(records: Records) -> Iterator[Interval]:
+def intervals(records: Records) -> Iterator[Interval]:
     """The run's train log intervals, in order (eval records carry no ``tokens_per_s``)."""
     previous = 0
     for record in records:
@@ -92,7 +92,7 @@ def _intervals(records: Records) -> Iterator[Interval]:
 def train_time(records: Records) -> tuple[int, float]:
     """(total tokens, training seconds) of a run from its train records."""
     tokens, seconds = 0, 0.0
-    for interval in _intervals(records):
+    for interval in intervals(records):
         tokens, seconds = tokens + interval.tokens, seconds + interval.seconds
     return tokens, seconds
 
@@ -100,7 +100,7 @@ def train_time(records: Records) -> tuple[int, float]:
 def seconds_at(records: Records, step: float) -> float | None:
     """Training seconds spent up to (fractional) ``step``, interpolated within a log interval."""
     done, last = 0.0, 0
-    for interval in _intervals(records):
+    for interval in intervals(records):
         if step <= interval.step:
             return done + interval.seconds * (step - last) / max(interval.step - last, 1)
         done, last = done + interval.seconds, interval.step
@@ -111,11 +111,11 @@ def teacher_step_cost(records: Records) -> tuple[float | None, float, str | None
     """(the teacher's extra time per step as a fraction of a student step, the fraction of tokens
     trained with the teacher active, how the cost was measured: ``in-step``, ``on/off`` or None
     when it could not be), from one run (see the module docstring)."""
-    intervals = list(_intervals(records))
-    on_tokens = sum(i.tokens for i in intervals if i.teacher_active)
-    total = sum(i.tokens for i in intervals)
+    spans = list(intervals(records))
+    on_tokens = sum(i.tokens for i in spans if i.teacher_active)
+    total = sum(i.tokens for i in spans)
     fraction = on_tokens / total if total else 0.0
-    for method, cost in (("in-step", _in_step_cost(intervals)), ("on/off", _on_off_cost(intervals))):
+    for method, cost in (("in-step", _in_step_cost(spans)), ("on/off", _on_off_cost(spans))):
         if cost is not None:
             return cost, fraction, method
     return None, fraction, None

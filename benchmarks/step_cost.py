@@ -1,0 +1,185 @@
+"""What each configuration of a study grid costs per training step, and the wall-clock speedup its
+study's steps buy at those costs.
+
+  python benchmarks/step_cost.py peers --data WIKITEXT2_DIR --teacher-run STUDY/small_teacher-s0/final \\
+      --study STUDY/peers-small-teacher.json
+
+A study grid's wall-clock columns compare runs made minutes or hours apart, so machine load moves
+them (on 2 shared cores, 500 to 1,500 s for the same run). Here every configuration and the
+baseline train a few steps, one run at a time, round after round (the order reversed every other
+round), so load drifts into no configuration's figure; each run has one thread. Per configuration:
+the median seconds per step while the teacher is active and after it is dropped (the first step,
+warm-up, left out), each over the baseline's median step, and the in-step teacher share
+(``teacher_s``). Expressions such as ``align.stop_step={steps//3}`` are expanded with the short run's
+length, so each run drops its teacher at the same fraction as in the study. With ``--study``, each
+configuration's wall-clock speedup per seed: the baseline's steps at the baseline's step time over
+the configuration's steps to the baseline's final loss, each priced at its phase's time (active up
+to the step its study run dropped the teacher). Writes benchmarks/results/step_cost-GRID.{json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common import RESULTS, drop_weights, run_experiment, spread, wikitext_overrides, write_json
+from study import expand, load_grid, merged
+
+from alignkit.compare import intervals, teacher_step_cost
+
+HERE = Path(__file__).resolve().parent
+
+
+def step_times(records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Seconds per step of a run logged every step, split by whether the teacher was active;
+    the first step (warm-up: allocations, first-touch of the weights) is left out."""
+    phases: dict[str, list[float]] = {"active": [], "dropped": []}
+    previous = 0
+    for interval in intervals(records):
+        steps = interval.step - previous
+        if previous and steps:
+            phases["active" if interval.teacher_active else "dropped"].append(interval.seconds / steps)
+        previous = interval.step
+    return phases
+
+
+def measure(grid: dict[str, Any], shared: list[str], steps: int, rounds: int, work: Path) -> dict[str, Any]:
+    """Every configuration and the baseline, ``rounds`` times, interleaved; per-run step times."""
+    configs = {"baseline": ["align.method=none"]}
+    configs.update({name: [expand(o, steps) for o in list(grid.get("common", [])) + items]
+                    for name, items in grid["configs"].items()})
+    order = list(configs)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in order}
+    for index in range(rounds):
+        for name in order if index % 2 == 0 else order[::-1]:
+            overrides = merged(shared, [f"train.steps={steps}", f"train.eval_every={steps}", "train.log_every=1",
+                                        f"train.save_every={steps}", "--no-progress"], configs[name])
+            print(f"round {index + 1}/{rounds}: {name}", flush=True)
+            try:
+                result = run_experiment(f"{name}-r{index}", work, overrides, str(HERE / "study_base.yaml"))
+            except subprocess.CalledProcessError as err:  # alignkit printed why, naming the key or file
+                raise SystemExit(f"{name}: alignkit train exited with {err.returncode}; overrides: {' '.join(overrides)}") from None
+            drop_weights(Path(result["run_dir"]))
+            runs[name].append({"phases": step_times(result["records"]), "teacher_share": teacher_step_cost(result["records"])[0]})
+    return runs
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Median seconds per step per phase (over every round's steps), as a ratio to the baseline's."""
+    base = statistics.median(t for run in runs["baseline"] for t in run["phases"]["dropped"])
+    out = {}
+    for name, items in runs.items():
+        entry: dict[str, Any] = {}
+        for phase in ("active", "dropped"):
+            times = [t for run in items for t in run["phases"][phase]]
+            if times:
+                entry[phase] = {"seconds": statistics.median(times), "ratio": statistics.median(times) / base,
+                                "per_round": [statistics.median(r["phases"][phase]) / base for r in items if r["phases"][phase]]}
+        shares = [r["teacher_share"] for r in items if r["teacher_share"] is not None]
+        entry["teacher_share"] = spread(shares) if shares else None
+        out[name] = entry
+    return {"baseline_seconds_per_step": base, "configs": out}
+
+
+def wall_speedups(costs: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
+    """Per configuration and seed of a study JSON: its steps to the baseline's final loss priced at
+    the measured phase times, against the baseline's whole run at the baseline's step time."""
+    out = {}
+    for name, config in study["configs"].items():
+        phase_cost = costs["configs"].get(name)
+        if not phase_cost or "active" not in phase_cost:
+            continue
+        values = {}
+        for seed, pair in config["per_seed"].items():
+            run = study["runs"][f"{name}-s{seed}"]
+            steps = pair["steps"] if pair["reached"] else run["last_step"]  # never reached: its whole run, a bound
+            active_steps = min(steps, run["teacher_dropped"] or 0)
+            dropped = phase_cost.get("dropped", phase_cost["active"])["ratio"]
+            priced = active_steps * phase_cost["active"]["ratio"] + (steps - active_steps) * dropped
+            values[seed] = {"steps_speedup": pair["baseline_steps"] / steps, "wall_speedup": pair["baseline_steps"] / priced,
+                            "reached": pair["reached"]}
+        out[name] = {"per_seed": values, "wall_speedup": spread([v["wall_speedup"] for v in values.values()])}
+    return out
+
+
+def plot(payload: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(payload["costs"]["configs"])
+    fig, axes = plt.subplots(1, 2 if payload.get("wall") else 1, figsize=(12 if payload.get("wall") else 6, 4), squeeze=False)
+    left = axes[0][0]
+    for offset, phase in ((-0.2, "active"), (0.2, "dropped")):
+        ratios = [payload["costs"]["configs"][n].get(phase, {}).get("ratio", 0.0) for n in names]
+        left.bar([i + offset for i in range(len(names))], ratios, width=0.4, label=f"teacher {phase}")
+    left.axhline(1.0, color="grey", linewidth=1)
+    left.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    left.set_ylabel("seconds per step / baseline's")
+    left.set_title(f"{payload['grid']}: step cost, {payload['rounds']} interleaved rounds")
+    left.legend(fontsize=8)
+    if payload.get("wall"):
+        right = axes[0][1]
+        wall = payload["wall"]
+        for i, name in enumerate(wall):
+            steps = [v["steps_speedup"] for v in wall[name]["per_seed"].values()]
+            walls = [v["wall_speedup"] for v in wall[name]["per_seed"].values()]
+            right.bar(i - 0.2, statistics.mean(steps), width=0.4, color="tab:blue", label="steps" if i == 0 else None)
+            right.bar(i + 0.2, statistics.mean(walls), width=0.4, color="tab:orange", label="wall-clock at these costs" if i == 0 else None)
+            right.scatter([i + 0.2] * len(walls), walls, color="black", s=12, zorder=3)
+        right.axhline(1.0, color="grey", linewidth=1)
+        right.set_xticks(range(len(wall)), list(wall), rotation=30, ha="right")
+        right.set_ylabel("speedup to the baseline's final eval loss")
+        right.set_title("the study's seeds, priced at the measured step costs")
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", help="a grid of benchmarks/grids/ (or a YAML path)")
+    parser.add_argument("--data", required=True, help="WikiText-2 folder (valid.txt, test.txt)")
+    parser.add_argument("--teacher-run", help="a small teacher's final/ folder (the study's --teacher small); "
+                                              "default: the base recipe's teacher")
+    parser.add_argument("--study", help="the grid's study JSON: price its seeds' steps at the measured costs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run (repeatable)")
+    parser.add_argument("--steps", type=int, default=18, help="steps per run (the teacher drops at the grid's fraction)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULTS), help="folder for step_cost-GRID.{json,png}")
+    args = parser.parse_args()
+
+    name, grid = load_grid(args.grid)
+    teacher = [] if not args.teacher_run else [
+        "teacher.preset=''", "teacher.kind=hf_causal", "teacher.source=checkpoint", f"teacher.name_or_path={Path(args.teacher_run).resolve()}"]
+    shared = wikitext_overrides(Path(args.data).resolve()) + teacher + args.set
+    with tempfile.TemporaryDirectory(prefix="step_cost-") as work:
+        runs = measure(grid, shared, args.steps, args.rounds, Path(work))
+    payload: dict[str, Any] = {"kind": "alignkit-step-cost", "grid": name, "steps": args.steps, "rounds": args.rounds,
+                               "overrides": shared, "threads": 1, "costs": summarize(runs), "runs": runs}
+    if args.study:
+        import json
+
+        payload["study"] = args.study
+        payload["wall"] = wall_speedups(payload["costs"], json.loads(Path(args.study).read_text()))
+    out = Path(args.out)
+    write_json(out / f"step_cost-{name}.json", payload)
+    plot(payload, out / f"step_cost-{name}.png")
+    print(f"baseline: {payload['costs']['baseline_seconds_per_step']:.3f} s/step")
+    for config, entry in payload["costs"]["configs"].items():
+        phases = "  ".join(f"{p} {entry[p]['ratio']:.3f}x" for p in ("active", "dropped") if p in entry)
+        share = entry["teacher_share"]
+        print(f"{config:16s} {phases}" + (f"  teacher {share['mean']:.3f} of the rest of a step" if share else ""))
+    for config, entry in (payload.get("wall") or {}).items():
+        w = entry["wall_speedup"]
+        seeds = " / ".join(f"{v['wall_speedup']:.2f}" for v in entry["per_seed"].values())
+        print(f"{config:16s} wall-clock at these costs {w['mean']:.2f} +- {w['std']:.2f}x ({seeds})")
+
+
+if __name__ == "__main__":
+    main()
