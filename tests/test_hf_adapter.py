@@ -106,7 +106,9 @@ def test_layer_convention_matches_hf_hidden_states(family: str) -> None:
     with torch.no_grad():
         hf_loss = student.model(**batch).loss
     torch.testing.assert_close(out.loss, hf_loss)
-    assert out.logits is None and student(batch, [], logits=True).logits.shape == (2, 10, VOCAB)  # on request only
+    with_logits = student(batch, [], logits=True)
+    assert out.logits is None and with_logits.logits.shape == (2, 10, VOCAB)  # on request only
+    torch.testing.assert_close(with_logits.loss, hf_loss)  # then the loss comes from those logits: the same NLL
     assert student.model.config.use_cache is False
 
 

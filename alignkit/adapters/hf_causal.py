@@ -20,7 +20,8 @@ Features follow the layer convention of :mod:`alignkit.core.adapter` and are cap
 :class:`alignkit.core.taps.LayerTaps` registered once on the block list found by
 :func:`find_blocks`; a teacher runs only the blocks up to the deepest layer asked for. The
 student's loss is a chunked cross-entropy from the final hidden states and the head weight
-(:mod:`alignkit.core.linear_ce`): full logits are computed only when a term asks for them.
+(:mod:`alignkit.core.linear_ce`): full logits are computed only when a term asks for them, and the loss
+then comes from them (one head matmul for both).
 """
 from __future__ import annotations
 
@@ -436,8 +437,8 @@ class HFCausalStudent(nn.Module, Layered):
     def forward(self, batch: Batch, layers: Sequence[int] = (), logits: bool = False) -> StudentOutput:  # type: ignore[override]
         """NLL over labels != -100 (labels aligned with input_ids; the shift happens here).
 
-        Logits are returned only if ``logits`` (a logit-KD term); the loss itself never
-        materialises them (chunked, float32)."""
+        Logits are returned only if ``logits`` (a logit-KD term), and the loss then comes from
+        them; otherwise it never materialises them (chunked, float32)."""
         inputs = _inputs(batch, self.device)
         labels = batch.get("labels")
         if labels is None:  # plain LM on the real tokens
@@ -456,8 +457,12 @@ class HFCausalStudent(nn.Module, Layered):
         hidden = output.last_hidden_state  # type: ignore[union-attr]
         # inside forward: under FSDP the head is unsharded only here
         head = self.model.get_output_embeddings()
+        if logits:  # a logit-KD term materialises them anyway: one head matmul serves both losses
+            full = head(hidden)
+            loss = F.cross_entropy(full.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX)
+            return StudentOutput(loss=loss, features=self._collect(layers, captured), logits=full)
         loss = linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets)
-        return StudentOutput(loss=loss, features=self._collect(layers, captured), logits=head(hidden) if logits else None)
+        return StudentOutput(loss=loss, features=self._collect(layers, captured))
 
     def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None) -> None:
         """Write an HF directory (safetensors) that ``AutoModelForCausalLM.from_pretrained`` opens."""
