@@ -76,8 +76,9 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         for phase in ("active", "dropped"):
             times = [t for run in items for t in run["phases"][phase]]
             if times:
+                rounds = [statistics.median(r["phases"][phase]) / base for r in items if r["phases"][phase]]
                 entry[phase] = {"seconds": statistics.median(times), "ratio": statistics.median(times) / base,
-                                "per_round": [statistics.median(r["phases"][phase]) / base for r in items if r["phases"][phase]]}
+                                "per_round": rounds, "spread": spread(rounds)}
         shares = [r["teacher_share"] for r in items if r["teacher_share"] is not None]
         entry["teacher_share"] = spread(shares) if shares else None
         out[name] = entry
@@ -166,7 +167,9 @@ def main() -> None:
         import json
 
         payload["study"] = args.study
-        payload["wall"] = wall_speedups(payload["costs"], json.loads(Path(args.study).read_text()))
+        study = json.loads(Path(args.study).read_text())
+        payload["seeds"] = study["seeds"]  # the study seeds whose steps are priced (the rounds are the costs' repeats)
+        payload["wall"] = wall_speedups(payload["costs"], study)
     out = Path(args.out)
     write_json(out / f"step_cost-{name}.json", payload)
     plot(payload, out / f"step_cost-{name}.png")
