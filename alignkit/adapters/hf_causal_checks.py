@@ -47,7 +47,7 @@ def hub_tokenizer(cfg: Any) -> str:
     """The hub id :func:`~alignkit.adapters.hf_causal.load_tokenizer` would download ``cfg``'s
     tokenizer from; "" when it loads without the network (a package, a local path, a GGUF file,
     or none at all: source=config without ``options.tokenizer`` is refused by the loader)."""
-    from alignkit.adapters.hf_causal import hf_options
+    from alignkit.adapters.hf_loading import hf_options
 
     tokenizer = hf_options(cfg).tokenizer
     if cfg.source == "gguf" and not tokenizer:

