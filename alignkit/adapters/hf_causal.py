@@ -230,18 +230,17 @@ class HFCausalStudent(nn.Module, Layered):
         if not self._chunked_loss:  # an unusual head: full logits, float32 log-softmax
             output, captured = self._taps.run(lambda: self.model(**inputs, use_cache=False), taps)
             full = output.logits  # type: ignore[union-attr]
-            loss = F.cross_entropy(full.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX)
-            return StudentOutput(loss=loss, features=self._collect(layers, captured), logits=full)
-        output, captured = self._taps.run(lambda: self.model.base_model(**inputs, use_cache=False), taps)
-        hidden = output.last_hidden_state  # type: ignore[union-attr]
-        # inside forward: under FSDP the head is unsharded only here
-        head = self.model.get_output_embeddings()
-        if logits:  # a logit-KD term materialises them anyway: one head matmul serves both losses
-            full = head(hidden)
-            loss = F.cross_entropy(full.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX)
-            return StudentOutput(loss=loss, features=self._collect(layers, captured), logits=full)
-        loss = linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets)
-        return StudentOutput(loss=loss, features=self._collect(layers, captured))
+        else:
+            output, captured = self._taps.run(lambda: self.model.base_model(**inputs, use_cache=False), taps)
+            hidden = output.last_hidden_state  # type: ignore[union-attr]
+            # inside forward: under FSDP the head is unsharded only here
+            head = self.model.get_output_embeddings()
+            if not logits:
+                loss = linear_cross_entropy(hidden.flatten(0, 1), head.weight, targets)
+                return StudentOutput(loss=loss, features=self._collect(layers, captured))
+            full = head(hidden)  # a logit-KD term materialises them anyway: one head matmul serves both losses
+        loss = F.cross_entropy(full.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX)
+        return StudentOutput(loss=loss, features=self._collect(layers, captured), logits=full)
 
     def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None) -> None:
         """Write an HF directory (safetensors) that ``AutoModelForCausalLM.from_pretrained`` opens."""
