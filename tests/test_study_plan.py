@@ -248,7 +248,7 @@ def test_each_student_size_of_the_scale_grid_gets_its_own_baseline() -> None:
 
 
 def test_a_trend_claim_fits_the_sizes_the_runs_recorded() -> None:
-    from study import claims
+    from study_results import claims
 
     sizes, speedups = {"small": 10_000_000, "large": 40_000_000}, {"small": (1.2, 1.3, 1.25), "large": (2.4, 2.6, 2.5)}
     result = {"teacher_pretrain": {"student_params": 5_000_000}, "runs": {}, "configs": {}}

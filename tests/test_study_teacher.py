@@ -11,7 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from study import analyse, plan  # noqa: E402
+from study import plan  # noqa: E402
+from study_results import analyse  # noqa: E402
 from study_report import grid_table, plot_study  # noqa: E402
 from study_runner import Run  # noqa: E402
 from study_teacher import CACHE, measured, pretrained  # noqa: E402
