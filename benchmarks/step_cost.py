@@ -15,10 +15,18 @@ length, so each run drops its teacher at the same fraction as in the study. With
 configuration's wall-clock speedup per seed: the baseline's steps at the baseline's step time over
 the configuration's steps to the baseline's final loss, each priced at its phase's time (active up
 to the step its study run dropped the teacher). Writes benchmarks/results/step_cost-GRID.{json,png}.
+
+  python benchmarks/step_cost.py paper_regime_peers --costs benchmarks/results/step_cost-paper_regime_peers.json \
+      --study STUDY_ON_ANOTHER_CORPUS/paper_regime_peers-kjv.json
+
+``--costs`` prices another study of the same grid (e.g. the same shapes on another corpus: a step
+costs the same whatever text it reads) at the costs an earlier run measured, without training, and
+writes step_cost-STUDY.{json,png} under the study's own name.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import tempfile
@@ -106,6 +114,19 @@ def wall_speedups(costs: dict[str, Any], study: dict[str, Any]) -> dict[str, Any
     return out
 
 
+def measured_costs(path: str, grid: str) -> dict[str, Any]:
+    """An earlier step_cost JSON of ``grid`` (for ``--costs``): its costs and how they were measured."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--costs: cannot read {path}: {err}") from None
+    if earlier.get("kind") != "alignkit-step-cost" or earlier.get("grid") != grid:
+        raise SystemExit(f"--costs: {path} is not a step_cost JSON of grid {grid!r} "
+                         f"(kind {earlier.get('kind')!r}, grid {earlier.get('grid')!r})")
+    kept = ("kind", "grid", "steps", "rounds", "overrides", "threads", "costs", "runs")
+    return {k: earlier[k] for k in kept if k in earlier} | {"costs_from": str(path)}
+
+
 def plot(payload: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -145,10 +166,11 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", help="a grid of benchmarks/grids/ (or a YAML path)")
-    parser.add_argument("--data", required=True, help="WikiText-2 folder (valid.txt, test.txt)")
+    parser.add_argument("--data", help="WikiText-2 folder (valid.txt, test.txt); needed unless --costs")
     parser.add_argument("--teacher-run", help="a small teacher's final/ folder (the study's --teacher small); "
                                               "default: the base recipe's teacher")
     parser.add_argument("--study", help="the grid's study JSON: price its seeds' steps at the measured costs")
+    parser.add_argument("--costs", help="an earlier step_cost JSON of the same grid: price --study at its costs, no training")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run (repeatable)")
     parser.add_argument("--steps", type=int, default=18, help="steps per run (the teacher drops at the grid's fraction)")
     parser.add_argument("--rounds", type=int, default=2)
@@ -156,23 +178,30 @@ def main() -> None:
     args = parser.parse_args()
 
     name, grid = load_grid(args.grid)
-    teacher = [] if not args.teacher_run else [
-        "teacher.preset=''", "teacher.kind=hf_causal", "teacher.source=checkpoint", f"teacher.name_or_path={Path(args.teacher_run).resolve()}"]
-    shared = wikitext_overrides(Path(args.data).resolve()) + teacher + args.set
-    with tempfile.TemporaryDirectory(prefix="step_cost-") as work:
-        runs = measure(grid, shared, args.steps, args.rounds, Path(work))
-    payload: dict[str, Any] = {"kind": "alignkit-step-cost", "grid": name, "steps": args.steps, "rounds": args.rounds,
-                               "overrides": shared, "threads": 1, "costs": summarize(runs), "runs": runs}
-    if args.study:
-        import json
-
+    if args.costs and not args.study:
+        raise SystemExit("--costs prices a study: pass its JSON with --study")
+    if not args.costs and not args.data:
+        raise SystemExit("--data WIKITEXT2_DIR is needed to measure (or pass --costs and --study to price only)")
+    study = json.loads(Path(args.study).read_text()) if args.study else None
+    if args.costs:
+        payload = measured_costs(args.costs, name)
+    else:
+        teacher = [] if not args.teacher_run else [
+            "teacher.preset=''", "teacher.kind=hf_causal", "teacher.source=checkpoint",
+            f"teacher.name_or_path={Path(args.teacher_run).resolve()}"]
+        shared = wikitext_overrides(Path(args.data).resolve()) + teacher + args.set
+        with tempfile.TemporaryDirectory(prefix="step_cost-") as work:
+            runs = measure(grid, shared, args.steps, args.rounds, Path(work))
+        payload = {"kind": "alignkit-step-cost", "grid": name, "steps": args.steps, "rounds": args.rounds,
+                   "overrides": shared, "threads": 1, "costs": summarize(runs), "runs": runs}
+    if study is not None:
         payload["study"] = args.study
-        study = json.loads(Path(args.study).read_text())
         payload["seeds"] = study["seeds"]  # the study seeds whose steps are priced (the rounds are the costs' repeats)
         payload["wall"] = wall_speedups(payload["costs"], study)
+    stem = f"step_cost-{study['name'] if args.costs else name}"
     out = Path(args.out)
-    write_json(out / f"step_cost-{name}.json", payload)
-    plot(payload, out / f"step_cost-{name}.png")
+    write_json(out / f"{stem}.json", payload)
+    plot(payload, out / f"{stem}.png")
     print(f"baseline: {payload['costs']['baseline_seconds_per_step']:.3f} s/step")
     for config, entry in payload["costs"]["configs"].items():
         phases = "  ".join(f"{p} {entry[p]['ratio']:.3f}x" for p in ("active", "dropped") if p in entry)

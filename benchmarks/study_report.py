@@ -129,6 +129,15 @@ def teacher_words(settings: dict[str, Any]) -> str:
     return f"small, pre-trained {settings['teacher_steps']} steps on {corpus}"
 
 
+def corpus_words(settings: dict[str, Any]) -> str:
+    """Which text a study trained and evaluated on (a grid's description names the corpus it was
+    written for), and which of its configurations ran when --only picked some."""
+    corpus = settings.get("corpus_name") if settings.get("corpus") else "wikitext2"
+    holdout = f", {settings['holdout']:g} of the train file held out to evaluate" if settings.get("holdout") else ""
+    only = f", only {settings['only'].replace(',', ', ')}" if settings.get("only") else ""
+    return f"corpus {corpus}{holdout}{only}"
+
+
 def teacher_cost_lines(payload: dict[str, Any]) -> list[str]:
     """The small teacher's pre-training priced into each configuration's time speedup."""
     teacher = payload.get("teacher_pretrain")
@@ -181,7 +190,7 @@ def _pooled_cost(payload: dict[str, Any]) -> str:
 def grid_table(payload: dict[str, Any]) -> list[str]:
     settings = payload["settings"]
     lines = [f"## {payload['name']}", "", payload.get("description", ""), "",
-             f"Grid `{payload['grid']}`, seeds {payload['seeds']}, {settings['steps']} steps unless the configuration sets "
+             f"Grid `{payload['grid']}`, {corpus_words(settings)}, seeds {payload['seeds']}, {settings['steps']} steps unless the configuration sets "
              f"its own, base `{Path(settings['base']).name}`, teacher: {teacher_words(settings)}, "
              f"{len(payload['runs'])} runs, {sum(r['train_seconds'] for r in payload['runs'].values()) / 60:.1f} min of training steps"
              + (f"; **failed: {', '.join(payload['runs_failed'])}**" if payload["runs_failed"] else "")

@@ -124,7 +124,7 @@ def claims(grid: dict[str, Any], result: dict[str, Any]) -> list[dict[str, Any]]
                 out.append(claim | {"verdict": trend_verdict(fit), "fit": fit, "points": points})
             continue
         name = claim["config"]
-        if name not in configs:
+        if name not in configs or claim.get("than", name) not in configs:  # e.g. a study run with --only
             continue
         if kind == "best":
             result = best_verdict(summaries, name)

@@ -34,3 +34,17 @@ def test_a_study_is_priced_at_each_phase_cost():
     # 30 steps at twice the baseline's step time, 20 at its time: 80 baseline steps of time for 150
     assert wall["steps_speedup"] == pytest.approx(3.0)
     assert wall["wall_speedup"] == pytest.approx(150 / 80)
+
+
+def test_earlier_costs_are_reused_only_for_their_own_grid(tmp_path):
+    from step_cost import measured_costs
+
+    earlier = tmp_path / "step_cost-peers.json"
+    earlier.write_text('{"kind": "alignkit-step-cost", "grid": "peers", "steps": 12, "costs": {"configs": {}}, "wall": {}}')
+    kept = measured_costs(str(earlier), "peers")
+    assert kept["costs"] == {"configs": {}} and kept["costs_from"] == str(earlier)
+    assert "wall" not in kept  # the earlier study's pricing is not carried over
+    with pytest.raises(SystemExit, match="not a step_cost JSON of grid 'lambda0'"):
+        measured_costs(str(earlier), "lambda0")
+    with pytest.raises(SystemExit, match="cannot read"):
+        measured_costs(str(tmp_path / "missing.json"), "peers")

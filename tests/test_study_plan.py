@@ -263,3 +263,16 @@ def test_a_trend_claim_fits_the_sizes_the_runs_recorded() -> None:
     result["runs"]["large-s0"]["student_params"] = None  # a run from before the size was recorded: left out
     assert claims(grid, result)[0]["fit"]["points"] == 5
     assert claims(grid, result | {"teacher_pretrain": None})[0]["verdict"] == "no data"  # no small teacher run
+
+
+def test_a_claim_against_a_configuration_the_study_did_not_run_is_left_out() -> None:
+    from study_results import claims
+
+    summary = {"speedup": {"mean": 1.8, "std": 0.05}, "reached": 3, "seeds": [0, 1, 2]}
+    result = {"configs": {"late": {"summary": summary, "verdict": "holds"}}}
+    grid = {"configs": {"early": [], "late": []}, "claims": [
+        {"claim": "late beats early", "kind": "larger_than", "config": "late", "than": "early"},
+        {"claim": "late pays", "kind": "speedup", "config": "late"}]}
+    assert [c["claim"] for c in claims(grid, result)] == ["late pays"]  # e.g. --only late: nothing to compare with
+    result["configs"]["early"] = {"summary": summary | {"speedup": {"mean": 1.3, "std": 0.01}}, "verdict": "holds"}
+    assert [c["claim"] for c in claims(grid, result)] == ["late beats early", "late pays"]

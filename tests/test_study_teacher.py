@@ -80,6 +80,9 @@ def test_crossings_of_the_small_teachers_loss_from_run_folders_and_their_table(t
         "steps": 30, "base": "b.yaml", "teacher": "small", "teacher_steps": 300}, **result}))  # as saved: seeds as strings
     table = "\n".join(grid_table(payload))
     assert "Teacher (frozen) eval loss: **5.000**" in table
+    assert "Grid `g`, corpus wikitext2, seeds [0, 1]" in table
+    payload["settings"] |= {"corpus": ["a.txt", "b.txt"], "corpus_name": "kjv", "only": "let,own"}
+    assert "Grid `g`, corpus kjv, only let, own, seeds" in "\n".join(grid_table(payload))
     assert "| baseline | never (+0.100) / 30 |" in table
     assert "| let | 20 / - | -0.500 / - | -0.150 / - | -0.500 / - | shrinks / - |" in table
     assert "Not compared with this teacher (a teacher or eval batches of their own, or no finished run): own, other_eval." in table
