@@ -276,3 +276,22 @@ def test_a_claim_against_a_configuration_the_study_did_not_run_is_left_out() -> 
     assert [c["claim"] for c in claims(grid, result)] == ["late pays"]  # e.g. --only late: nothing to compare with
     result["configs"]["early"] = {"summary": summary | {"speedup": {"mean": 1.3, "std": 0.01}}, "verdict": "holds"}
     assert [c["claim"] for c in claims(grid, result)] == ["late beats early", "late pays"]
+
+
+@pytest.mark.parametrize("grid_name", sorted(p.stem for p in (REPO / "benchmarks" / "grids").glob("*.yaml") if p.stem != "ts_levers"))
+def test_every_study_grid_plans_runs_whose_configs_validate(grid_name: str, tmp_path: Path, capsys) -> None:
+    """Each grid of benchmarks/grids (ts_levers is ts_uea.py's: test_ts_uea_grid), with the small teacher's
+    overrides and with the base recipe's teacher: every run's config loads (no models), so a typo in a
+    grid stops here rather than an hour into a study."""
+    from study import check_configs, load_grid, small_teacher
+
+    train, evaluate = tmp_path / "train.txt", tmp_path / "eval.txt"
+    for path in (train, evaluate):
+        path.write_text("a few words of text\n")
+    shared = ["task.text.source=files", f"task.text.train_path={train}", f"task.text.eval_path={evaluate}"]
+    _, grid = load_grid(grid_name)
+    pretrain, small = small_teacher(tmp_path, shared, 300)
+    for teacher in ([], small):
+        runs, _ = plan(grid, [0], 150, shared, [], teacher)
+        check_configs(REPO / "benchmarks" / "study_base.yaml", [pretrain] + runs)
+    assert "config error" not in capsys.readouterr().out
