@@ -186,6 +186,11 @@ def split_holdout(train: Path, fraction: float, folder: Path) -> tuple[Path, Pat
     return parts
 
 
+def corpus_alias(name: str) -> str:
+    """The placeholder saved JSONs write for a --corpus file's folder: ``kjv`` -> ``KJV_DIR``."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).upper() + "_DIR"
+
+
 def data_overrides(args: argparse.Namespace, out: Path) -> tuple[list[str], str]:
     """The data overrides and the study-name suffix they imply."""
     if args.data and args.corpus:
@@ -196,7 +201,7 @@ def data_overrides(args: argparse.Namespace, out: Path) -> tuple[list[str], str]
         source = Path(args.corpus[0]) if args.corpus else Path(args.data) / "valid.txt"
         if not source.is_file():
             raise SystemExit(f"--holdout: train file not found: {source}")
-        PATH_ALIASES[str(source.resolve().parent)] = "CORPUS_DIR" if args.corpus else "WIKITEXT2_DIR"
+        PATH_ALIASES[str(source.resolve().parent)] = corpus_alias(args.corpus_name) if args.corpus else "WIKITEXT2_DIR"
         train, heldout = split_holdout(source.resolve(), args.holdout, out / "holdout")
         return ["task.text.source=files", f"task.text.train_path={train}", f"task.text.eval_path={heldout}"], "-holdout"
     if args.corpus:
@@ -204,6 +209,8 @@ def data_overrides(args: argparse.Namespace, out: Path) -> tuple[list[str], str]
             if not Path(path).is_file():
                 raise SystemExit(f"--corpus: file not found: {path}")
         train, evaluate = (str(Path(p).resolve()) for p in args.corpus)
+        for path in (train, evaluate):  # saved JSONs name the corpus's folder, not this machine's path
+            PATH_ALIASES.setdefault(str(Path(path).parent), corpus_alias(args.corpus_name))
         return ["task.text.source=files", f"task.text.train_path={train}", f"task.text.eval_path={evaluate}"], f"-{args.corpus_name}"
     if args.data:
         return wikitext_overrides(Path(args.data).resolve()), ""

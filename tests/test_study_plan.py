@@ -173,6 +173,25 @@ def test_saved_json_names_data_folders_by_placeholder_and_repo_paths_relatively(
     assert json.loads(text) == {"a": "WIKITEXT2_DIR/valid.txt", "b": "benchmarks/results/x", "c": "."}
 
 
+
+def test_a_corpus_given_by_path_is_saved_under_its_name(tmp_path: Path) -> None:
+    from study import data_overrides
+
+    for name in ("train.txt", "eval.txt"):
+        (tmp_path / name).write_text("text\n")
+    args = argparse.Namespace(data=None, holdout=0.0, corpus=[str(tmp_path / "train.txt"), str(tmp_path / "eval.txt")],
+                              corpus_name="kjv", base="b.yaml")
+    before = dict(PATH_ALIASES)
+    try:
+        overrides, suffix = data_overrides(args, tmp_path / "out")
+        assert suffix == "-kjv" and PATH_ALIASES[str(tmp_path.resolve())] == "KJV_DIR"
+        assert portable(" ".join(overrides)).split()[1:] == ["task.text.train_path=KJV_DIR/train.txt",
+                                                             "task.text.eval_path=KJV_DIR/eval.txt"]
+    finally:
+        PATH_ALIASES.clear()
+        PATH_ALIASES.update(before)
+
+
 def _teacher_args(**given: object) -> argparse.Namespace:
     args = {"teacher": "small", "teacher_steps": 300, "teacher_corpus": None, "teacher_corpus_name": None} | given
     return argparse.Namespace(**args)
