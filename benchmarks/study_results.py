@@ -127,10 +127,10 @@ def claims(grid: dict[str, Any], result: dict[str, Any]) -> list[dict[str, Any]]
         if name not in configs or claim.get("than", name) not in configs:  # e.g. a study run with --only
             continue
         if kind == "best":
-            result = best_verdict(summaries, name)
+            judged = best_verdict(summaries, name)
         elif kind == "larger_than":
-            result = larger_verdict(summaries[name], summaries.get(claim["than"], {}))
+            judged = larger_verdict(summaries[name], summaries[claim["than"]])
         else:
-            result = configs[name]["verdict"]
-        out.append(claim | {"verdict": result})
+            judged = configs[name]["verdict"]
+        out.append(claim | {"verdict": judged})
     return out

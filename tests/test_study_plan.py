@@ -282,6 +282,9 @@ def test_a_trend_claim_fits_the_sizes_the_runs_recorded() -> None:
     result["runs"]["large-s0"]["student_params"] = None  # a run from before the size was recorded: left out
     assert claims(grid, result)[0]["fit"]["points"] == 5
     assert claims(grid, result | {"teacher_pretrain": None})[0]["verdict"] == "no data"  # no small teacher run
+    # a trend claim after another claim still sees the study's numbers
+    grid["claims"].insert(0, {"claim": "large pays", "kind": "speedup", "config": "large"})
+    assert [c["verdict"] for c in claims(grid, result)] == ["holds", "grows"]
 
 
 def test_a_claim_against_a_configuration_the_study_did_not_run_is_left_out() -> None:
