@@ -19,9 +19,15 @@ to the step its study run dropped the teacher). Writes benchmarks/results/step_c
   python benchmarks/step_cost.py paper_regime_peers --costs benchmarks/results/step_cost-paper_regime_peers.json \
       --study STUDY_ON_ANOTHER_CORPUS/paper_regime_peers-kjv.json
 
-``--costs`` prices another study of the same grid (e.g. the same shapes on another corpus: a step
-costs the same whatever text it reads) at the costs an earlier run measured, without training, and
-writes step_cost-STUDY.{json,png} under the study's own name.
+``--costs`` prices another study (e.g. the same shapes on another corpus: a step costs the same
+whatever text it reads) at the costs an earlier run measured, without training, and writes
+step_cost-STUDY.{json,png} under the study's own name. A study configuration is priced at the
+earlier configuration of its name, or the one ``--as STUDY_CONFIG=COSTS_CONFIG`` names (another
+grid's, e.g. ``--as logsum=let_recipe``); either way the two must agree on every setting but the
+text read, the teacher's weights, seed and run length, or the pricing is refused naming the keys.
+
+  python benchmarks/step_cost.py teacher_reuse --costs benchmarks/results/step_cost-peers.json \
+      --study STUDY/teacher_reuse-small-teacher-from-kjv.json --as logsum=let_recipe
 """
 from __future__ import annotations
 
@@ -93,12 +99,14 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return {"baseline_seconds_per_step": base, "configs": out}
 
 
-def wall_speedups(costs: dict[str, Any], study: dict[str, Any]) -> dict[str, Any]:
+def wall_speedups(costs: dict[str, Any], study: dict[str, Any], priced_as: dict[str, str] | None = None) -> dict[str, Any]:
     """Per configuration and seed of a study JSON: its steps to the baseline's final loss priced at
-    the measured phase times, against the baseline's whole run at the baseline's step time."""
+    the measured phase times (of the configuration ``priced_as`` maps it to, else its own name),
+    against the baseline's whole run at the baseline's step time."""
+    priced_as = priced_as or {}
     out = {}
     for name, config in study["configs"].items():
-        phase_cost = costs["configs"].get(name)
+        phase_cost = costs["configs"].get(priced_as.get(name, name))
         if not phase_cost or "active" not in phase_cost:
             continue
         values = {}
@@ -114,17 +122,63 @@ def wall_speedups(costs: dict[str, Any], study: dict[str, Any]) -> dict[str, Any
     return out
 
 
-def measured_costs(path: str, grid: str) -> dict[str, Any]:
-    """An earlier step_cost JSON of ``grid`` (for ``--costs``): its costs and how they were measured."""
+def measured_costs(path: str) -> dict[str, Any]:
+    """An earlier step_cost JSON (for ``--costs``): its costs and how they were measured."""
     try:
         earlier = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise SystemExit(f"--costs: cannot read {path}: {err}") from None
-    if earlier.get("kind") != "alignkit-step-cost" or earlier.get("grid") != grid:
-        raise SystemExit(f"--costs: {path} is not a step_cost JSON of grid {grid!r} "
-                         f"(kind {earlier.get('kind')!r}, grid {earlier.get('grid')!r})")
+    if earlier.get("kind") != "alignkit-step-cost" or "grid" not in earlier:
+        raise SystemExit(f"--costs: {path} is not a step_cost JSON (kind {earlier.get('kind')!r})")
     kept = ("kind", "grid", "steps", "rounds", "overrides", "threads", "costs", "runs")
     return {k: earlier[k] for k in kept if k in earlier} | {"costs_from": str(path)}
+
+
+# Settings that leave a step's cost alone: which text is read, the teacher's weights (not its
+# shape), the seed and the run's length and logging.
+COST_FREE_KEYS = ("task.preset", "task.text.source", "task.text.train_path", "task.text.eval_path",
+                  "teacher.name_or_path", "train.seed", "train.steps", "train.eval_every", "train.log_every",
+                  "train.save_every")
+
+
+def cost_settings(overrides: list[str]) -> dict[str, str]:
+    """key -> value of the overrides that can change what a step costs (later ones win); a run
+    without alignment loads no teacher, so its teacher settings do not count either."""
+    items = (o.partition("=") for o in overrides if "=" in o)
+    settings = {key: value for key, _, value in items if key not in COST_FREE_KEYS}
+    if settings.get("align.method") == "none":
+        settings = {k: v for k, v in settings.items() if not k.startswith("teacher.")}
+    return settings
+
+
+def pricing_map(payload: dict[str, Any], study: dict[str, Any], pairs: list[str]) -> dict[str, str]:
+    """Study configuration -> measured configuration: same names by default, ``--as`` pairs on top;
+    each pair (and the baselines) checked to agree on every setting that can change a step's cost."""
+    costs = payload["costs"]["configs"]
+    mapping = {name: name for name in study["configs"] if name in costs}
+    for pair in pairs:
+        mine, _, theirs = pair.partition("=")
+        if mine not in study["configs"] or theirs not in costs:
+            raise SystemExit(f"--as {pair}: needs a configuration of the study ({', '.join(study['configs'])}) "
+                             f"= one with measured costs ({', '.join(costs)})")
+        mapping[mine] = theirs
+    if not mapping:
+        raise SystemExit(f"no configuration of {study['name']} has measured costs ({', '.join(costs)}): "
+                         "name one with --as STUDY_CONFIG=COSTS_CONFIG")
+    _, grid = load_grid(payload["grid"])
+    steps = study["settings"]["steps"]
+    measured = {"baseline": ["align.method=none"]} | {
+        name: [expand(o, steps) for o in list(grid.get("common", [])) + items] for name, items in grid["configs"].items()}
+    seed = study["seeds"][0]
+    checked = {study["configs"][name]["baseline"]: "baseline" for name in mapping} | mapping  # the student first
+    for mine, theirs in checked.items():
+        ran = cost_settings(study["run_overrides"][f"{mine}-s{seed}"])
+        priced = cost_settings(merged(payload["overrides"], measured[theirs]))
+        differ = sorted(k for k in ran.keys() | priced.keys() if ran.get(k) != priced.get(k))
+        if differ:
+            shown = "; ".join(f"{k}: {ran.get(k, '(unset)')} vs {priced.get(k, '(unset)')}" for k in differ)
+            raise SystemExit(f"{mine} cannot be priced as {payload['grid']}'s {theirs}: settings differ ({shown})")
+    return mapping
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
@@ -170,7 +224,9 @@ def main() -> None:
     parser.add_argument("--teacher-run", help="a small teacher's final/ folder (the study's --teacher small); "
                                               "default: the base recipe's teacher")
     parser.add_argument("--study", help="the grid's study JSON: price its seeds' steps at the measured costs")
-    parser.add_argument("--costs", help="an earlier step_cost JSON of the same grid: price --study at its costs, no training")
+    parser.add_argument("--costs", help="an earlier step_cost JSON: price --study at its costs, no training")
+    parser.add_argument("--as", dest="price_as", action="append", default=[], metavar="STUDY_CONFIG=COSTS_CONFIG",
+                        help="price a study configuration at another measured one with the same settings (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run (repeatable)")
     parser.add_argument("--steps", type=int, default=18, help="steps per run (the teacher drops at the grid's fraction)")
     parser.add_argument("--rounds", type=int, default=2)
@@ -183,8 +239,10 @@ def main() -> None:
     if not args.costs and not args.data:
         raise SystemExit("--data WIKITEXT2_DIR is needed to measure (or pass --costs and --study to price only)")
     study = json.loads(Path(args.study).read_text()) if args.study else None
+    if study is not None and study.get("grid") != name:
+        raise SystemExit(f"--study {args.study} is a study of grid {study.get('grid')!r}, not {name!r}")
     if args.costs:
-        payload = measured_costs(args.costs, name)
+        payload = measured_costs(args.costs)
     else:
         teacher = [] if not args.teacher_run else [
             "teacher.preset=''", "teacher.kind=hf_causal", "teacher.source=checkpoint",
@@ -197,7 +255,8 @@ def main() -> None:
     if study is not None:
         payload["study"] = args.study
         payload["seeds"] = study["seeds"]  # the study seeds whose steps are priced (the rounds are the costs' repeats)
-        payload["wall"] = wall_speedups(payload["costs"], study)
+        payload["priced_as"] = pricing_map(payload, study, args.price_as)
+        payload["wall"] = wall_speedups(payload["costs"], study, payload["priced_as"])
     stem = f"step_cost-{study['name'] if args.costs else name}"
     out = Path(args.out)
     write_json(out / f"{stem}.json", payload)

@@ -36,15 +36,52 @@ def test_a_study_is_priced_at_each_phase_cost():
     assert wall["wall_speedup"] == pytest.approx(150 / 80)
 
 
-def test_earlier_costs_are_reused_only_for_their_own_grid(tmp_path):
+def test_earlier_costs_are_read_with_how_they_were_measured_but_not_their_pricing(tmp_path):
     from step_cost import measured_costs
 
     earlier = tmp_path / "step_cost-peers.json"
     earlier.write_text('{"kind": "alignkit-step-cost", "grid": "peers", "steps": 12, "costs": {"configs": {}}, "wall": {}}')
-    kept = measured_costs(str(earlier), "peers")
-    assert kept["costs"] == {"configs": {}} and kept["costs_from"] == str(earlier)
+    kept = measured_costs(str(earlier))
+    assert kept["costs"] == {"configs": {}} and kept["costs_from"] == str(earlier) and kept["grid"] == "peers"
     assert "wall" not in kept  # the earlier study's pricing is not carried over
-    with pytest.raises(SystemExit, match="not a step_cost JSON of grid 'lambda0'"):
-        measured_costs(str(earlier), "lambda0")
+    (tmp_path / "study.json").write_text('{"kind": "alignkit-study", "grid": "peers"}')
+    with pytest.raises(SystemExit, match="is not a step_cost JSON"):
+        measured_costs(str(tmp_path / "study.json"))
     with pytest.raises(SystemExit, match="cannot read"):
-        measured_costs(str(tmp_path / "missing.json"), "peers")
+        measured_costs(str(tmp_path / "missing.json"))
+
+
+SHARED = ["task.preset=wikitext2", "task.text.train_path=WIKITEXT2_DIR/valid.txt", "teacher.preset=''",
+          "teacher.kind=hf_causal", "teacher.source=checkpoint", "teacher.name_or_path=STUDY/small_teacher-s0/final"]
+RECIPE = ["align.method=let", "align.objective=logsum", "align.lambda0=3.0"]
+
+
+def reuse_study(recipe: list[str], student: list[str] = ()) -> dict:
+    """A teacher_reuse study JSON's keys that pricing reads: another corpus and another teacher's
+    weights than the costs were measured with, which a step's cost does not depend on."""
+    own = ["train.steps=150", "train.seed=0", "task.text.train_path=KJV_DIR/train.txt", *student]
+    return {"name": "teacher_reuse-small-teacher-from-kjv", "seeds": [0], "settings": {"steps": 150},
+            "configs": {"logsum": {"baseline": "baseline"}},
+            "run_overrides": {"baseline-s0": own + ["align.method=none"],
+                              "logsum-s0": own + recipe + ["teacher.preset=''", "teacher.kind=hf_causal",
+                                                           "teacher.source=checkpoint", "teacher.name_or_path=KJV/final"]}}
+
+
+def test_another_grids_costs_price_a_configuration_with_the_same_settings_only():
+    from step_cost import pricing_map
+
+    payload = {"grid": "peers", "overrides": SHARED,
+               "costs": {"configs": {name: {} for name in ("baseline", "let_recipe", "rkd_w0.3_t1")}}}
+    study = reuse_study(RECIPE + ["align.stop_step=50"])  # peers' let_recipe at 150 steps stops at 50
+    with pytest.raises(SystemExit, match="name one with --as"):
+        pricing_map(payload, study, [])
+    assert pricing_map(payload, study, ["logsum=let_recipe"]) == {"logsum": "let_recipe"}
+    with pytest.raises(SystemExit, match=r"align.method: let vs rkd"):
+        pricing_map(payload, study, ["logsum=rkd_w0.3_t1"])
+    with pytest.raises(SystemExit, match=r"align.stop_step: 100 vs 50"):
+        pricing_map(payload, reuse_study(RECIPE + ["align.stop_step=100"]), ["logsum=let_recipe"])
+    with pytest.raises(SystemExit, match=r"baseline cannot be priced .*hidden_size: 1024 vs \(unset\)"):
+        pricing_map(payload, reuse_study(RECIPE + ["align.stop_step=50"], ["student.options.arch.hidden_size=1024"]),
+                    ["logsum=let_recipe"])
+    with pytest.raises(SystemExit, match="--as logsum=kd"):
+        pricing_map(payload, study, ["logsum=kd"])
