@@ -42,7 +42,7 @@ from typing import Any
 from common import RESULTS, drop_weights, run_experiment, spread, wikitext_overrides, write_json
 from study import expand, load_grid, merged
 
-from alignkit.compare import intervals, teacher_step_cost
+from alignkit.compare import intervals, pooled_speedup, teacher_step_cost
 
 HERE = Path(__file__).resolve().parent
 
@@ -102,8 +102,11 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 def wall_speedups(costs: dict[str, Any], study: dict[str, Any], priced_as: dict[str, str] | None = None) -> dict[str, Any]:
     """Per configuration and seed of a study JSON: its steps to the baseline's final loss priced at
     the measured phase times (of the configuration ``priced_as`` maps it to, else its own name),
-    against the baseline's whole run at the baseline's step time."""
+    against the baseline's whole run at the baseline's step time. A study that pre-trained its
+    teacher also gets the pooled speedup with that pre-training counted once over its seeds (in
+    baseline steps at the measured baseline step time; a reused teacher's is the plain pooled one)."""
     priced_as = priced_as or {}
+    teacher_seconds = (study.get("teacher_pretrain") or {}).get("train_seconds")
     out = {}
     for name, config in study["configs"].items():
         phase_cost = costs["configs"].get(priced_as.get(name, name))
@@ -119,6 +122,13 @@ def wall_speedups(costs: dict[str, Any], study: dict[str, Any], priced_as: dict[
             values[seed] = {"steps_speedup": pair["baseline_steps"] / steps, "wall_speedup": pair["baseline_steps"] / priced,
                             "reached": pair["reached"]}
         out[name] = {"per_seed": values, "wall_speedup": spread([v["wall_speedup"] for v in values.values()])}
+        if teacher_seconds:
+            base = [config["per_seed"][seed]["baseline_steps"] for seed in values]
+            own = [base[i] / v["wall_speedup"] for i, v in enumerate(values.values())]
+            out[name]["teacher_pretrain"] = {
+                "seconds": teacher_seconds, "baseline_steps": teacher_seconds / costs["baseline_seconds_per_step"],
+                "counted_once": pooled_speedup(base, own, teacher_seconds / costs["baseline_seconds_per_step"]),
+                "reused": pooled_speedup(base, own)}
     return out
 
 
@@ -270,6 +280,10 @@ def main() -> None:
         w = entry["wall_speedup"]
         seeds = " / ".join(f"{v['wall_speedup']:.2f}" for v in entry["per_seed"].values())
         print(f"{config:16s} wall-clock at these costs {w['mean']:.2f} +- {w['std']:.2f}x ({seeds})")
+        if "teacher_pretrain" in entry:
+            t = entry["teacher_pretrain"]
+            print(f"{'':16s} pooled over seeds: {t['reused']:.2f}x with the teacher reused, {t['counted_once']:.2f}x with "
+                  f"its pre-training ({t['seconds']:.0f} s, {t['baseline_steps']:.0f} baseline steps) counted once")
 
 
 if __name__ == "__main__":

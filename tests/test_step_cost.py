@@ -34,6 +34,10 @@ def test_a_study_is_priced_at_each_phase_cost():
     # 30 steps at twice the baseline's step time, 20 at its time: 80 baseline steps of time for 150
     assert wall["steps_speedup"] == pytest.approx(3.0)
     assert wall["wall_speedup"] == pytest.approx(150 / 80)
+    assert "teacher_pretrain" not in wall_speedups(costs, study)["let"]  # no teacher pre-trained by the study
+    study["teacher_pretrain"] = {"train_seconds": 30.0}  # 30 baseline steps at the baseline's 1 s a step
+    teacher = wall_speedups(costs, study)["let"]["teacher_pretrain"]
+    assert teacher["reused"] == pytest.approx(150 / 80) and teacher["counted_once"] == pytest.approx(150 / 110)
 
 
 def test_earlier_costs_are_read_with_how_they_were_measured_but_not_their_pricing(tmp_path):
