@@ -146,7 +146,8 @@ def teacher_cost_lines(payload: dict[str, Any]) -> list[str]:
     params = f", {teacher['student_params'] / 1e6:.1f}M parameters" if teacher.get("student_params") else ""
     lines = [f"The small teacher's pre-training ({teacher['run']}{params}) took {teacher['train_seconds']:.0f} s of "
              "training steps. Training time to the baseline's final eval loss, summed over seeds, baseline / configuration "
-             "(a seed that never got there counts its whole run: an upper bound):", "",
+             "(the runs' own times, so the load each run met is in them; a seed that never got there counts its whole run: "
+             "an upper bound):", "",
              "| configuration | teacher reused (its pre-training counted as zero) | teacher trained for this study (counted once) |",
              "|---|---|---|"]
     for name, entry in payload["configs"].items():
@@ -154,6 +155,39 @@ def teacher_cost_lines(payload: dict[str, Any]) -> list[str]:
         if priced:
             bound = " (upper bound)" if priced["upper_bound"] else ""
             lines.append(f"| {name} | {priced['reused']:.2f}x{bound} | {priced['counted_once']:.2f}x{bound} |")
+    return lines + [""]
+
+
+def step_costs_by_study(results: Path) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Study name -> (file name, JSON) of each ``benchmarks/step_cost.py`` file under ``results``
+    that priced a study (named step_cost-GRID or step_cost-STUDY; other copies are left out)."""
+    found = {}
+    for path in sorted(results.glob("step_cost-*.json")):
+        payload = json.loads(path.read_text())
+        study = Path(payload.get("study") or "").stem
+        if payload.get("wall") and path.stem in (f"step_cost-{payload.get('grid')}", f"step_cost-{study}"):
+            found[study] = (path.name, payload)
+    return found
+
+
+def step_cost_lines(priced: tuple[str, dict[str, Any]] | None) -> list[str]:
+    """The study's seeds priced at step costs measured interleaved: wall-clock free of the load
+    that the runs' own times (the table above) carry."""
+    if not priced:
+        return []
+    name, payload = priced
+    lines = [f"Wall-clock at step costs measured interleaved (`benchmarks/step_cost.py`, `{name}`): each seed's steps to "
+             "the baseline's final eval loss priced at the measured time of a step with the teacher active and after it "
+             "is dropped, over the baseline's step (a seed that never got there counts its whole run: an upper bound):", "",
+             "| configuration | priced at | per seed | mean ± std | pooled over seeds, teacher reused | "
+             "pooled, its pre-training counted once |", "|---|---|---|---|---|---|"]
+    for config, entry in payload["wall"].items():
+        seeds = " / ".join(f"{v['wall_speedup']:.2f}" for v in entry["per_seed"].values())
+        wall, teacher = entry["wall_speedup"], entry.get("teacher_pretrain")
+        pooled = (f"{teacher['reused']:.2f}x | {teacher['counted_once']:.2f}x ({teacher['seconds']:.0f} s = "
+                  f"{teacher['baseline_steps']:.0f} baseline steps)") if teacher else "- | -"
+        lines.append(f"| {config} | {payload['grid']}'s {(payload.get('priced_as') or {}).get(config, config)} | {seeds} | "
+                     f"{wall['mean']:.2f} ± {wall['std']:.2f}x | {pooled} |")
     return lines + [""]
 
 
@@ -187,7 +221,7 @@ def _pooled_cost(payload: dict[str, Any]) -> str:
             f"teacher: {mean:+.2f} ± {std:.2f} of a student step.")
 
 
-def grid_table(payload: dict[str, Any]) -> list[str]:
+def grid_table(payload: dict[str, Any], step_costs: tuple[str, dict[str, Any]] | None = None) -> list[str]:
     settings = payload["settings"]
     lines = [f"## {payload['name']}", "", payload.get("description", ""), "",
              f"Grid `{payload['grid']}`, {corpus_words(settings)}, seeds {payload['seeds']}, {settings['steps']} steps unless the configuration sets "
@@ -211,7 +245,7 @@ def grid_table(payload: dict[str, Any]) -> list[str]:
                      f"{_figure(s, 'final_eval_loss')} | {_per_seed(pairs, 'loss_diff', '+.3f')} | "
                      f"{_figure(s, 'cosine_aligned')} | {entry['verdict']} |")
     trends = [f"Trend ({claim['claim']}): {trend_words(claim)}." for claim in payload.get("claims", []) if claim.get("kind") == "trend"]
-    return (lines + [""] + teacher_cost_lines(payload) + teacher_line_lines(payload)
+    return (lines + [""] + teacher_cost_lines(payload) + step_cost_lines(step_costs) + teacher_line_lines(payload)
             + [line for trend in trends for line in (trend, "")])
 
 
@@ -329,8 +363,9 @@ def write_report(path: Path, root: Path) -> None:
                          f"{_seeds_run(payload, claim)} | {claim['verdict']} |")
     lines += time_series_rows(root.parent)
     lines.append("")
+    step_costs = step_costs_by_study(root.parent)
     for payload in studies:
-        lines += grid_table(payload)
+        lines += grid_table(payload, step_costs.get(payload["name"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     print(f"wrote {path} ({len(studies)} studies)")

@@ -2,6 +2,7 @@
 steps priced at those times."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -89,3 +90,24 @@ def test_another_grids_costs_price_a_configuration_with_the_same_settings_only()
                     ["logsum=let_recipe"])
     with pytest.raises(SystemExit, match="--as logsum=kd"):
         pricing_map(payload, study, ["logsum=kd"])
+
+
+def test_the_study_report_shows_each_study_priced_by_its_own_step_cost_file(tmp_path):
+    from study_report import step_cost_lines, step_costs_by_study
+
+    def priced(grid: str, study: str, seeds: list[float]) -> dict:
+        per_seed = {str(i): {"wall_speedup": w} for i, w in enumerate(seeds)}
+        return {"kind": "alignkit-step-cost", "grid": grid, "study": f"results/study/x/{study}.json",
+                "priced_as": {"logsum": "let_recipe"}, "wall": {"logsum": {
+                    "per_seed": per_seed, "wall_speedup": {"mean": sum(seeds) / len(seeds), "std": 0.14},
+                    "teacher_pretrain": {"seconds": 243.0, "baseline_steps": 100.6, "reused": 2.59, "counted_once": 1.7}}}}
+
+    (tmp_path / "step_cost-peers.json").write_text(json.dumps(priced("peers", "peers-small-teacher", [2.5, 2.7])))
+    (tmp_path / "step_cost-peers-before-fix.json").write_text(json.dumps(priced("peers", "peers-small-teacher", [9.0])))
+    (tmp_path / "step_cost-teacher_reuse-kjv.json").write_text(json.dumps(priced("peers", "teacher_reuse-kjv", [1.6])))
+    found = step_costs_by_study(tmp_path)
+    assert {study: name for study, (name, _) in found.items()} == {
+        "peers-small-teacher": "step_cost-peers.json", "teacher_reuse-kjv": "step_cost-teacher_reuse-kjv.json"}
+    lines = "\n".join(step_cost_lines(found["peers-small-teacher"]))
+    assert "| logsum | peers's let_recipe | 2.50 / 2.70 | 2.60 ± 0.14x | 2.59x | 1.70x (243 s = 101 baseline steps) |" in lines
+    assert step_cost_lines(None) == []
