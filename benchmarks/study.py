@@ -109,15 +109,18 @@ def run_steps(overrides: list[str], default: int) -> int:
 def plan(grid: dict[str, Any], seeds: list[int], steps: int, shared: list[str], only: list[str],
          teacher: list[str]) -> tuple[list[Run], dict[str, str]]:
     """Every run in launch order, and each configuration's baseline name (``teacher``: overrides
-    for the configurations only)."""
-    configs = {n: o for n, o in grid["configs"].items() if not only or n in only}  # plan_grids checks the names
+    for the configurations only). Baselines are named over the whole grid, so ``--only`` never
+    gives a run the name (and folder) of another configuration's baseline."""
+    configs = {n: list(grid.get("common", [])) + list(o) + teacher for n, o in grid["configs"].items()}
     baselines: dict[tuple[str, ...], str] = {}
     baseline_of: dict[str, str] = {}
-    configs = {n: list(grid.get("common", [])) + list(o) + teacher for n, o in configs.items()}
     for name, overrides in configs.items():
         own = tuple(o for o in overrides if not override_key(o).startswith(BASELINE_ONLY_PREFIXES))
         baseline_of[name] = baselines.setdefault(own, "baseline" if not baselines else f"baseline@{name}")
-    groups = [(b, list(own), [n for n in configs if baseline_of[n] == b]) for own, b in baselines.items()]
+    configs = {n: o for n, o in configs.items() if not only or n in only}  # plan_grids checks the names
+    baseline_of = {n: b for n, b in baseline_of.items() if n in configs}
+    groups = [(b, list(own), [n for n in configs if baseline_of[n] == b]) for own, b in baselines.items()
+              if b in baseline_of.values()]
     runs = []
     for index, seed in enumerate(seeds):
         order = []

@@ -264,6 +264,10 @@ def test_each_student_size_of_the_scale_grid_gets_its_own_baseline() -> None:
         arch = sorted(o for o in by_name[f"{config}-s0"] if o.startswith("student."))
         assert arch == sorted(o for o in by_name[f"{baseline}-s0"] if o.startswith("student."))
     assert "train.steps=600" in by_name["baseline@long-s26m-s0"] and "align.stop_step=200" in by_name["long-s26m-s0"]
+    # --only keeps each baseline's name: the long run's 600-step baseline never takes "baseline" (s26m's folder)
+    runs, baseline_of = plan(grid, [0, 1], 150, [], ["long-s26m"], [])
+    assert baseline_of == {"long-s26m": "baseline@long-s26m"}
+    assert sorted(r.name for r in runs) == ["baseline@long-s26m-s0", "baseline@long-s26m-s1", "long-s26m-s0", "long-s26m-s1"]
 
 
 def test_a_trend_claim_fits_the_sizes_the_runs_recorded() -> None:
