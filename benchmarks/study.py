@@ -55,7 +55,7 @@ import yaml
 from common import PATH_ALIASES, REPO, RESULTS, SMALL_TEACHER_ARCH, wikitext_overrides, write_json
 from study_analysis import TIME_SOURCE, VERDICT_RULE
 from study_report import plot_study, trend_words, write_report
-from study_results import analyse, claims, override_key
+from study_results import analyse, any_on_teacher_line, claims, override_key
 from study_runner import Run, Runner, run_queue
 from study_teacher import measured, pretrained
 
@@ -356,8 +356,11 @@ def finish(planned: list[tuple[str, dict, list[Run], dict]], tag: str, out: Path
            shared: list[str], teacher: list[str], seeds: list[int], started: float, done: dict[str, bool],
            pretrain: Run | None) -> None:
     """Every grid's JSON and plot, then the report; ``teacher``: the overrides that set the
-    configurations' teacher (none for the recipe's), whose eval loss is measured once for all grids."""
-    line = pretrained(out, pretrain) if pretrain is not None else measured(base, shared + teacher, out)
+    configurations' teacher (none for the recipe's), whose eval loss is measured once for all grids
+    (not at all when every configuration brings a teacher of its own)."""
+    line = None
+    if any(any_on_teacher_line(runs, baseline_of, shared + teacher) for _, _, runs, baseline_of in planned):
+        line = pretrained(out, pretrain) if pretrain is not None else measured(base, shared + teacher, out)
     for grid_name, grid, runs, baseline_of in planned:
         report(grid_name + tag, grid_name, grid, runs, baseline_of, out, args, base, shared, teacher, seeds, started, done,
                pretrain, line)
@@ -366,7 +369,7 @@ def finish(planned: list[tuple[str, dict, list[Run], dict]], tag: str, out: Path
 
 def report(name: str, grid_name: str, grid: dict[str, Any], runs: list[Run], baseline_of: dict[str, str], out: Path,
            args: argparse.Namespace, base: Path, shared: list[str], teacher: list[str], seeds: list[int], started: float,
-           done: dict[str, bool], pretrain: Run | None, line: dict[str, Any]) -> None:
+           done: dict[str, bool], pretrain: Run | None, line: dict[str, Any] | None) -> None:
     """One grid's JSON and plot, and its summary lines."""
     result = analyse(runs, baseline_of, out, pretrain, line, shared + teacher)
     settings = {k: v for k, v in vars(args).items() if k != "grids"} | {"grid": grid_name, "base": str(base),

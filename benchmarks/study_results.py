@@ -77,6 +77,12 @@ def on_teacher_line(overrides: list[str], reference: list[str], baseline: bool) 
     return same(EVAL_KEYS) and (baseline or same(TEACHER_KEYS))
 
 
+def any_on_teacher_line(runs: list[Run], baseline_of: dict[str, str], reference: list[str]) -> bool:
+    """Whether any configuration's run is compared with the study's teacher; when none is (every
+    configuration brings a teacher of its own), that teacher's eval loss is not worth measuring."""
+    return any(on_teacher_line(r.overrides, reference, False) for r in runs if r.config in baseline_of)
+
+
 def teacher_crossings(runs: list[Run], baseline_of: dict[str, str], numbers: dict[str, dict[str, Any]], teacher_loss: float,
                       reference: list[str]) -> dict[str, dict[int, dict[str, Any]]]:
     """Per baseline and configuration on the teacher's line (:func:`on_teacher_line`), per finished

@@ -89,3 +89,18 @@ def test_crossings_of_the_small_teachers_loss_from_run_folders_and_their_table(t
     plot_study(tmp_path / "g.png", payload)
     assert (tmp_path / "g.png").stat().st_size > 0
     assert pretrained(tmp_path, Run("late-s0", "late", 0, []))["value"] is None  # its pre-training has not finished
+
+
+def test_the_teacher_line_is_measured_only_when_a_configuration_uses_the_studys_teacher() -> None:
+    from study import load_grid
+    from study_results import any_on_teacher_line
+
+    shared = ["task.preset=wikitext2", "task.text.eval_path=WIKITEXT2_DIR/test.txt"]
+    small = ["teacher.preset=''", "teacher.kind=hf_causal", "teacher.source=checkpoint", "teacher.name_or_path=T/final"]
+    _, control = load_grid("teacher_control")  # its untrained teacher is its own: the recipe's would be measured for nothing
+    runs, baseline_of = plan(control, [0], 150, shared, [], [])
+    assert not any_on_teacher_line(runs, baseline_of, shared)
+    _, reuse = load_grid("teacher_reuse")
+    runs, baseline_of = plan(reuse, [0], 150, shared, [], small)
+    assert any_on_teacher_line(runs, baseline_of, shared + small)
+    assert not any_on_teacher_line(runs, baseline_of, shared + small[:3] + ["teacher.name_or_path=OTHER/final"])
