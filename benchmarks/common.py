@@ -94,6 +94,16 @@ def portable(text: str) -> str:
     return text.replace(str(REPO) + "/", "").replace(str(REPO), ".")
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, save (110 dpi, the folder made) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Save ``payload`` with portable paths (see :func:`portable`)."""
     path.parent.mkdir(parents=True, exist_ok=True)

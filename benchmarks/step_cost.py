@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, drop_weights, run_experiment, spread, wikitext_overrides, write_json
+from common import RESULTS, drop_weights, run_experiment, save_figure, spread, wikitext_overrides, write_json
 from study import expand, load_grid, merged
 
 from alignkit.compare import intervals, pooled_speedup, teacher_step_cost
@@ -222,9 +222,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         right.set_ylabel("speedup to the baseline's final eval loss")
         right.set_title("the study's seeds, priced at the measured step costs")
         right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

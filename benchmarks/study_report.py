@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common import save_figure
 from study_analysis import HOLDS_MEAN, LEAD_RULE, VERDICT_RULE, gain_verdict
 
 
@@ -73,10 +74,7 @@ def plot_study(path: Path, payload: dict[str, Any]) -> None:
     right.legend(fontsize=8)
     if trend:
         plot_trend(axes[2], trend)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     print(f"wrote {path}")
 
 

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, write_json
+from common import RESULTS, save_figure, write_json
 from study_report import step_costs_by_study
 
 GRIDS = ("teacher_reuse", "teacher_control")
@@ -96,9 +96,7 @@ def plot(table: list[dict[str, Any]], path: Path) -> None:
     right.set_ylabel("speedup in steps (per seed)")
     right.set_title("speedup against what the teacher knows of the student's text", fontsize=10)
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
