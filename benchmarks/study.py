@@ -372,7 +372,7 @@ def report(name: str, grid_name: str, grid: dict[str, Any], runs: list[Run], bas
            done: dict[str, bool], pretrain: Run | None, line: dict[str, Any] | None) -> None:
     """One grid's JSON and plot, and its summary lines."""
     result = analyse(runs, baseline_of, out, pretrain, line, shared + teacher)
-    settings = {k: v for k, v in vars(args).items() if k != "grids"} | {"grid": grid_name, "base": str(base),
+    settings = {k: v for k, v in vars(args).items() if k not in ("grids", "report")} | {"grid": grid_name, "base": str(base),
                                                                        "shared_overrides": shared}
     payload = {"kind": "alignkit-study", "name": name, "grid": grid_name, "description": grid.get("description", ""),
                "settings": settings, "seeds": seeds,
