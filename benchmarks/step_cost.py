@@ -60,11 +60,15 @@ def step_times(records: list[dict[str, Any]]) -> dict[str, list[float]]:
     return phases
 
 
+def grid_configs(grid: dict[str, Any], steps: int) -> dict[str, list[str]]:
+    """The baseline and each configuration of ``grid``: its overrides, expressions expanded for ``steps``."""
+    return {"baseline": ["align.method=none"]} | {
+        name: [expand(o, steps) for o in list(grid.get("common", [])) + items] for name, items in grid["configs"].items()}
+
+
 def measure(grid: dict[str, Any], shared: list[str], steps: int, rounds: int, work: Path) -> dict[str, Any]:
     """Every configuration and the baseline, ``rounds`` times, interleaved; per-run step times."""
-    configs = {"baseline": ["align.method=none"]}
-    configs.update({name: [expand(o, steps) for o in list(grid.get("common", [])) + items]
-                    for name, items in grid["configs"].items()})
+    configs = grid_configs(grid, steps)
     order = list(configs)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in order}
     for index in range(rounds):
@@ -112,23 +116,23 @@ def wall_speedups(costs: dict[str, Any], study: dict[str, Any], priced_as: dict[
         phase_cost = costs["configs"].get(priced_as.get(name, name))
         if not phase_cost or "active" not in phase_cost:
             continue
-        values = {}
+        values, priced_steps = {}, []
         for seed, pair in config["per_seed"].items():
             run = study["runs"][f"{name}-s{seed}"]
             steps = pair["steps"] if pair["reached"] else run["last_step"]  # never reached: its whole run, a bound
             active_steps = min(steps, run["teacher_dropped"] or 0)
             dropped = phase_cost.get("dropped", phase_cost["active"])["ratio"]
             priced = active_steps * phase_cost["active"]["ratio"] + (steps - active_steps) * dropped
+            priced_steps.append(priced)
             values[seed] = {"steps_speedup": pair["baseline_steps"] / steps, "wall_speedup": pair["baseline_steps"] / priced,
                             "reached": pair["reached"]}
         out[name] = {"per_seed": values, "wall_speedup": spread([v["wall_speedup"] for v in values.values()])}
         if teacher_seconds:
-            base = [config["per_seed"][seed]["baseline_steps"] for seed in values]
-            own = [base[i] / v["wall_speedup"] for i, v in enumerate(values.values())]
+            base = [pair["baseline_steps"] for pair in config["per_seed"].values()]
+            teacher_steps = teacher_seconds / costs["baseline_seconds_per_step"]
             out[name]["teacher_pretrain"] = {
-                "seconds": teacher_seconds, "baseline_steps": teacher_seconds / costs["baseline_seconds_per_step"],
-                "counted_once": pooled_speedup(base, own, teacher_seconds / costs["baseline_seconds_per_step"]),
-                "reused": pooled_speedup(base, own)}
+                "seconds": teacher_seconds, "baseline_steps": teacher_steps,
+                "counted_once": pooled_speedup(base, priced_steps, teacher_steps), "reused": pooled_speedup(base, priced_steps)}
     return out
 
 
@@ -175,10 +179,7 @@ def pricing_map(payload: dict[str, Any], study: dict[str, Any], pairs: list[str]
     if not mapping:
         raise SystemExit(f"no configuration of {study['name']} has measured costs ({', '.join(costs)}): "
                          "name one with --as STUDY_CONFIG=COSTS_CONFIG")
-    _, grid = load_grid(payload["grid"])
-    steps = study["settings"]["steps"]
-    measured = {"baseline": ["align.method=none"]} | {
-        name: [expand(o, steps) for o in list(grid.get("common", [])) + items] for name, items in grid["configs"].items()}
+    measured = grid_configs(load_grid(payload["grid"])[1], study["settings"]["steps"])
     seed = study["seeds"][0]
     checked = {study["configs"][name]["baseline"]: "baseline" for name in mapping} | mapping  # the student first
     for mine, theirs in checked.items():
