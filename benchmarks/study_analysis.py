@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from alignkit.compare import Curve, pooled_speedup, spread
+from alignkit.compare import Curve, pooled_speedup, spread, steps_to_reach
 
 # Verdict on a configuration's speedup in steps over seeds (VERDICT_RULE says it in words).
 HOLDS_MEAN, HOLDS_WEAKER_MEAN = 1.3, 1.05
@@ -29,7 +29,12 @@ VERDICT_RULE = (f"holds: mean speedup >= {HOLDS_MEAN} and every seed > 1.0; hold
                 "holds weaker when it exceeds it at all. For 'trend' claims: least squares of log(speedup in steps) on "
                 "log(student parameters / teacher parameters) over every (configuration, seed) point, the counts read from "
                 "the runs' results.json; grows when the slope's 95% interval (slope +- t(0.975, points - 2) x its standard "
-                "error) lies above 0, shrinks when below, flat when it spans 0.")
+                "error) lies above 0, shrinks when below, flat when it spans 0. For 'course' claims: the speedup in steps "
+                "to the same-seed baseline's eval loss at its eval nearest a quarter, half and three quarters of its run "
+                "and at its end (the last is the speedup above); grows when the mean at the end exceeds the mean at a "
+                "quarter by more than the larger of their stds, shrinks when it falls short by more than that, persists "
+                "otherwise.")
+COURSE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 TIME_SOURCE = "sum over train log intervals of (tokens in the interval / tokens_per_s): training steps only, teacher included, eval and saves excluded"
 
 
@@ -44,7 +49,9 @@ def summarize(pairs: dict[int, dict[str, Any]], runs: dict[int, dict[str, Any]])
             "throughput_ratio": figure("throughput_ratio", pairs),
             "loss_diff": figure("loss_diff", pairs), "final_eval_loss": figure("final_eval_loss", runs),
             "cosine_aligned": figure("cosine_aligned", runs), "teacher_step_cost": figure("teacher_step_cost", runs),
-            "teacher_cost_method": ", ".join(sorted({runs[s]["teacher_cost_method"] for s in seeds} - {None})) or None}
+            "teacher_cost_method": ", ".join(sorted({runs[s]["teacher_cost_method"] for s in seeds} - {None})) or None,
+            "course": {f: spread([pairs[s]["course"][f]["speedup"] for s in seeds]) for f in pairs[seeds[0]]["course"]}
+            if seeds and all("course" in pairs[s] for s in seeds) else None}
 
 
 def verdict(summary: dict[str, Any]) -> str:
@@ -77,6 +84,32 @@ def larger_verdict(summary: dict[str, Any], other: dict[str, Any]) -> str:
     if a["mean"] - b["mean"] > max(a["std"], b["std"]):
         return "holds"
     return "holds weaker" if a["mean"] > b["mean"] else "does not hold"
+
+
+def speedup_course(curve: Curve, baseline: Curve, fractions: tuple[float, ...] = COURSE_FRACTIONS) -> dict[str, dict[str, Any]]:
+    """The speedup in steps over a run (VERDICT_RULE, 'course'): per fraction of the baseline's run,
+    its eval nearest that step, that eval's loss as the target, and steps the baseline first needs to
+    reach it over steps the run needs (a run that never gets there: over its last step, an upper
+    bound). At 1 this is the speedup :func:`alignkit.compare.paired` gives. Keys: the fractions as text."""
+    last = baseline[-1][0]
+    out = {}
+    for fraction in fractions:
+        step, target = min(baseline, key=lambda entry: abs(entry[0] - fraction * last))
+        steps = steps_to_reach(curve, target)
+        out[f"{fraction:g}"] = {"baseline_step": step, "target": target, "reached": steps is not None,
+                                "speedup": steps_to_reach(baseline, target) / (steps if steps is not None else curve[-1][0])}
+    return out
+
+
+def course_verdict(summary: dict[str, Any]) -> str:
+    """grows / persists / shrinks: the mean speedup at the end of the run against at its first
+    fraction (VERDICT_RULE, 'course')."""
+    course = summary.get("course")
+    if not course:
+        return "no data"
+    first, end = course[min(course, key=float)], course[max(course, key=float)]
+    margin = max(first["std"], end["std"])
+    return "grows" if end["mean"] - first["mean"] > margin else "shrinks" if first["mean"] - end["mean"] > margin else "persists"
 
 
 def teacher_priced(pairs: dict[int, dict[str, Any]], teacher_seconds: float) -> dict[str, Any] | None:

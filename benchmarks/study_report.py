@@ -243,8 +243,35 @@ def grid_table(payload: dict[str, Any], step_costs: tuple[str, dict[str, Any]] |
                      f"{_figure(s, 'final_eval_loss')} | {_per_seed(pairs, 'loss_diff', '+.3f')} | "
                      f"{_figure(s, 'cosine_aligned')} | {entry['verdict']} |")
     trends = [f"Trend ({claim['claim']}): {trend_words(claim)}." for claim in payload.get("claims", []) if claim.get("kind") == "trend"]
-    return (lines + [""] + teacher_cost_lines(payload) + step_cost_lines(step_costs) + teacher_line_lines(payload)
+    return (lines + [""] + teacher_cost_lines(payload) + step_cost_lines(step_costs) + teacher_line_lines(payload) + course_lines(payload)
             + [line for trend in trends for line in (trend, "")])
+
+
+def course_words(entry: dict[str, Any]) -> str:
+    """A configuration's speedup over its run, mean ± std at each fraction (study_analysis.speedup_course)."""
+    course = entry["summary"].get("course") or {}
+    return " -> ".join(f"{spread['mean']:.2f} ± {spread['std']:.2f}x at {fraction}" for fraction, spread in course.items()) or "-"
+
+
+def course_lines(payload: dict[str, Any]) -> list[str]:
+    """Per 'course' claim's configuration: its speedup over the run, per seed at each fraction of
+    the baseline's run, with the baseline's eval step and loss used as the target (seed 0's)."""
+    lines = []
+    for claim in payload.get("claims", []):
+        entry = payload["configs"].get(claim["config"]) if claim.get("kind") == "course" else None
+        if not entry or not entry["summary"].get("course"):
+            continue
+        seeds = sorted(entry["per_seed"], key=int)
+        lines += [f"Speedup over the run ({claim['claim']}): {claim['config']} against {entry['baseline']}, the steps the "
+                  "baseline needs to reach its eval loss at each fraction of its run over the steps the configuration needs "
+                  f"(per seed {' / '.join(f's{s}' for s in seeds)}); {claim['verdict']}.", "",
+                  "| fraction of the run | baseline eval step | speedup in steps (mean ± std) | per seed |", "|---|---|---|---|"]
+        for fraction, spread in entry["summary"]["course"].items():
+            points = [entry["per_seed"][s]["course"][fraction] for s in seeds]
+            per_seed = " / ".join(f"{p['speedup']:.2f}" + ("" if p["reached"] else " (bound)") for p in points)
+            lines.append(f"| {fraction} | {points[0]['baseline_step']} | {spread['mean']:.2f} ± {spread['std']:.2f}x | {per_seed} |")
+        lines.append("")
+    return lines
 
 
 def _seeds_of(seeds: list[int], passing: dict[str, dict[str, Any]], show: Any) -> str:
@@ -328,6 +355,8 @@ def _measured(payload: dict[str, Any], claim: dict[str, Any]) -> str:
         return f"{claim['config']}: {speed(claim['config'])}x; best {ranked[0]}: {speed(ranked[0])}x"
     if claim.get("kind") == "trend":
         return trend_words(claim)
+    if claim.get("kind") == "course":
+        return course_words(payload["configs"][claim["config"]])
     if claim.get("kind") == "larger_than":
         return f"{claim['config']}: {speed(claim['config'])}x vs {claim['than']}: {speed(claim['than'])}x"
     summary = payload["configs"][claim["config"]]["summary"]

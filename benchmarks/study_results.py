@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from study_analysis import (best_verdict, larger_verdict, summarize, teacher_passing, teacher_priced, trend_fit, trend_verdict,
-                            verdict)
+from study_analysis import (best_verdict, course_verdict, larger_verdict, speedup_course, summarize, teacher_passing,
+                            teacher_priced, trend_fit, trend_verdict, verdict)
 from study_runner import Run
 
 from alignkit.compare import paired, read_records, run_numbers
@@ -53,6 +53,8 @@ def analyse(runs: list[Run], baseline_of: dict[str, str], out: Path, pretrain: R
         seeds = sorted(set(by_config.get(name, {})) & set(by_config.get(baseline, {})))
         pairs = {s: paired(by_config[name][s], by_config[baseline][s], records[f"{name}-s{s}"], records[f"{baseline}-s{s}"])
                  for s in seeds}
+        for s in seeds:
+            pairs[s]["course"] = speedup_course(by_config[name][s]["eval_loss_curve"], by_config[baseline][s]["eval_loss_curve"])
         summary = summarize(pairs, {s: by_config[name][s] for s in seeds})
         configs[name] = {"baseline": baseline, "per_seed": pairs, "summary": summary, "verdict": verdict(summary)}
         if teacher is not None:
@@ -134,6 +136,8 @@ def claims(grid: dict[str, Any], result: dict[str, Any]) -> list[dict[str, Any]]
             continue
         if kind == "best":
             judged = best_verdict(summaries, name)
+        elif kind == "course":
+            judged = course_verdict(summaries[name])
         elif kind == "larger_than":
             judged = larger_verdict(summaries[name], summaries[claim["than"]])
         else:

@@ -11,8 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from study_analysis import (best_verdict, crossing, larger_verdict, lead_after, lead_course, summarize,  # noqa: E402
-                            teacher_passing, teacher_priced, trend_fit, trend_verdict, verdict)
+from study_analysis import (best_verdict, course_verdict, crossing, larger_verdict, lead_after, lead_course,  # noqa: E402
+                            speedup_course, summarize, teacher_passing, teacher_priced, trend_fit, trend_verdict, verdict)
 
 from alignkit.compare import aligned_cosine, paired, pooled_speedup, run_numbers, teacher_step_cost, train_time  # noqa: E402
 
@@ -226,3 +226,26 @@ def test_teacher_passing_per_seed_gives_a_lead_only_to_a_configuration_that_cros
     assert passing[0]["step"] == 20 and passing[0]["lead"]["at_crossing"] == pytest.approx(-0.3)
     assert passing[1]["step"] is None and passing[1]["lead"] is None
     assert "lead" not in teacher_passing(baselines, TEACHER)[0]  # a baseline has no lead over itself
+
+
+LONG_BASE = [(10, 8.0), (20, 6.0), (30, 5.0), (40, 4.5), (50, 4.2), (60, 4.0), (70, 3.9), (80, 3.8)]
+
+
+def test_speedup_course_reads_the_baseline_at_each_fraction_and_ends_at_the_paired_speedup() -> None:
+    # ahead by 10 steps throughout: the lead in steps shrinks as a ratio (2x at a quarter, 1.14x at the end)
+    run = [(s, loss) for s, loss in zip(range(10, 80, 10), [6.0, 5.0, 4.5, 4.2, 4.0, 3.9, 3.8])]
+    course = speedup_course(run, LONG_BASE)
+    assert list(course) == ["0.25", "0.5", "0.75", "1"]
+    assert [c["baseline_step"] for c in course.values()] == [20, 40, 60, 80]
+    assert [c["speedup"] for c in course.values()] == pytest.approx([2.0, 4 / 3, 1.2, 8 / 7])
+    assert course["1"]["speedup"] == pytest.approx(paired(run_numbers(records(run, 100.0)), run_numbers(records(LONG_BASE, 100.0)))["speedup"])
+    short = speedup_course(run[:2], LONG_BASE)  # stops at 5.0 (step 20): 4.5 and below never reached, bounded by its last step
+    assert short["0.5"] == {"baseline_step": 40, "target": 4.5, "reached": False, "speedup": 2.0}
+
+
+def test_course_verdict_compares_the_end_with_the_first_quarter() -> None:
+    course = lambda first, end: {"course": {"0.25": {"mean": first, "std": 0.1}, "1": {"mean": end, "std": 0.2}}}  # noqa: E731
+    assert course_verdict(course(1.5, 2.0)) == "grows"
+    assert course_verdict(course(1.5, 1.6)) == course_verdict(course(1.5, 1.4)) == "persists"  # within the larger std
+    assert course_verdict(course(2.0, 1.5)) == "shrinks"
+    assert course_verdict({"course": None}) == "no data"

@@ -91,6 +91,30 @@ def test_crossings_of_the_small_teachers_loss_from_run_folders_and_their_table(t
     assert pretrained(tmp_path, Run("late-s0", "late", 0, []))["value"] is None  # its pre-training has not finished
 
 
+def test_a_course_claim_from_run_folders_gives_its_verdict_and_table(tmp_path: Path) -> None:
+    from study_report import _measured
+    from study_results import claims
+
+    grid = {"configs": {"long": ["align.method=let"]},
+            "claims": [{"claim": "the lead holds", "kind": "course", "config": "long"}]}
+    runs, baseline_of = plan(grid, [0, 1], 80, ["task.preset=wikitext2"], [], [])
+    base = [(10, 8.0), (20, 6.0), (30, 5.0), (40, 4.5), (50, 4.2), (60, 4.0), (70, 3.9), (80, 3.8)]
+    ahead = [(step - 10, loss) for step, loss in base[1:]] + [(80, 3.75)]  # 10 steps ahead: 2x at a quarter, 1.14x at the end
+    curves = {"baseline-s0": base, "baseline-s1": base, "long-s0": ahead, "long-s1": ahead}
+    for name, curve in curves.items():
+        _finish(tmp_path / name, curve)
+    result = analyse(runs, baseline_of, tmp_path)
+    course = result["configs"]["long"]["summary"]["course"]
+    assert [course[f]["mean"] for f in ("0.25", "0.5", "0.75", "1")] == pytest.approx([2.0, 4 / 3, 1.2, 8 / 7])
+    result["claims"] = claims(grid, result)
+    assert result["claims"][0]["verdict"] == "shrinks"
+    payload = json.loads(json.dumps({"name": "g", "grid": "g", "seeds": [0, 1], "runs_failed": [],
+                                     "settings": {"steps": 80, "base": "b.yaml", "teacher": "base"}, **result}))
+    table = "\n".join(grid_table(payload))
+    assert "| 0.25 | 20 | 2.00 ± 0.00x | 2.00 / 2.00 |" in table and "; shrinks." in table
+    assert _measured(payload, payload["claims"][0]).startswith("2.00 ± 0.00x at 0.25 -> 1.33 ± 0.00x at 0.5")
+
+
 def test_the_teacher_line_is_measured_only_when_a_configuration_uses_the_studys_teacher() -> None:
     from study import load_grid
     from study_results import any_on_teacher_line
