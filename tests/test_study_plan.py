@@ -258,12 +258,14 @@ def test_each_student_size_of_the_scale_grid_gets_its_own_baseline() -> None:
     _, grid = load_grid("scale_trend")
     runs, baseline_of = plan(grid, [0], 150, [], [], [])
     assert baseline_of["s26m"] == "baseline"  # the base recipe's student: the other grids' baseline
-    assert len(set(baseline_of.values())) == len(baseline_of)  # every size and the long run: its own
+    assert len(set(baseline_of.values())) == len(baseline_of) - 1  # every size and the long run: its own
+    assert baseline_of["long-s26m-stop50"] == baseline_of["long-s26m"]  # the long run's two stops share one
     by_name = {r.name: r.overrides for r in runs}
     for config, baseline in baseline_of.items():
         arch = sorted(o for o in by_name[f"{config}-s0"] if o.startswith("student."))
         assert arch == sorted(o for o in by_name[f"{baseline}-s0"] if o.startswith("student."))
     assert "train.steps=600" in by_name["baseline@long-s26m-s0"] and "align.stop_step=200" in by_name["long-s26m-s0"]
+    assert by_name["long-s26m-stop50-s0"][-1] == "align.stop_step=50"  # the config's stop, after the grid's common one
     # --only keeps each baseline's name: the long run's 600-step baseline never takes "baseline" (s26m's folder)
     runs, baseline_of = plan(grid, [0, 1], 150, [], ["long-s26m"], [])
     assert baseline_of == {"long-s26m": "baseline@long-s26m"}
