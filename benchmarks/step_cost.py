@@ -24,7 +24,8 @@ whatever text it reads) at the costs an earlier run measured, without training, 
 step_cost-STUDY.{json,png} under the study's own name. A study configuration is priced at the
 earlier configuration of its name, or the one ``--as STUDY_CONFIG=COSTS_CONFIG`` names (another
 grid's, e.g. ``--as logsum=let_recipe``); either way the two must agree on every setting but the
-text read, the teacher's weights, seed and run length, or the pricing is refused naming the keys.
+text read, the teacher's weights, seed, run length and the step the teacher drops at (each phase is
+priced at its own cost), or the pricing is refused naming the keys.
 
   python benchmarks/step_cost.py teacher_reuse --costs benchmarks/results/step_cost-peers.json \
       --study STUDY/teacher_reuse-small-teacher-from-kjv.json --as logsum=let_recipe
@@ -150,9 +151,11 @@ def measured_costs(path: str) -> dict[str, Any]:
 
 # Settings that leave a step's cost alone: which text is read, the teacher's weights (not its
 # shape), the seed and the run's length and logging.
+# align.stop_step: each phase (teacher active, dropped) is priced at its own cost up to the step the
+# study's run dropped its teacher, so where it drops moves no step's cost
 COST_FREE_KEYS = ("task.preset", "task.text.source", "task.text.train_path", "task.text.eval_path",
                   "teacher.name_or_path", "train.seed", "train.steps", "train.eval_every", "train.log_every",
-                  "train.save_every")
+                  "train.save_every", "align.stop_step")
 
 
 def cost_settings(overrides: list[str]) -> dict[str, str]:

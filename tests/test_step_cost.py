@@ -83,8 +83,10 @@ def test_another_grids_costs_price_a_configuration_with_the_same_settings_only()
     assert pricing_map(payload, study, ["logsum=let_recipe"]) == {"logsum": "let_recipe"}
     with pytest.raises(SystemExit, match=r"align.method: let vs rkd"):
         pricing_map(payload, study, ["logsum=rkd_w0.3_t1"])
-    with pytest.raises(SystemExit, match=r"align.stop_step: 100 vs 50"):
-        pricing_map(payload, reuse_study(RECIPE + ["align.stop_step=100"]), ["logsum=let_recipe"])
+    with pytest.raises(SystemExit, match=r"align.objective: cosine vs logsum"):
+        pricing_map(payload, reuse_study(RECIPE + ["align.objective=cosine"]), ["logsum=let_recipe"])
+    # where the teacher drops moves no step's cost: each phase is priced up to the run's own drop
+    assert pricing_map(payload, reuse_study(RECIPE + ["align.stop_step=100"]), ["logsum=let_recipe"]) == {"logsum": "let_recipe"}
     with pytest.raises(SystemExit, match=r"baseline cannot be priced .*hidden_size: 1024 vs \(unset\)"):
         pricing_map(payload, reuse_study(RECIPE + ["align.stop_step=50"], ["student.options.arch.hidden_size=1024"]),
                     ["logsum=let_recipe"])
