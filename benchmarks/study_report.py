@@ -31,7 +31,10 @@ def plot_study(path: Path, payload: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     trend = next((c for c in payload.get("claims", []) if c.get("fit")), None)
-    fig, axes = plt.subplots(1, 3 if trend else 2, figsize=(19.5 if trend else 13, 4.8))
+    courses = [c["config"] for c in payload.get("claims", []) if c.get("kind") == "course"
+               and (payload["configs"].get(c["config"], {}).get("summary") or {}).get("course")]
+    panels = 2 + bool(trend) + bool(courses)
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8))
     left, right = axes[:2]
     configs = payload["configs"]
     baselines = sorted({c["baseline"] for c in configs.values()})
@@ -74,6 +77,8 @@ def plot_study(path: Path, payload: dict[str, Any]) -> None:
     right.legend(fontsize=8)
     if trend:
         plot_trend(axes[2], trend)
+    if courses:
+        plot_course(axes[-1], payload, courses)
     save_figure(fig, path)
     print(f"wrote {path}")
 
@@ -104,6 +109,26 @@ def plot_trend(ax: Any, claim: dict[str, Any]) -> None:
     ax.set_ylabel("speedup in steps")
     ax.set_title(f"slope {fit['slope']:.2f} ± {fit['slope_se']:.2f}: {claim['verdict']}")
     ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
+def plot_course(ax: Any, payload: dict[str, Any], names: list[str]) -> None:
+    """Each 'course' claim's configuration: its speedup in steps at each fraction of the baseline's run,
+    the mean over seeds joined, the seeds as dots (hollow: never reached, upper bound)."""
+    for name in names:
+        entry = payload["configs"][name]
+        fractions = list(entry["summary"]["course"])
+        color = ax.plot([float(f) for f in fractions], [entry["summary"]["course"][f]["mean"] for f in fractions],
+                        marker="o", label=name)[0].get_color()
+        for pair in entry["per_seed"].values():
+            for fraction, point in pair["course"].items():
+                ax.scatter(float(fraction), point["speedup"], s=14, color=color, zorder=3,
+                           facecolors=color if point["reached"] else "none")
+    ax.axhline(1.0, color="grey", linewidth=1)
+    ax.set_xlabel("fraction of the baseline's run")
+    ax.set_ylabel("speedup in steps to the baseline's loss there")
+    ax.set_title("speedup over the run (seeds: dots)")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
 

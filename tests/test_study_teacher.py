@@ -113,6 +113,8 @@ def test_a_course_claim_from_run_folders_gives_its_verdict_and_table(tmp_path: P
     table = "\n".join(grid_table(payload))
     assert "| 0.25 | 20 | 2.00 ± 0.00x | 2.00 / 2.00 |" in table and "; shrinks." in table
     assert _measured(payload, payload["claims"][0]).startswith("2.00 ± 0.00x at 0.25 -> 1.33 ± 0.00x at 0.5")
+    plot_study(tmp_path / "g.png", payload)  # with its speedup-over-the-run panel
+    assert (tmp_path / "g.png").stat().st_size > 0
 
 
 def test_the_teacher_line_is_measured_only_when_a_configuration_uses_the_studys_teacher() -> None:
