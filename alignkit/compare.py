@@ -178,6 +178,14 @@ def pooled_speedup(baseline_seconds: list[float], seconds: list[float], teacher_
     return sum(baseline_seconds) / (sum(seconds) + teacher_seconds)
 
 
+def speedup_to(curve: Curve, baseline: Curve, target: float, mode: str = "min") -> tuple[float | None, float | None, float]:
+    """Steps the baseline first needs to reach ``target``, steps the run (``curve``) needs (None:
+    never) and the speedup, the first over the second."""
+    base_steps, steps = steps_to_reach(baseline, target, mode), steps_to_reach(curve, target, mode)
+    # never reached: the run needs more than its last step, so this bounds the speedup from above
+    return base_steps, steps, base_steps / (steps if steps is not None else curve[-1][0])
+
+
 def paired(run: dict[str, Any], baseline: dict[str, Any], run_records: Records | None = None,
            baseline_records: Records | None = None) -> dict[str, Any]:
     """``run`` against ``baseline`` (both from :func:`run_numbers`, same metric): steps (and,
@@ -185,11 +193,8 @@ def paired(run: dict[str, Any], baseline: dict[str, Any], run_records: Records |
     metric, mode = baseline["metric"], baseline["mode"]
     curve, final = f"{metric}_curve", f"final_{metric}"
     target = baseline[final]
-    base_steps = steps_to_reach(baseline[curve], target, mode)
-    steps = steps_to_reach(run[curve], target, mode)
+    base_steps, steps, speedup = speedup_to(run[curve], baseline[curve], target, mode)
     reached = steps is not None
-    # never reached: the run needs more than its last step, so this bounds the speedup from above
-    speedup = base_steps / (steps if reached else run["last_step"])
     throughput = (run["tokens_per_s"] / baseline["tokens_per_s"]) if run["tokens_per_s"] and baseline["tokens_per_s"] else None
     # the same, with the throughput ratio from the run's own timing (teacher cost over the aligned part)
     cost = run.get("teacher_step_cost")

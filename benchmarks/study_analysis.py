@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from alignkit.compare import Curve, pooled_speedup, spread, steps_to_reach
+from alignkit.compare import Curve, pooled_speedup, speedup_to, spread
 
 # Verdict on a configuration's speedup in steps over seeds (VERDICT_RULE says it in words).
 HOLDS_MEAN, HOLDS_WEAKER_MEAN = 1.3, 1.05
@@ -95,9 +95,8 @@ def speedup_course(curve: Curve, baseline: Curve, fractions: tuple[float, ...] =
     out = {}
     for fraction in fractions:
         step, target = min(baseline, key=lambda entry: abs(entry[0] - fraction * last))
-        steps = steps_to_reach(curve, target)
-        out[f"{fraction:g}"] = {"baseline_step": step, "target": target, "reached": steps is not None,
-                                "speedup": steps_to_reach(baseline, target) / (steps if steps is not None else curve[-1][0])}
+        _, steps, speedup = speedup_to(curve, baseline, target)
+        out[f"{fraction:g}"] = {"baseline_step": step, "target": target, "reached": steps is not None, "speedup": speedup}
     return out
 
 
